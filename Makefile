@@ -1,0 +1,40 @@
+# Every target does its own set-up: a fresh clone needs nothing but python3 >= 3.10.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+# torch first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA download;
+# the project's ">=" torch range is then already satisfied.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: the demo search over the tiny zoo (builds the zoo when missing).
+demo: $(STAMP)
+	$(BIN)/evomerge demo
+
+# The test suite CI runs: everything but the slow and GPU tests.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy merge search fitness
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_merge.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Where each tensor of a checkpoint sits: a layer index, or the embed / head / final-norm group.
+
+One rule set covers the Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-2 and GPT-NeoX families:
+decoder layers are found as `<prefix>.<layers|h|blocks>.<N>.`, so an unlisted decoder-only
+architecture works too; the names of embeddings, heads and final norms are listed per family.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from merge.errors import EvomergeError
+
+KNOWN_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+    "gpt_neox",
+)  # fmt: skip
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_EMBED = {"embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "tok_embeddings",
+          "embed_positions"}  # fmt: skip
+_HEAD = {"lm_head", "embed_out", "output"}
+_FINAL_NORM = {"norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f"}
+_ATTENTION = {"self_attn", "attn", "attention"}
+_MLP = {"mlp", "feed_forward", "ffn"}
+
+Group = Literal["embed", "layer", "final_norm", "head"]
+Kind = Literal["attention", "mlp", "other"]
+KINDS: tuple[Kind, ...] = ("attention", "mlp", "other")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The place of one tensor in the network."""
+
+    group: Group
+    layer: int | None = None  # set for group == "layer"
+    kind: Kind = "other"  # attention / mlp / other (norms, ...) inside a layer
+
+
+def classify(name: str) -> Slot:
+    """Map a tensor name to its slot, or raise naming the tensor."""
+    parts = name.split(".")
+    m = _LAYER.search(name)
+    if m:
+        kind: Kind = "other"
+        if _ATTENTION & set(parts):
+            kind = "attention"
+        elif _MLP & set(parts):
+            kind = "mlp"
+        return Slot("layer", int(m.group(1)), kind)
+    if _EMBED & set(parts):
+        return Slot("embed")
+    if parts[0] in _HEAD:
+        return Slot("head")
+    if _FINAL_NORM & set(parts[:-1]):
+        return Slot("final_norm")
+    raise EvomergeError(
+        f"tensor {name!r}: cannot tell which layer or group it belongs to; "
+        "evomerge supports decoder-only models with '<prefix>.layers.<N>.' style names"
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What config.json says about a checkpoint's architecture."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    num_layers: int
+    vocab_size: int | None
+    tie_word_embeddings: bool
+    raw: dict
+
+    @classmethod
+    def from_dir(cls, path: Path) -> ModelInfo:
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise EvomergeError(f"{cfg_path}: missing; a model directory needs its config.json")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EvomergeError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        text = cfg.get("text_config", cfg)  # multimodal wrappers keep the decoder config inside
+        layers = text.get("num_hidden_layers", text.get("n_layer"))
+        if not isinstance(layers, int):
+            raise EvomergeError(f"{cfg_path}: no integer num_hidden_layers (or n_layer)")
+        return cls(
+            model_type=str(cfg.get("model_type", "")),
+            architectures=tuple(cfg.get("architectures") or ()),
+            num_layers=layers,
+            vocab_size=text.get("vocab_size"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))),
+            raw=cfg,
+        )

@@ -1,0 +1,121 @@
+"""A model directory on disk: its config, its tensors (read lazily), and staged output dirs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from merge.architecture import ModelInfo
+from merge.errors import EvomergeError
+from merge.safetensors_io import TensorEntry, read_header, read_tensor
+
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+class Checkpoint:
+    """Tensors of one model directory, each read from disk only when asked for."""
+
+    def __init__(self, path: Path | str, label: str = "model", allow_pickle: bool = False):
+        self.path = Path(path)
+        self.label = label
+        if not self.path.is_dir():
+            raise EvomergeError(f"{label}: model path {self.path} does not exist; fix the path")
+        self.info = ModelInfo.from_dir(self.path)
+        self._entries: dict[str, TensorEntry] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # pickle checkpoints only (not lazy)
+        files = self._safetensors_files()
+        if files:
+            for f in files:
+                self._entries.update(read_header(f))
+            return
+        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickles:
+            raise EvomergeError(f"{label}: no weights (*.safetensors) in {self.path}")
+        if not allow_pickle:
+            raise EvomergeError(
+                f"{label}: {pickles[0]} holds pickle weights, which can run code when loaded; "
+                "convert it to safetensors or set allow_pickle: true in the recipe"
+            )
+        for p in pickles:
+            self._loaded.update(torch.load(p, map_location="cpu", weights_only=True))
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise EvomergeError(f"{index}: corrupt index (no weight_map); re-save it") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise EvomergeError(f"{index}: lists shard {missing[0].name}, which is missing")
+            return files
+        return sorted(self.path.glob("*.safetensors"))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries or self._loaded)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._entries:
+            return self._entries[name].shape
+        return tuple(self._loaded[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name].dtype if self._entries else self._loaded[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._entries and name not in self._loaded:
+            raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
+        return read_tensor(self._entries[name]) if self._entries else self._loaded[name]
+
+    def copy_side_files(self, out: Path, dtype: torch.dtype, num_layers: int | None = None) -> None:
+        """config.json (with the output dtype) plus generation and tokenizer files."""
+        cfg = dict(self.info.raw)
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if num_layers is not None:
+            cfg["num_hidden_layers"] = num_layers
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for name in SIDE_FILES:
+            if (self.path / name).is_file():
+                shutil.copy2(self.path / name, out / name)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`, renamed into place only if the block completes.
+
+    A failure or an interrupt leaves any previous `out` untouched and no half-written directory.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

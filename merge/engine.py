@@ -1,0 +1,178 @@
+"""Rebuild a recipe's merge: check the sources agree, then merge and write a tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from merge.architecture import classify
+from merge.checkpoint import Checkpoint, staged_dir
+from merge.errors import EvomergeError
+from merge.recipe import ParameterSpace, Recipe
+from merge.registry import get_method, merge_tensor
+from merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
+
+Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of one tensor's random masks: stable across runs, devices and tensor order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
+    """Open every model of the recipe and refuse disagreeing ones before any work starts."""
+    ckpts = {
+        alias: Checkpoint(ref.path, label=f"models.{alias}", allow_pickle=recipe.allow_pickle)
+        for alias, ref in recipe.models.items()
+    }
+    check_compatible(ckpts, reference=recipe.main_alias)
+    return ckpts
+
+
+def check_compatible(ckpts: dict[str, Checkpoint], reference: str) -> None:
+    ref = ckpts[reference]
+    for alias, ck in ckpts.items():
+        if alias == reference:
+            continue
+        a, b = ref.info, ck.info
+        pair = f"models {reference!r} and {alias!r}"
+        if a.model_type != b.model_type or a.architectures != b.architectures:
+            raise EvomergeError(
+                f"{pair} have different architectures ({a.model_type or a.architectures} vs "
+                f"{b.model_type or b.architectures}); merge models that share a base"
+            )
+        if a.vocab_size != b.vocab_size:
+            raise EvomergeError(
+                f"{pair} have different vocabulary sizes ({a.vocab_size} vs {b.vocab_size}, "
+                "config.json vocab_size); merge models that share a tokenizer"
+            )
+        if a.num_layers != b.num_layers:
+            raise EvomergeError(f"{pair} have {a.num_layers} vs {b.num_layers} layers")
+        only_ref = [n for n in ref.names if n not in set(ck.names)]
+        only_other = [n for n in ck.names if n not in set(ref.names)]
+        if only_ref or only_other:
+            name, owner = (only_ref[0], reference) if only_ref else (only_other[0], alias)
+            raise EvomergeError(
+                f"tensor {name!r} is only in model {owner!r} ({pair} have different tensor "
+                "sets); merge checkpoints of the same architecture"
+            )
+        for name in ref.names:
+            if ref.shape(name) != ck.shape(name):
+                raise EvomergeError(
+                    f"tensor {name!r}: shape {list(ref.shape(name))} in {reference!r} but "
+                    f"{list(ck.shape(name))} in {alias!r}; merge models of the same size"
+                )
+
+
+def iter_merged(
+    recipe: Recipe, ckpts: dict[str, Checkpoint], device: str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the recipe dtype, on the CPU), in the reference's order."""
+    ps = recipe.parameter_space
+    assert ps is not None
+    ref = ckpts[recipe.main_alias]
+    num_layers = ref.info.num_layers
+    table = ps.layout(num_layers)
+    method = get_method(ps.method)
+    out_dtype = getattr(torch, recipe.dtype)
+    for name in ref.names:
+        if not ref.dtype(name).is_floating_point:  # integer buffers are copied, never averaged
+            yield name, ref.get(name)
+            continue
+        group = ParameterSpace.group_for(table, classify(name), num_layers)
+        if method.family == "linear":
+            aliases = list(group.params)
+        else:
+            aliases = [a for a in group.params if a != ps.base]
+        base = ckpts[ps.base].get(name).to(device) if ps.base and method.needs_base else None
+        if method.family == "passthrough" and not aliases:
+            aliases = [ps.base] if ps.base else []
+        sources = [ckpts[a].get(name).to(device) for a in aliases]
+        params = [group.params[a].to_model_params() for a in aliases if a in group.params]
+        generator = None
+        if method.is_random:
+            generator = torch.Generator().manual_seed(tensor_seed(ps.seed, name))
+        try:
+            merged = merge_tensor(method, base, sources, params, ps.options(group), generator)
+        except ValueError as e:
+            raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
+        if not torch.isfinite(merged).all():
+            raise EvomergeError(f"tensor {name!r}: the merge produced NaN or inf; check the weights")
+        yield name, merged.to(out_dtype).cpu()
+
+
+def output_specs(recipe: Recipe, ref: Checkpoint) -> list[TensorSpec]:
+    out_dtype = getattr(torch, recipe.dtype)
+    return [
+        TensorSpec(n, out_dtype if ref.dtype(n).is_floating_point else ref.dtype(n), ref.shape(n))
+        for n in ref.names
+    ]
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper().replace(" ", "")
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise EvomergeError(f"--max-shard-size {text!r}: use a size like 5GB, 500MB or 2GiB")
+
+
+def merge_to_dir(
+    recipe: Recipe,
+    out: Path | str,
+    device: str = "cpu",
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Merge to a model directory that transformers loads; nothing appears until it is complete."""
+    out = Path(out)
+    limit = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: CUDA is not available here; use --device cpu")
+    ckpts = open_sources(recipe)
+    ref = ckpts[recipe.main_alias]
+    specs = output_specs(recipe, ref)
+    shards = plan_shards(specs, limit)
+    with staged_dir(out, force) as tmp:
+        names = [
+            "model.safetensors" if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            for i in range(len(shards))
+        ]  # fmt: skip
+        shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
+        writers: dict[int, ShardWriter] = {}
+        for done, (name, tensor) in enumerate(iter_merged(recipe, ckpts, device), start=1):
+            i = shard_of[name]
+            if i not in writers:
+                writers[i] = ShardWriter(tmp / names[i], shards[i])
+            writers[i].write(name, tensor)
+            if writers[i].done:
+                writers.pop(i).close()
+            if progress:
+                progress(done, len(specs), name)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": {s.name: names[shard_of[s.name]] for s in specs},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        ref.copy_side_files(tmp, getattr(torch, recipe.dtype))
+        recipe.save(tmp / "evomerge_recipe.yaml")
+    return out

@@ -1,0 +1,104 @@
+"""Merge methods: pure functions of tensors and their parameters, in fp32.
+
+Every method of the task-arithmetic family is one `combine_deltas` call on task vectors that a
+sparsifier (`merge.sparsify`) may have thinned first; the family differs only in which sparsifier
+and whether TIES sign consensus runs. For the deterministic methods the math and the order of
+operations follow mergekit 0.1.5, so results agree with it to one unit in the last place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge import sparsify
+from merge.sparsify import Rescale
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Parameters one source model contributes to one tensor."""
+
+    weight: float = 1.0
+    density: float = 1.0
+    gamma: float = 0.01  # breadcrumbs: fraction of largest entries dropped
+    epsilon: float = 0.15  # DELLA: half-width of the keep-probability range
+
+
+@dataclass(frozen=True)
+class TensorOptions:
+    """Parameters shared by all models for one tensor."""
+
+    normalize: bool
+    rescale: Rescale = Rescale.none
+    lambda_: float = 1.0
+    t: float = 0.5  # slerp only
+
+
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Weighted average of the models (Wortsman et al. 2022, "Model soups")."""
+    w = torch.tensor(list(weights), dtype=torch.float32, device=tensors[0].device)
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for x, wi in zip(tensors, w):
+        out.addcmul_(x, wi)  # fp32 coefficients, fused: the rounding mergekit has
+    if normalize:
+        out.div_(w.sum())
+    return out
+
+
+def slerp(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation from `base` (t=0) to `other` (t=1) over the whole tensor.
+
+    The angle comes from the normalized tensors, the interpolation acts on the raw ones, and
+    nearly collinear tensors (|cos| > 0.9995) fall back to linear interpolation (as mergekit).
+    """
+    a, b = base.reshape(-1).float(), other.reshape(-1).float()
+    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, 1.0)
+    norm_b = torch.where(norm_b > 1e-8, norm_b, 1.0)
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    tt = torch.tensor(t, dtype=torch.float32, device=a.device)
+    # coefficients as fp32 tensors, as mergekit computes them, for agreement to the last place
+    if dot.abs() > 0.9995:
+        coef_a, coef_b = 1 - tt, tt
+    else:
+        theta = torch.acos(dot)
+        coef_a = torch.sin((1 - tt) * theta) / torch.sin(theta)
+        coef_b = torch.sin(tt * theta) / torch.sin(theta)
+    return (coef_a * a + coef_b * b).reshape(base.shape)
+
+
+def combine_deltas(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """base + lambda * mix(w_i * d_i): task arithmetic (Ilharco et al. 2023) and its family.
+
+    With `consensus`, TIES sign election (Yadav et al. 2023) keeps per entry only the weighted
+    deltas that agree with the elected sign. With `normalize` the mix is divided per entry by the
+    sum of the weights that took part (0 -> 1).
+    """
+    weighted = torch.stack([d.float() for d in deltas])  # [models, *shape]
+    w = torch.tensor(list(weights), dtype=torch.float32, device=weighted.device)
+    w = w.reshape(-1, *([1] * (weighted.dim() - 1)))
+    weighted.mul_(w)
+    if consensus:
+        mask = sparsify.sign_consensus(weighted).to(torch.float32)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base.float() + mixed

@@ -1,0 +1,260 @@
+"""The recipe: the product's contract between search and merge (format in DESIGN.md).
+
+A recipe knows nothing of the search. It names source models by alias, and says per layer group
+(and optionally per kind of tensor: attention / mlp / other) how each model contributes.
+Layer ranges are half-open, `[start, end)`, as mergekit's `layer_range`. Tensors outside the
+decoder layers use the group named `embed` (embeddings) or `head` (head and final norm) when
+the recipe has one, and otherwise the group of the first or the last layer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge.architecture import KINDS, Slot
+from merge.errors import EvomergeError
+from merge.methods import ModelParams, TensorOptions
+from merge.registry import get_method
+from merge.sparsify import Rescale
+
+FORMAT = "evomerge-recipe/1"
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelRef(_Strict):
+    path: str
+
+
+class Params(_Strict):
+    """One model's parameters in one group."""
+
+    weight: float = 1.0
+    density: float = 1.0
+    gamma: float = 0.01
+    epsilon: float = 0.15
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+    def to_model_params(self) -> ModelParams:
+        return ModelParams(self.weight, self.density, self.gamma, self.epsilon)
+
+
+class Group(_Strict):
+    """Parameters for a range of layers (or the embed / head group) and a kind of tensor."""
+
+    layers: tuple[int, int] | Literal["embed", "head"]
+    tensors: Literal["all", "attention", "mlp", "other"] = "all"
+    params: dict[str, Params] = Field(default_factory=dict)
+    t: float | None = None  # slerp
+    lambda_: float | None = Field(default=None, alias="lambda")
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v):
+        if isinstance(v, tuple) and not 0 <= v[0] < v[1]:
+            raise ValueError(f"need 0 <= start < end (half-open range), got {list(v)}")
+        return v
+
+    def label(self) -> str:
+        where = self.layers if isinstance(self.layers, str) else f"layers {list(self.layers)}"
+        return where if self.tensors == "all" else f"{where} ({self.tensors})"
+
+
+class ParameterSpace(_Strict):
+    method: str
+    base: str | None = None
+    normalize: bool | None = None  # None: the method's default
+    lambda_: float = Field(default=1.0, alias="lambda")
+    rescale: Rescale | None = None  # None: the method's default
+    seed: int = 0
+    groups: list[Group]
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        try:
+            get_method(v)
+        except EvomergeError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _per_group(self) -> ParameterSpace:
+        method = get_method(self.method)
+        if method.needs_base and self.base is None:
+            raise ValueError(f"method {self.method} needs a base model: set parameter_space.base")
+        normalize = self.normalize if self.normalize is not None else method.default_normalize
+        for i, g in enumerate(self.groups):
+            sources = [a for a in g.params if a != self.base]
+            if method.family == "slerp" and len(sources) != 1:
+                raise ValueError(f"groups.{i}: slerp needs exactly one model besides the base")
+            if method.family == "passthrough" and len(g.params) != 1:
+                raise ValueError(f"groups.{i}: passthrough takes exactly one model")
+            weights = [g.params[a].weight for a in sources]
+            if method.family == "linear":
+                weights = [p.weight for p in g.params.values()]
+            if normalize and weights and abs(sum(weights)) < 1e-8:
+                raise ValueError(
+                    f"groups.{i}: weights sum to zero under normalize; "
+                    "change a weight or set normalize: false"
+                )
+        return self
+
+    def options(self, group: Group) -> TensorOptions:
+        method = get_method(self.method)
+        return TensorOptions(
+            normalize=self.normalize if self.normalize is not None else method.default_normalize,
+            rescale=self.rescale if self.rescale is not None else method.default_rescale,
+            lambda_=group.lambda_ if group.lambda_ is not None else self.lambda_,
+            t=group.t if group.t is not None else 0.5,
+        )
+
+    def layout(self, num_layers: int) -> dict[tuple[int | str, str], Group]:
+        """(layer index or "embed"/"head", tensor kind) -> its group; every layer covered once."""
+        table: dict[tuple[int | str, str], Group] = {}
+        for g in self.groups:
+            where: list[int | str] = (
+                [g.layers] if isinstance(g.layers, str) else list(range(*g.layers))
+            )
+            for w in where:
+                if isinstance(w, int) and w >= num_layers:
+                    raise EvomergeError(
+                        f"recipe group {g.label()}: layer {w} does not exist "
+                        f"(the models have {num_layers} layers)"
+                    )
+                for kind in KINDS if g.tensors == "all" else (g.tensors,):
+                    if (w, kind) in table:
+                        raise EvomergeError(
+                            f"recipe groups {table[w, kind].label()} and {g.label()} overlap at "
+                            f"{w if isinstance(w, str) else f'layer {w}'} ({kind}); "
+                            "make the layer ranges disjoint"
+                        )
+                    table[w, kind] = g
+        for layer in range(num_layers):
+            for kind in KINDS:
+                if (layer, kind) not in table:
+                    raise EvomergeError(
+                        f"recipe: layer {layer} ({kind} tensors) is in no group; "
+                        f"the groups must cover layers 0..{num_layers - 1}"
+                    )
+        return table
+
+    @staticmethod
+    def group_for(table: dict[tuple[int | str, str], Group], slot: Slot, num_layers: int) -> Group:
+        if slot.group == "layer":
+            return table[slot.layer, slot.kind]  # type: ignore[index]
+        if slot.group == "embed":
+            return table.get(("embed", "other")) or table[0, "other"]
+        return table.get(("head", "other")) or table[num_layers - 1, "other"]
+
+
+class Recipe(_Strict):
+    format: Literal["evomerge-recipe/1"] = FORMAT
+    dtype: DType = "bfloat16"
+    allow_pickle: bool = False
+    files_from: str | None = None  # alias whose config and tokenizer are copied (default: base)
+    models: dict[str, ModelRef]
+    parameter_space: ParameterSpace | None = None
+
+    @model_validator(mode="after")
+    def _aliases(self) -> Recipe:
+        if self.parameter_space is None:
+            raise ValueError("a recipe needs a parameter_space stage")
+        ps = self.parameter_space
+        known = set(self.models)
+        for alias in [ps.base, self.files_from]:
+            if alias is not None and alias not in known:
+                raise ValueError(f"model alias {alias!r} is not in models ({', '.join(known)})")
+        for i, g in enumerate(ps.groups):
+            for alias in g.params:
+                if alias not in known:
+                    raise ValueError(
+                        f"parameter_space.groups.{i}.params: {alias!r} is not in models "
+                        f"({', '.join(sorted(known))})"
+                    )
+        return self
+
+    @property
+    def main_alias(self) -> str:
+        """The model whose config and tokenizer the output takes."""
+        ps = self.parameter_space
+        assert ps is not None
+        return self.files_from or ps.base or next(iter(ps.groups[0].params))
+
+    # -- files --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path | str) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise EvomergeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls, data: object, source: str = "recipe") -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise EvomergeError(one_line(e, source)) from None
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: Path | str) -> None:
+        write_atomic(Path(path), self.to_yaml())
+
+
+def one_line(err: ValidationError, source: str) -> str:
+    """A pydantic error as one line: the file, the field path and what is wrong."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a mix."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

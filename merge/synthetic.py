@@ -1,0 +1,67 @@
+"""Small random checkpoint families (a base plus experts = base + task vectors), made offline.
+
+For tests, the merge benchmark and examples: real transformers checkpoints of any supported
+family, with no training. The trained zoo with real skills lives in `fitness.zoo`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A tiny config of a family; GPT-2 and GPT-NeoX take their own field names."""
+    if model_type == "gpt2":
+        kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    elif model_type == "gpt_neox":
+        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+    else:
+        kw = dict(TINY)
+        if model_type in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+            kw["head_dim"] = 8
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def save_model(state: dict[str, torch.Tensor], config, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    return out
+
+
+def make_family(
+    out: Path,
+    model_type: str = "llama",
+    experts: int = 2,
+    delta_scale: float = 0.02,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> dict[str, Path]:
+    """Write `base` and `expert1..N` under `out`; returns alias -> directory."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **config_overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    # save_pretrained's view of the weights: tied heads are stored once
+    base = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        base = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    paths = {"base": save_model(base, config, out / "base")}
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(1, experts + 1):
+        state = {
+            k: (v.float() + delta_scale * torch.randn(v.shape, generator=g) * v.float().std()
+                .clamp_min(1e-3)).to(dtype) if v.is_floating_point() else v
+            for k, v in base.items()
+        }  # fmt: skip
+        paths[f"expert{i}"] = save_model(state, config, out / f"expert{i}")
+    return paths
