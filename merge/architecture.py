@@ -65,6 +65,22 @@ def classify(name: str) -> Slot:
     )
 
 
+_GROUP_ORDER = {"embed": 0, "layer": 1, "final_norm": 2, "head": 3}
+
+
+def network_order(names: list[str]) -> list[str]:
+    """Names sorted as data flows: embeddings, layers in order, final norm, head."""
+
+    def key(name: str) -> tuple[int, int, str]:
+        try:
+            slot = classify(name)
+        except EvomergeError:
+            return (4, 0, name)
+        return (_GROUP_ORDER[slot.group], slot.layer or 0, name)
+
+    return sorted(names, key=key)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What config.json says about a checkpoint's architecture."""
@@ -94,6 +110,8 @@ class ModelInfo:
             architectures=tuple(cfg.get("architectures") or ()),
             num_layers=layers,
             vocab_size=text.get("vocab_size"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))),
+            tie_word_embeddings=bool(
+                cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+            ),
             raw=cfg,
         )

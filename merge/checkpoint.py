@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from merge.architecture import ModelInfo
+from merge.architecture import ModelInfo, network_order
 from merge.errors import EvomergeError
 from merge.safetensors_io import TensorEntry, read_header, read_tensor
 
@@ -65,9 +66,10 @@ class Checkpoint:
             return files
         return sorted(self.path.glob("*.safetensors"))
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
-        return list(self._entries or self._loaded)
+        """Tensor names in network order (embeddings, layers, final norm, head)."""
+        return network_order(list(self._entries or self._loaded))
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._entries:

@@ -53,8 +53,9 @@ def check_compatible(ckpts: dict[str, Checkpoint], reference: str) -> None:
             )
         if a.num_layers != b.num_layers:
             raise EvomergeError(f"{pair} have {a.num_layers} vs {b.num_layers} layers")
-        only_ref = [n for n in ref.names if n not in set(ck.names)]
-        only_other = [n for n in ck.names if n not in set(ref.names)]
+        ref_names, other_names = set(ref.names), set(ck.names)
+        only_ref = [n for n in ref.names if n not in other_names]
+        only_other = [n for n in ck.names if n not in ref_names]
         if only_ref or only_other:
             name, owner = (only_ref[0], reference) if only_ref else (only_other[0], alias)
             raise EvomergeError(
@@ -102,7 +103,9 @@ def iter_merged(
         except ValueError as e:
             raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
         if not torch.isfinite(merged).all():
-            raise EvomergeError(f"tensor {name!r}: the merge produced NaN or inf; check the weights")
+            raise EvomergeError(
+                f"tensor {name!r}: the merge produced NaN or inf; check the weights"
+            )
         yield name, merged.to(out_dtype).cpu()
 
 

@@ -37,7 +37,9 @@ class TensorOptions:
     t: float = 0.5  # slerp only
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
     """Weighted average of the models (Wortsman et al. 2022, "Model soups")."""
     w = torch.tensor(list(weights), dtype=torch.float32, device=tensors[0].device)
     out = torch.zeros_like(tensors[0], dtype=torch.float32)

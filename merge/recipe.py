@@ -22,7 +22,7 @@ from merge.methods import ModelParams, TensorOptions
 from merge.registry import get_method
 from merge.sparsify import Rescale
 
-FORMAT = "evomerge-recipe/1"
+FORMAT: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
 DType = Literal["float32", "bfloat16", "float16"]
 
 

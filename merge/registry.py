@@ -61,23 +61,44 @@ _DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("linear", "Wortsman et al. 2022, Model soups (arXiv:2203.05482)", "linear",
-               default_normalize=True),  # fmt: skip
+        Method(
+            "linear",
+            "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+            "linear",
+            default_normalize=True,
+        ),  # fmt: skip
         Method("slerp", "Shoemake 1985, spherical linear interpolation", "slerp", per_model=()),
         Method("passthrough", "copies a single source unchanged", "passthrough", per_model=()),
-        _ta("task_arithmetic", "Ilharco et al. 2023, Editing models with task arithmetic "
-            "(arXiv:2212.04089)", Sparsifier.none, False),  # fmt: skip
-        _ta("ties", "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)", Sparsifier.magnitude,
-            True, default_normalize=True),  # fmt: skip
+        _ta(
+            "task_arithmetic",
+            "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+            Sparsifier.none,
+            False,
+        ),  # fmt: skip
+        _ta(
+            "ties",
+            "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+            Sparsifier.magnitude,
+            True,
+            default_normalize=True,
+        ),  # fmt: skip
         _ta("dare_ties", _DARE, Sparsifier.random, True, default_rescale=Rescale.inverse_density),
-        _ta("dare_linear", _DARE, Sparsifier.random, False,
-            default_rescale=Rescale.inverse_density),  # fmt: skip
+        _ta(
+            "dare_linear", _DARE, Sparsifier.random, False, default_rescale=Rescale.inverse_density
+        ),  # fmt: skip
         _ta("breadcrumbs", _CRUMBS, Sparsifier.outliers, False),
         _ta("breadcrumbs_ties", _CRUMBS, Sparsifier.outliers, True),
-        _ta("della", _DELLA, Sparsifier.della, True, default_normalize=True,
-            default_rescale=Rescale.inverse_density),  # fmt: skip
-        _ta("della_linear", _DELLA, Sparsifier.della, False,
-            default_rescale=Rescale.inverse_density),  # fmt: skip
+        _ta(
+            "della",
+            _DELLA,
+            Sparsifier.della,
+            True,
+            default_normalize=True,
+            default_rescale=Rescale.inverse_density,
+        ),  # fmt: skip
+        _ta(
+            "della_linear", _DELLA, Sparsifier.della, False, default_rescale=Rescale.inverse_density
+        ),  # fmt: skip
     ]
 }
 

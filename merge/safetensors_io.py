@@ -69,7 +69,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (8 + n + int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise EvomergeError(f"{path}: corrupt header entry for tensor {name!r}; {fix}") from None
+            raise EvomergeError(
+                f"{path}: corrupt header entry for tensor {name!r}; {fix}"
+            ) from None
         numel = 1
         for d in shape:
             numel *= d
@@ -88,9 +90,11 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     with open(entry.file, "rb") as f:
         f.seek(entry.begin)
-        got = f.readinto(memoryview(buf.numpy()))
+        got = f.readinto(memoryview(buf.numpy()))  # type: ignore[arg-type]
     if got != entry.nbytes:
-        raise EvomergeError(f"{entry.file}: truncated while reading a tensor; re-save the checkpoint")
+        raise EvomergeError(
+            f"{entry.file}: truncated while reading a tensor; re-save the checkpoint"
+        )
     return buf.view(entry.dtype).reshape(entry.shape)
 
 
@@ -148,7 +152,7 @@ class ShardWriter:
         if name != expected or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"writer expected {expected} {spec.dtype} {spec.shape}, got {name}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self._next += 1
 
     def close(self) -> None:

@@ -103,7 +103,9 @@ def della_magprune(
     if density >= 1:
         return delta
     if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(f"epsilon {epsilon} with density {density}: need 0 < density ± epsilon < 1")
+        raise ValueError(
+            f"epsilon {epsilon} with density {density}: need 0 < density ± epsilon < 1"
+        )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest
     width = max(rows.shape[1] - 1, 1)

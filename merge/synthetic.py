@@ -27,6 +27,8 @@ def tiny_config(model_type: str = "llama", **overrides):
         kw = dict(TINY)
         if model_type in ("gemma", "gemma2", "gemma3_text", "qwen3"):
             kw["head_dim"] = 8
+    if model_type == "phi3":
+        kw.update(pad_token_id=0, eos_token_id=2, bos_token_id=1)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 

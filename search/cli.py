@@ -44,7 +44,13 @@ def user_errors(fn):
 
 
 def progress_bar(description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -66,14 +72,18 @@ def merge(
     from merge.recipe import Recipe
 
     r = Recipe.load(recipe)
-    with progress_bar("merging") as bar:
-        task = bar.add_task("merge", total=None, item="")
+    bar = progress_bar("merging")
+    task = bar.add_task("merge", total=None, item="")
 
-        def tick(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, item=name)
+    def tick(done: int, total: int, name: str) -> None:
+        bar.start()  # only once the inputs have been checked: errors print on a clean line
+        bar.update(task, completed=done, total=total, item=name)
 
+    try:
         merge_to_dir(r, out, device=device, max_shard_size=max_shard_size, force=force,
                      progress=tick)  # fmt: skip
+    finally:
+        bar.stop()
     console.print(f"wrote {out}")
 
 

@@ -85,7 +85,9 @@ def test_dare_keeps_expected_fraction_and_rescales():
     assert abs(kept.float().mean().item() - 0.3) < 0.01
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))
     out_l1 = sparsify.random(d * torch.linspace(0.1, 1, 200_000), 0.3, _gen(), Rescale.l1)
-    assert out_l1.abs().sum().item() == pytest.approx((d * torch.linspace(0.1, 1, 200_000)).sum().item(), rel=1e-4)
+    assert out_l1.abs().sum().item() == pytest.approx(
+        (d * torch.linspace(0.1, 1, 200_000)).sum().item(), rel=1e-4
+    )
 
 
 def test_dare_same_seed_same_mask_other_seed_other_mask():

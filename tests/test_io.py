@@ -1,0 +1,93 @@
+"""Streaming safetensors I/O: lazy reads, streamed shards, corrupt files named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge.checkpoint import Checkpoint, staged_dir
+from merge.errors import EvomergeError
+from merge.safetensors_io import ShardWriter, TensorSpec, plan_shards, read_header, read_tensor
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_reader_matches_safetensors(tmp_path):
+    ts = _tensors()
+    save_file(ts, tmp_path / "x.safetensors")
+    entries = read_header(tmp_path / "x.safetensors")
+    for name, t in ts.items():
+        got = read_tensor(entries[name])
+        assert got.dtype == t.dtype and torch.equal(got, t)
+
+
+def test_writer_output_loads_with_safetensors(tmp_path):
+    ts = _tensors()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in ts.items()]
+    w = ShardWriter(tmp_path / "y.safetensors", specs)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.close()
+    back = load_file(tmp_path / "y.safetensors")
+    assert set(back) == set(ts) and all(torch.equal(back[n], ts[n]) for n in ts)
+
+
+def test_writer_refuses_out_of_order(tmp_path):
+    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (2,))]
+    w = ShardWriter(tmp_path / "z.safetensors", specs)
+    with pytest.raises(ValueError):
+        w.write("b", torch.zeros(2))
+
+
+def test_plan_shards_respects_limit():
+    specs = [TensorSpec(str(i), torch.float32, (100,)) for i in range(10)]  # 400 bytes each
+    shards = plan_shards(specs, 1000)
+    assert [len(s) for s in shards] == [2, 2, 2, 2, 2]
+    assert len(plan_shards([TensorSpec("big", torch.float32, (1000,))], 10)) == 1
+
+
+@pytest.mark.parametrize("cut", [4, 40, -10])
+def test_truncated_file_is_named(tmp_path, cut):
+    save_file(_tensors(), tmp_path / "t.safetensors")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:cut])
+    with pytest.raises(EvomergeError, match=r"t\.safetensors.*(truncated|corrupt)"):
+        read_header(tmp_path / "t.safetensors")
+
+
+def test_garbage_header_is_named(tmp_path):
+    (tmp_path / "g.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"0" * 64
+    )
+    with pytest.raises(EvomergeError, match="corrupt safetensors header"):
+        read_header(tmp_path / "g.safetensors")
+
+
+def test_sharded_checkpoint_reads_lazily(tmp_path, llama_family):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_family["base"])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    ck, ref = Checkpoint(tmp_path / "sharded"), Checkpoint(llama_family["base"])
+    assert sorted(ck.names) == sorted(ref.names)
+    assert all(torch.equal(ck.get(n), ref.get(n)) for n in ref.names)
+
+
+def test_staged_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), staged_dir(out, force=False) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert not out.exists() and list(tmp_path.iterdir()) == []

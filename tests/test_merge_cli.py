@@ -1,0 +1,291 @@
+"""`evomerge merge` end to end, and every wrong input: one line, non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from merge.checkpoint import Checkpoint
+from merge.engine import iter_merged, merge_to_dir, open_sources
+from merge.recipe import Recipe
+from merge.registry import get_method, merge_tensor
+from search.cli import app
+from tests.conftest import recipe_dict
+
+runner = CliRunner()
+
+
+def _write(tmp_path, data, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _merge(tmp_path, data, *extra):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(_write(tmp_path, data)), str(out), *extra])
+    return result, out
+
+
+def _assert_refused(result, out, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    text = " ".join(result.output.split())
+    assert len(lines) <= 3 and "Traceback" not in result.output  # one (soft-wrapped) line
+    assert pattern in text, text
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]
+
+
+def test_ties_merge_of_three_checkpoints_loads_and_generates(tmp_path, llama_family):
+    from transformers import AutoModelForCausalLM
+
+    result, out = _merge(tmp_path, recipe_dict(llama_family, "ties"))
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert ids.shape == (1, 8)
+    # the merge is not a copy of any parent, and not NaN
+    merged = load_file(out / "model.safetensors")
+    base = load_file(llama_family["base"] / "model.safetensors")
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert torch.isfinite(merged[w]).all() and not torch.equal(merged[w], base[w])
+    assert Recipe.load(out / "evomerge_recipe.yaml") == Recipe.parse(recipe_dict(llama_family))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ],
+)
+def test_methods_merge_gpt2(tmp_path, gpt2_family, method):
+    data = recipe_dict(gpt2_family, method)
+    group = data["parameter_space"]["groups"][0]
+    if method == "slerp":
+        group["params"] = {"expert1": {}}
+        group["t"] = 0.4
+    merge_to_dir(Recipe.parse(data), tmp_path / "o")
+    merged = load_file(tmp_path / "o" / "model.safetensors")
+    assert set(merged) == set(load_file(gpt2_family["base"] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_random_methods_are_reproducible_from_the_seed(tmp_path, llama_family):
+    data = recipe_dict(llama_family, "dare_ties")
+    merge_to_dir(Recipe.parse(data), tmp_path / "a")
+    merge_to_dir(Recipe.parse(data), tmp_path / "b")
+    data["parameter_space"]["seed"] = 8
+    merge_to_dir(Recipe.parse(data), tmp_path / "c")
+    a, b, c = (load_file(tmp_path / x / "model.safetensors") for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sharded_streaming_merge_equals_in_memory_merge(tmp_path, llama_family):
+    from transformers import AutoModelForCausalLM
+
+    sharded = {}
+    for alias, path in llama_family.items():
+        AutoModelForCausalLM.from_pretrained(path).save_pretrained(
+            tmp_path / alias, max_shard_size="30KB")  # fmt: skip
+        shutil.copy(path / "config.json", tmp_path / alias / "config.json")
+        sharded[alias] = tmp_path / alias
+    data = recipe_dict(sharded, "ties")
+    result, out = _merge(tmp_path, data, "--max-shard-size", "40KB")
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    streamed = Checkpoint(out)
+    # in memory: whole state dicts, merged with the registry's function directly
+    states = {a: load_file(p / "model.safetensors") for a, p in llama_family.items()}
+    recipe = Recipe.parse(recipe_dict(llama_family, "ties"))
+    ps = recipe.parameter_space
+    params = [p.to_model_params() for p in ps.groups[0].params.values()]
+    for name in states["base"]:
+        want = merge_tensor(get_method("ties"), states["base"][name],
+                            [states["expert1"][name], states["expert2"][name]], params,
+                            ps.options(ps.groups[0]))  # fmt: skip
+        assert torch.equal(streamed.get(name), want), name
+
+
+def test_bfloat16_output_dtype(tmp_path, llama_family):
+    data = recipe_dict(llama_family, "task_arithmetic")
+    data["dtype"] = "bfloat16"
+    merge_to_dir(Recipe.parse(data), tmp_path / "o")
+    merged = load_file(tmp_path / "o" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_per_kind_groups_and_embed_head_groups(tmp_path, llama_family):
+    data = recipe_dict(llama_family, "linear")
+    p = {"expert1": {"weight": 1.0}}
+    data["parameter_space"]["groups"] = [
+        {"layers": [0, 2], "tensors": "attention", "params": {"base": {"weight": 1.0}}},
+        {"layers": [0, 2], "tensors": "mlp", "params": p},
+        {"layers": [0, 2], "tensors": "other", "params": {"expert2": {"weight": 1.0}}},
+        {"layers": "embed", "params": p},
+        {"layers": "head", "params": {"base": {}}},
+    ]
+    recipe = Recipe.parse(data)
+    merged = dict(iter_merged(recipe, open_sources(recipe)))
+    src = {a: load_file(p / "model.safetensors") for a, p in llama_family.items()}
+    for name, want in [("model.layers.1.self_attn.q_proj.weight", "base"),
+                       ("model.layers.1.mlp.down_proj.weight", "expert1"),
+                       ("model.layers.0.input_layernorm.weight", "expert2"),
+                       ("model.embed_tokens.weight", "expert1"), ("model.norm.weight", "base"),
+                       ("lm_head.weight", "base")]:  # fmt: skip
+        assert torch.equal(merged[name], src[want][name]), name
+
+
+@settings(max_examples=25, deadline=None)
+@given(w=st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=2),
+       d=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2),
+       method=st.sampled_from(["ties", "dare_ties", "task_arithmetic", "breadcrumbs"]),
+       split=st.integers(1, 3), lam=st.floats(0.1, 2))  # fmt: skip
+def test_recipe_round_trip_is_exact(w, d, method, split, lam):
+    params = {"m1": {"weight": w[0], "density": d[0]}, "m2": {"weight": w[1], "density": d[1]}}
+    data = {
+        "models": {"b": {"path": "/x/b"}, "m1": {"path": "/x/m1"}, "m2": {"path": "/x/m2"}},
+        "parameter_space": {"method": method, "base": "b", "normalize": False, "lambda": lam,
+                            "groups": [{"layers": [0, split], "params": params},
+                                       {"layers": [split, 4], "params": params},
+                                       {"layers": "embed", "params": params}]},
+    }  # fmt: skip
+    r = Recipe.parse(data)
+    again = Recipe.parse(yaml.safe_load(r.to_yaml()))
+    assert again == r and again.to_yaml() == r.to_yaml()
+
+
+# -- wrong input ----------------------------------------------------------------------------
+
+
+def _cases(fam):
+    """name -> (mutate recipe dict, expected fragment of the one-line error)."""
+
+    def ps(d):
+        return d["parameter_space"]
+
+    def group(d):
+        return ps(d)["groups"][0]
+
+    return {
+        "unknown method": (lambda d: ps(d).update(method="tie"), "did you mean 'ties'"),
+        "missing path": (lambda d: d["models"]["expert1"].update(path="/nope"),
+                         "models.expert1: model path /nope does not exist"),
+        "density": (lambda d: group(d)["params"]["expert1"].update(density=1.5),
+                    "params.expert1.density: must be in (0, 1], got 1.5"),
+        "zero weights": (lambda d: (ps(d).update(normalize=True), group(d)["params"].update(
+            expert1={"weight": 1.0}, expert2={"weight": -1.0})), "weights sum to zero"),
+        "overlap": (lambda d: ps(d)["groups"].append({"layers": [1, 2], "params": {}}),
+                    "overlap at layer 1"),
+        "uncovered": (lambda d: group(d).update(layers=[0, 1]), "layer 1 (attention tensors) is in no group"),
+        "unknown field": (lambda d: ps(d).update(densty=0.5), "parameter_space.densty: unknown field"),
+        "unknown alias": (lambda d: group(d)["params"].update(mth={}), "'mth' is not in models"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown method",
+        "missing path",
+        "density",
+        "zero weights",
+        "overlap",
+        "uncovered",
+        "unknown field",
+        "unknown alias",
+    ],
+)
+def test_wrong_recipe_is_refused(tmp_path, llama_family, case):
+    data = recipe_dict(llama_family, "ties")
+    mutate, fragment = _cases(llama_family)[case]
+    mutate(data)
+    result, out = _merge(tmp_path, data)
+    _assert_refused(result, out, fragment)
+
+
+def _copy_family(tmp_path, fam):
+    copies = {}
+    for alias, p in fam.items():
+        copies[alias] = tmp_path / "models" / alias
+        shutil.copytree(p, copies[alias])
+    return copies
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tmp_path, llama_family):
+    fam = _copy_family(tmp_path, llama_family)
+    st_file = fam["expert1"] / "model.safetensors"
+    torch.save(load_file(st_file), fam["expert1"] / "pytorch_model.bin")
+    st_file.unlink()
+    data = recipe_dict(fam, "ties")
+    result, out = _merge(tmp_path, data)
+    _assert_refused(result, out, "pickle weights")
+    data["allow_pickle"] = True
+    result, out = _merge(tmp_path, data)
+    assert result.exit_code == 0, result.output
+
+
+def test_truncated_checkpoint_refused(tmp_path, llama_family):
+    fam = _copy_family(tmp_path, llama_family)
+    f = fam["expert2"] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    result, out = _merge(tmp_path, recipe_dict(fam, "ties"))
+    _assert_refused(result, out, "truncated")
+
+
+def test_disagreeing_models_refused(tmp_path, llama_family):
+    from merge.synthetic import make_family
+
+    other = make_family(tmp_path / "wide", "llama", experts=0, hidden_size=64)
+    fam = dict(llama_family, expert2=other["base"])
+    result, out = _merge(tmp_path, recipe_dict(fam, "ties"))
+    _assert_refused(result, out, "tensor 'model.embed_tokens.weight': shape [128, 32]")
+    vocab = make_family(tmp_path / "vocab", "llama", experts=0, vocab_size=100)
+    result, out = _merge(tmp_path, recipe_dict(dict(llama_family, expert2=vocab["base"]), "ties"))
+    _assert_refused(result, out, "different vocabulary sizes (128 vs 100")
+    gpt = make_family(tmp_path / "gpt", "gpt2", experts=0)
+    result, out = _merge(tmp_path, recipe_dict(dict(llama_family, expert2=gpt["base"]), "ties"))
+    _assert_refused(result, out, "different architectures")
+
+
+def test_tensor_in_one_model_only_refused(tmp_path, llama_family):
+    fam = _copy_family(tmp_path, llama_family)
+    f = fam["expert1"] / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, f)
+    result, out = _merge(tmp_path, recipe_dict(fam, "ties"))
+    _assert_refused(result, out, "tensor 'model.layers.0.extra.weight' is only in model 'expert1'")
+
+
+def test_existing_output_needs_force(tmp_path, llama_family):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(
+        app, ["merge", str(_write(tmp_path, recipe_dict(llama_family))), str(out)]
+    )
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = runner.invoke(app, ["merge", str(_write(tmp_path, recipe_dict(llama_family))), str(out),
+                                 "--force"])  # fmt: skip
+    assert result.exit_code == 0 and (out / "model.safetensors").is_file()
+    assert not (out / "keep.txt").exists()
