@@ -86,21 +86,24 @@ def combine_deltas(
     deltas that agree with the elected sign. With `normalize` the mix is divided per entry by the
     sum of the weights that took part (0 -> 1).
     """
-    weighted = torch.stack([d.float() for d in deltas])  # [models, *shape]
-    w = torch.tensor(list(weights), dtype=torch.float32, device=weighted.device)
-    w = w.reshape(-1, *([1] * (weighted.dim() - 1)))
-    weighted.mul_(w)
+    weighted = [d.float() * w for d, w in zip(deltas, weights)]
+    mixed = torch.zeros_like(weighted[0])
     if consensus:
-        mask = sparsify.sign_consensus(weighted).to(torch.float32)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        # per model, not on a stacked [models, ...] tensor: no copy of all deltas at once
+        positive = sparsify.elect_positive(weighted)
+        divisor = torch.zeros_like(mixed)
+        for x, w in zip(weighted, weights):
+            agree = sparsify.agrees(x, positive)
+            mixed += torch.where(agree, x, 0.0)
+            divisor += agree * w
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+        for x in weighted:
+            mixed += x
+        total = torch.tensor(list(weights), dtype=torch.float32).sum()
+        divisor = total if total.abs() >= 1e-8 else torch.ones(())
     if normalize:
-        mixed /= divisor
+        mixed /= divisor.to(mixed.device)
     if lambda_ != 1:
         mixed *= lambda_
     return base.float() + mixed

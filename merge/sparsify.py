@@ -22,9 +22,26 @@ class Rescale(str, Enum):
     l1 = "l1"  # match the L1 norm of the unmasked tensor: mergekit's behaviour
 
 
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of a flat tensor of non-negative fp32 values, exactly.
+
+    Radix select: the bit patterns of non-negative floats sort as integers, so two histogram
+    passes (high then low 16 bits) find the value. About 2x faster than torch.kthvalue at 10^7
+    entries on a CPU, and O(n) on any device.
+    """
+    bits = values.float().view(torch.int32)
+    high = (bits >> 16).long()
+    cum = torch.bincount(high, minlength=1 << 15).cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    low = (bits[high == bucket] & 0xFFFF).long()
+    cum_low = torch.bincount(low, minlength=1 << 16).cumsum(0)
+    offset = int(torch.searchsorted(cum_low, torch.tensor(k - below, device=cum.device)))
+    return torch.tensor((bucket << 16) | offset, dtype=torch.int32).view(torch.float32)
+
+
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry (1-based) of a flat tensor, in O(n) (kthvalue is k-th smallest)."""
-    return torch.kthvalue(values, values.numel() - k + 1).values
+    return _kth_smallest(values, values.numel() - k + 1)
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) -> torch.Tensor:
@@ -44,9 +61,9 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.no
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))
-    flat = delta.abs().reshape(-1)
-    threshold = _kth_largest(flat, k)
-    mask = (delta.abs() >= threshold).to(delta.dtype)
+    magnitudes = delta.abs()
+    threshold = _kth_largest(magnitudes.reshape(-1), k)
+    mask = (magnitudes >= threshold.to(magnitudes.device)).to(delta.dtype)
     return _apply_mask(delta, mask, rescale, density)
 
 
@@ -65,13 +82,12 @@ def magnitude_outliers(
         return torch.zeros_like(delta)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)
-    flat = delta.abs().reshape(-1)
+    magnitudes = delta.abs()
+    flat = magnitudes.reshape(-1)
     # kept: ascending ranks n_bottom .. n_bottom + keep - 1
-    upper = torch.kthvalue(flat, n_bottom + keep).values
-    mask = delta.abs() <= upper
+    mask = magnitudes <= _kth_smallest(flat, n_bottom + keep).to(delta.device)
     if n_bottom > 0:
-        lower = torch.kthvalue(flat, n_bottom + 1).values
-        mask &= delta.abs() >= lower
+        mask &= magnitudes >= _kth_smallest(flat, n_bottom + 1).to(delta.device)
     return _apply_mask(delta, mask.to(delta.dtype), rescale, density)
 
 
@@ -107,7 +123,9 @@ def della_magprune(
             f"epsilon {epsilon} with density {density}: need 0 < density ± epsilon < 1"
         )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest
+    order = rows.abs().argsort(dim=1)
+    positions = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device)
+    ranks = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))  # 0 = smallest
     width = max(rows.shape[1] - 1, 1)
     probs = (density - epsilon) + (ranks / width) * 2 * epsilon
     keep = torch.rand(rows.shape, generator=generator) < probs.cpu()
@@ -115,10 +133,14 @@ def della_magprune(
     return _apply_mask(delta, mask, rescale, probs.reshape(delta.shape))
 
 
-def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: per entry, the sign of the summed weighted deltas (ties count as +).
+def elect_positive(weighted: list[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: per entry, True where the summed weighted deltas are >= 0."""
+    total = weighted[0].clone()
+    for x in weighted[1:]:
+        total += x
+    return total >= 0
 
-    `weighted` is [models, ...]; returns a bool mask of the same shape. Zeros never agree.
-    """
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    return weighted.sign() == majority
+
+def agrees(x: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Where `x` has the elected sign; zeros never agree."""
+    return torch.where(positive, x > 0, x < 0)

@@ -87,6 +87,90 @@ def merge(
     console.print(f"wrote {out}")
 
 
+zoo_app = typer.Typer(no_args_is_help=True, help="The offline tiny model zoo.")
+app.add_typer(zoo_app, name="zoo")
+
+
+def offline_env() -> None:
+    """No hub access, ever: the zoo, its tasks and the scorer run offline by construction."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@zoo_app.command("build")
+@user_errors
+def zoo_build(
+    out: Path = typer.Option(
+        None, help="Zoo directory (default: a cache dir named by its parameters)."
+    ),
+    size: str = typer.Option("demo", help="tiny (tests, seconds) or demo (real skills, minutes)."),
+    seed: int = typer.Option(0, help="Everything in the zoo derives from this seed."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a matching zoo exists."),
+    table: bool = typer.Option(True, help="Score the specialisation table on the held-out split."),
+):
+    """Build the zoo (base, experts, distractor, joint reference, a second family, tasks)."""
+    offline_env()
+    from fitness.zoo.build import build_zoo
+
+    zoo = build_zoo(out, size=size, seed=seed, log=console.print, force=force)
+    os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
+    if table:
+        from fitness.zoo.table import markdown, score_rows, specialisation_rows
+
+        rows = score_rows(zoo, specialisation_rows(zoo))
+        print("\nSpecialisation on the held-out split (exact match):")
+        print(markdown(rows))
+    print(f"\nzoo: {zoo}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Path = typer.Option(None, help="A model directory."),
+    recipe: Path = typer.Option(None, help="A recipe, merged in memory."),
+    tasks: str = typer.Option(..., help="Comma-separated task[:metric[:weight]] list."),
+    include: list[Path] = typer.Option([], help="Extra lm-eval task directories."),
+    zoo: Path = typer.Option(None, help="Zoo whose tasks are included (default: the demo zoo)."),
+    limit: float = typer.Option(None, help="Items per task: a count, or a fraction <= 1."),
+    seed: int = typer.Option(0, help="Seed of the --limit subset and few-shot sampling."),
+    num_fewshot: int = typer.Option(None),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("cpu"),
+):
+    """Score one model (or a recipe's merge) and print a table of metrics."""
+    offline_env()
+    from rich.table import Table
+
+    from fitness.models import load_model, model_from_recipe
+    from fitness.scorer import Scorer
+    from fitness.tasks import parse_task_list
+    from fitness.zoo.build import default_zoo_dir
+    from merge.recipe import Recipe
+
+    if (model is None) == (recipe is None):
+        raise EvomergeError("give exactly one of --model DIR or --recipe FILE")
+    zoo_dir = zoo or default_zoo_dir("demo")
+    paths = list(include) + ([zoo_dir / "tasks"] if (zoo_dir / "tasks").is_dir() else [])
+    os.environ.setdefault("HF_DATASETS_CACHE", str(zoo_dir / ".hf-datasets"))
+    lim = None if limit is None else (int(limit) if limit > 1 else limit)
+    scorer = Scorer(parse_task_list(tasks), include_paths=paths, limit=lim, seed=seed,
+                    num_fewshot=num_fewshot, batch_size=batch_size)  # fmt: skip
+    m, tok = load_model(model, device) if model else model_from_recipe(Recipe.load(recipe), device)
+    result = scorer.bind(m, tok, device).score()
+    if not result.ok:
+        raise EvomergeError(f"scoring failed: {result.error}")
+    t = Table(title=str(model or recipe))
+    t.add_column("task")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        name, metric = key.split("/")
+        t.add_row(name, metric, f"{value:.4f}")
+    Console().print(t)
+    print(f"objective {result.fitness:.4f}  ({result.examples} examples, {result.seconds:.2f} s)")
+
+
 @app.command()
 @user_errors
 def demo(

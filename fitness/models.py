@@ -1,0 +1,43 @@
+"""Load a model (and tokenizer) for scoring: from a directory, or built from a recipe in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merge.errors import EvomergeError
+
+
+def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a local HF directory; safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EvomergeError(f"--model {path}: not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def model_from_recipe(recipe, device: str = "cpu"):
+    """(model, tokenizer) of a recipe's merge, built in memory without writing a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from merge.engine import iter_merged, open_sources
+
+    ckpts = open_sources(recipe)
+    main = ckpts[recipe.main_alias].path
+    config = AutoConfig.from_pretrained(main)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
+    state = dict(iter_merged(recipe, ckpts, device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise EvomergeError(f"recipe merge does not fit {main}: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")  # fmt: skip
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(main)

@@ -1,0 +1,150 @@
+"""Score an in-memory model with lm-eval, as often as its weights change, building tasks once.
+
+A Scorer loads its tasks once (TaskManager.load), wraps the resident model once (HFLM), and then
+each `score()` is one `lm_eval.evaluator.evaluate` call on the same objects: no task rebuilding,
+no model reloading. Only lm-eval's public API is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fitness.tasks import TaskSpec
+from merge.errors import EvomergeError
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    """The outcome of scoring one model: a typed success or a typed failure, never None."""
+
+    ok: bool
+    fitness: float  # weighted objective, higher is better; NaN when not ok
+    metrics: dict[str, float] = field(default_factory=dict)  # "task/metric" -> value
+    examples: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str, seconds: float = 0.0) -> FitnessResult:
+        return cls(ok=False, fitness=math.nan, error=error, seconds=seconds)
+
+
+def objective(specs: list[TaskSpec], metrics: dict[str, float]) -> float:
+    """Weighted mean of the task metrics, each signed by its direction (maximized)."""
+    total = sum(s.weight for s in specs) or 1.0
+    value = sum(
+        s.weight * (1 if s.direction == "maximize" else -1) * metrics[f"{s.name}/{s.metric}"]
+        for s in specs
+    )
+    return value / total
+
+
+class Scorer:
+    """Tasks built once; `bind` a model once; `score` any number of times."""
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        include_paths: list[Path] | None = None,
+        limit: int | float | None = None,
+        seed: int = 0,
+        num_fewshot: int | None = None,
+        batch_size: int = 64,
+        apply_chat_template: bool = False,
+    ):
+        from lm_eval.tasks import TaskManager
+
+        for name in ("lm_eval", "lm-eval", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.specs = tasks
+        self.batch_size = batch_size
+        self.apply_chat_template = apply_chat_template
+        names = [t.name for t in tasks]
+        paths = [str(p) for p in include_paths or []]
+        # indexing the ~15k built-in tasks takes ~10 s: only when a name needs them
+        tm = TaskManager(include_path=paths or None, include_defaults=not paths)
+        if paths and not set(names) <= set(tm.all_tasks):
+            tm = TaskManager(include_path=paths, include_defaults=True)
+        for name in names:
+            if name not in tm.all_tasks:
+                close = difflib.get_close_matches(name, tm.all_tasks, n=3)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise EvomergeError(
+                    f"task {name!r} not found; {hint}check the name or add its YAML directory "
+                    "to the include paths"
+                )
+        self.loaded = tm.load(names)
+        # a spec without a metric takes its task's first one
+        self.specs = [
+            s if s.metric else s.model_copy(update={"metric": self._first_metric(s.name)})
+            for s in tasks
+        ]
+        for task in self.loaded["tasks"].values():
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        self.samples = self._subsets(limit, seed) if limit is not None else None
+        self.lm = None
+
+    def _first_metric(self, name: str) -> str:
+        metric_list = self.loaded["tasks"][name].config.metric_list or [{"metric": "acc"}]
+        return str(metric_list[0]["metric"])
+
+    def _subsets(self, limit: int | float, seed: int) -> dict[str, list[int]]:
+        """A fixed, seeded subset of each task's documents (the same every call)."""
+        out = {}
+        for name, task in self.loaded["tasks"].items():
+            n = len(task.eval_docs)
+            k = int(limit * n) if isinstance(limit, float) and limit <= 1 else int(limit)
+            rng = random.Random(f"{seed}/{name}")
+            out[name] = sorted(rng.sample(range(n), min(max(k, 1), n)))
+        return out
+
+    def bind(self, model, tokenizer, device: str = "cpu") -> Scorer:
+        """Wrap the resident model once; later in-place weight changes are seen by `score`."""
+        from lm_eval.models.huggingface import HFLM
+
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                       device=device)  # fmt: skip
+        return self
+
+    def score(self) -> FitnessResult:
+        """Evaluate the bound model; any exception or non-finite metric is a failed result."""
+        if self.lm is None:
+            raise RuntimeError("Scorer.bind(model, tokenizer) first")
+        from lm_eval.evaluator import evaluate
+
+        start = time.perf_counter()
+        try:
+            res = evaluate(
+                lm=self.lm, task_dict=self.loaded, samples=self.samples, bootstrap_iters=0,
+                log_samples=False, apply_chat_template=self.apply_chat_template,
+                verbosity="ERROR",
+            )  # fmt: skip
+            assert res is not None
+            metrics: dict[str, float] = {}
+            for spec in self.specs:
+                metric = str(spec.metric)
+                key = metric if "," in metric else f"{metric},none"
+                value = res["results"][spec.name].get(key)
+                if value is None:
+                    known = [k for k in res["results"][spec.name] if "," in k]
+                    raise KeyError(f"task {spec.name} has no metric {spec.metric!r} ({known})")
+                metrics[f"{spec.name}/{spec.metric}"] = float(value)
+            examples = sum(int(c["effective"]) for c in res["n-samples"].values())
+        except Exception as e:  # a candidate's failure is data, not a crash
+            return FitnessResult.failed(f"{type(e).__name__}: {e}", time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            return FitnessResult(False, math.nan, metrics, examples, seconds,
+                                 f"non-finite metric {bad[0]}")  # fmt: skip
+        return FitnessResult(True, objective(self.specs, metrics), metrics, examples, seconds)

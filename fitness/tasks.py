@@ -1,0 +1,78 @@
+"""Fitness task specs, and the zoo's local lm-eval tasks.
+
+Local tasks are defined in `configs/tasks/*.yaml` with the placeholder `ZOO_DIR` where the data
+lives; the zoo build renders them into `<zoo>/tasks/` with its own absolute path, since lm-eval's
+json loader resolves relative paths against the working directory.
+
+Naming: `zoo_<skill>_<gen|mc>_<search|heldout>`. `search` items are the ones a search optimizes;
+`heldout` items are disjoint and used only to report. `gen` tasks generate and score exact match;
+`mc` tasks score the log-likelihood of the right answer among four.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+REPO_TASKS = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+PLACEHOLDER = "ZOO_DIR"
+
+
+class TaskSpec(BaseModel):
+    """One lm-eval task in an objective: which metric, with what weight and direction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    metric: str | None = None  # None: the task's first metric (exact_match, acc, ...)
+    weight: float = 1.0
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0 (use direction: minimize to reward lower values)")
+        return v
+
+
+def parse_task_list(text: str) -> list[TaskSpec]:
+    """`name[:metric[:weight]],...` as on the command line."""
+    specs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, *rest = item.split(":")
+        fields: dict = {"name": name}
+        if rest and rest[0]:
+            fields["metric"] = rest[0]
+        if len(rest) > 1:
+            fields["weight"] = float(rest[1])
+        specs.append(TaskSpec(**fields))
+    return specs
+
+
+def zoo_task_name(skill: str, kind: str, split: str) -> str:
+    return f"zoo_{skill}_{kind}_{split}"
+
+
+def to_split(specs: list[TaskSpec], split: str) -> list[TaskSpec]:
+    """The same objective on another split of the zoo's tasks (`..._search` -> `..._heldout`)."""
+    out = []
+    for s in specs:
+        name = s.name
+        for old in ("_search", "_heldout"):
+            if name.endswith(old):
+                name = name[: -len(old)] + f"_{split}"
+        out.append(s.model_copy(update={"name": name}))
+    return out
+
+
+def render_zoo_tasks(zoo_dir: Path, source: Path = REPO_TASKS) -> Path:
+    """Write the task YAMLs with the zoo's absolute data path into `<zoo>/tasks/`."""
+    dest = zoo_dir / "tasks"
+    dest.mkdir(parents=True, exist_ok=True)
+    for yml in sorted(source.glob("*.yaml")):
+        text = yml.read_text().replace(PLACEHOLDER, str(zoo_dir.resolve()))
+        (dest / yml.name).write_text(text)
+    return dest
