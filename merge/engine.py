@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,9 +72,13 @@ def check_compatible(ckpts: dict[str, Checkpoint], reference: str) -> None:
 
 
 def iter_merged(
-    recipe: Recipe, ckpts: dict[str, Checkpoint], device: str = "cpu"
+    recipe: Recipe, ckpts: Mapping[str, Any], device: str = "cpu", to_cpu: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the recipe dtype, on the CPU), in the reference's order."""
+    """Yield (name, merged tensor in the recipe dtype), in the reference's order.
+
+    `ckpts` are Checkpoints, or anything with their interface (`names`, `info`, `dtype`, `get`):
+    the search's resident sources, which may also offer task vectors through `delta(name)`.
+    """
     ps = recipe.parameter_space
     assert ps is not None
     ref = ckpts[recipe.main_alias]
@@ -93,20 +98,28 @@ def iter_merged(
         base = ckpts[ps.base].get(name).to(device) if ps.base and method.needs_base else None
         if method.family == "passthrough" and not aliases:
             aliases = [ps.base] if ps.base else []
-        sources = [ckpts[a].get(name).to(device) for a in aliases]
+        deltas = None
+        if method.family == "task_arithmetic" and all(
+            getattr(ckpts[a], "has_deltas", False) for a in aliases
+        ):
+            deltas, sources = [ckpts[a].delta(name) for a in aliases], []
+        else:
+            sources = [ckpts[a].get(name).to(device) for a in aliases]
         params = [group.params[a].to_model_params() for a in aliases if a in group.params]
         generator = None
         if method.is_random:
             generator = torch.Generator().manual_seed(tensor_seed(ps.seed, name))
         try:
-            merged = merge_tensor(method, base, sources, params, ps.options(group), generator)
+            merged = merge_tensor(method, base, sources, params, ps.options(group), generator,
+                                  deltas)  # fmt: skip
         except ValueError as e:
             raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
         if not torch.isfinite(merged).all():
             raise EvomergeError(
                 f"tensor {name!r}: the merge produced NaN or inf; check the weights"
             )
-        yield name, merged.to(out_dtype).cpu()
+        merged = merged.to(out_dtype)
+        yield name, merged.cpu() if to_cpu else merged
 
 
 def output_specs(recipe: Recipe, ref: Checkpoint) -> list[TensorSpec]:

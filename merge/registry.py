@@ -141,8 +141,12 @@ def merge_tensor(
     params: Sequence[ModelParams],
     options: TensorOptions,
     generator: torch.Generator | None = None,
+    deltas: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor in fp32. `sources` exclude the base; `params` go with `sources`."""
+    """Merge one tensor in fp32. `sources` exclude the base; `params` go with `sources`.
+
+    `deltas` (sources - base, fp32), when a caller keeps them resident, spare the subtraction.
+    """
     if method.family == "passthrough":
         return (sources[0] if sources else base).float()  # type: ignore[union-attr]
     if method.family == "linear":
@@ -153,13 +157,15 @@ def merge_tensor(
     if method.family == "slerp":
         return methods.slerp(base, sources[0], options.t)
     base32 = base.float()
-    if not sources:
+    if deltas is None:
+        deltas = [x.float() - base32 for x in sources]
+    if not deltas:
         return base32
-    deltas = [
-        sparsify_delta(method, x.float() - base32, p, options.rescale, generator)
-        for x, p in zip(sources, params)
+    thinned = [
+        sparsify_delta(method, d, p, options.rescale, generator)
+        for d, p in zip(deltas, params, strict=True)
     ]
     return methods.combine_deltas(
-        base32, deltas, [p.weight for p in params], method.consensus, options.normalize,
+        base32, thinned, [p.weight for p in params], method.consensus, options.normalize,
         options.lambda_,
     )  # fmt: skip

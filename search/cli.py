@@ -93,9 +93,9 @@ app.add_typer(zoo_app, name="zoo")
 
 def offline_env() -> None:
     """No hub access, ever: the zoo, its tasks and the scorer run offline by construction."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ[var] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from search.workers import OFFLINE_ENV
+
+    os.environ.update(OFFLINE_ENV)  # also silences library progress bars: ours is the one shown
 
 
 @zoo_app.command("build")
@@ -171,12 +171,117 @@ def eval_cmd(
     print(f"objective {result.fitness:.4f}  ({result.examples} examples, {result.seconds:.2f} s)")
 
 
+def _search_progress():
+    """A rich progress bar over evaluations, with generation, best and mean fitness, and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from search.driver import Progress as Hooks
+
+    bar = Progress(TextColumn("[bold]gen {task.fields[gen]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
+                   TimeRemainingColumn(), console=console)  # fmt: skip
+    task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
+
+    def start(done: int, budget: int) -> None:
+        bar.start()
+        bar.update(task, completed=done, total=budget)
+
+    def result(done: int, record: dict, best: float) -> None:
+        bar.update(
+            task, completed=done, gen=record["generation"], best=best, last=record["fitness"]
+        )
+
+    return bar, Hooks(
+        on_start=start, on_result=result, on_generation=lambda line: bar.console.print(line)
+    )
+
+
+def run_and_report(run) -> dict | None:
+    """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run."""
+    from search.driver import run_search
+    from search.workers import make_executor
+
+    os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
+    if run.config.zoo:
+        from fitness.zoo.build import build_zoo
+
+        build_zoo(size=run.config.zoo, log=console.print)
+    bar, hooks = _search_progress()
+    try:
+        best = run_search(run, lambda: make_executor(run.config), hooks)
+    except KeyboardInterrupt:
+        bar.stop()
+        console.print(f"interrupted: every finished trial is saved; `evomerge resume {run.path}`")
+        raise typer.Exit(130) from None
+    finally:
+        bar.stop()
+    if best is None:
+        console.print("no trial completed")
+    else:
+        console.print(f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
+                      f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}")  # fmt: skip
+    return best
+
+
+def _with_workers(cfg, workers: int | None, address: str | None):
+    update = {k: v for k, v in (("count", workers), ("address", address)) if v is not None}
+    if not update:
+        return cfg
+    return cfg.model_copy(update={"workers": cfg.workers.model_copy(update=update)})
+
+
+@app.command()
+@user_errors
+def search(
+    config: Path = typer.Argument(..., help="Search config YAML (see configs/demo.yaml)."),
+    run_dir: Path = typer.Option(None, help="Run directory (default: runs/<name>)."),
+    workers: int = typer.Option(None, help="Ray workers; 0 runs trials serially in-process."),
+    address: str = typer.Option(None, help="Attach to a running Ray cluster (e.g. auto)."),
+):
+    """Start a search. Config fields: models, base, space (method, layers_per_group,
+    embed_head_groups, tensor_kinds, genes, ranges, fixed, normalize, lambda, dtype), fitness
+    (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
+    diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
+    offline_env()
+    from search.config import SearchConfig
+    from search.rundir import RunDir
+
+    cfg = _with_workers(SearchConfig.load(config), workers, address)
+    run = RunDir.create(run_dir or Path("runs") / cfg.name, cfg)
+    run_and_report(run)
+
+
+@app.command()
+@user_errors
+def resume(
+    run_dir: Path = typer.Argument(..., help="A run directory made by evomerge search."),
+    config: Path = typer.Option(None, help="Refuse to resume if this config differs."),
+    workers: int = typer.Option(None, help="Ray workers (may differ from the first run)."),
+    address: str = typer.Option(None, help="Attach to a running Ray cluster."),
+):
+    """Resume a search from its last snapshot; finished trials are never run again."""
+    offline_env()
+    from search.config import SearchConfig
+    from search.rundir import RunDir
+
+    run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
+    run.config = _with_workers(run.config, workers, address)
+    run_and_report(run)
+
+
 @app.command()
 @user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its outputs."),
 ):
     """The main job on the embedded default: a search over the tiny zoo, on this machine."""
+    offline_env()
     from search.demo import run_demo
 
     run_demo(out)

@@ -1,4 +1,4 @@
-"""The README's main job."""
+"""The README's main job: the demo search over the demo zoo, then held-out scores."""
 
 from __future__ import annotations
 
@@ -6,31 +6,39 @@ from pathlib import Path
 
 from rich.console import Console
 
+from search.config import SearchConfig
+
 console = Console()
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
+    """The best recipe's held-out scores beside each parent's and an untuned merge's."""
+    from fitness.tasks import to_split
+    from fitness.zoo.table import markdown, score_rows, untuned_recipe
+    from merge.recipe import Recipe
+
+    zoo = cfg.zoo_dir()
+    assert zoo is not None
+    tasks = [t.name for t in (cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout"))]
+    rows: dict[str, object] = {a: cfg.model_path(a) for a in cfg.models}
+    rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
+        zoo, cfg.space.method, cfg.experts, 1.0)  # fmt: skip
+    rows["evomerge best"] = Recipe.load(best_recipe)
+    table = score_rows(zoo, rows, tasks)
+    for row in table.values():
+        row["mean"] = sum(row[t] for t in tasks) / len(tasks)
+    return markdown(table, [*tasks, "mean"])
 
 
 def run_demo(out: Path) -> None:
-    """Interim demo: a TIES merge of three generated checkpoints, loaded back and run."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from search.cli import run_and_report
+    from search.rundir import RunDir
 
-    from merge.engine import merge_to_dir
-    from merge.recipe import Recipe
-    from merge.synthetic import make_family
-
-    paths = make_family(out / "models", experts=2, num_hidden_layers=4)
-    recipe = Recipe.parse({
-        "dtype": "float32",
-        "models": {a: {"path": str(p)} for a, p in paths.items()},
-        "parameter_space": {"method": "ties", "base": "base", "groups": [
-            {"layers": [0, 2], "params": {"expert1": {"weight": 0.7, "density": 0.5},
-                                          "expert2": {"weight": 0.3, "density": 0.5}}},
-            {"layers": [2, 4], "params": {"expert1": {"weight": 0.3, "density": 0.8},
-                                          "expert2": {"weight": 0.7, "density": 0.8}}},
-        ]},
-    })  # fmt: skip
-    recipe.save(out / "recipe.yaml")
-    merged = merge_to_dir(recipe, out / "merged", force=True)
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    tokens = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, do_sample=False)
-    console.print(f"merged model at {merged}; greedy continuation: {tokens[0].tolist()}")
+    cfg = SearchConfig.load(DEMO_CONFIG)
+    run = RunDir.reopen(out, cfg) if (out / "run.yaml").exists() else RunDir.create(out, cfg)
+    best = run_and_report(run)
+    if best is None:
+        return
+    console.print("\nHeld-out split (exact match), never seen by the search:")
+    print(heldout_report(cfg, run.path / "best" / "recipe.yaml"))

@@ -9,6 +9,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["TQDM_DISABLE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,3 +50,38 @@ def recipe_dict(paths, method="ties", layers=2, **ps):
         "parameter_space": {"method": method, "base": "base", "seed": 7,
                             "groups": [{"layers": [0, layers], "params": params}], **ps},
     }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The zoo at its tiny size (seconds): real files and tasks, skills not learned."""
+    from fitness.zoo.build import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", log=lambda *_: None)
+
+
+def search_config(zoo, **overrides):
+    """A small serial TIES search over the tiny zoo, as a SearchConfig."""
+    from search.config import SearchConfig
+
+    data = {
+        "name": "t",
+        "models": {a: {"path": str(zoo / "llama" / a)} for a in ("base", "add", "caps")},
+        "base": "base",
+        "space": {"method": "ties", "layers_per_group": 1},
+        "fitness": {
+            "tasks": [{"name": "zoo_add_gen_search"}, {"name": "zoo_caps_mc_search"}],
+            "include": [str(zoo / "tasks")],
+            "limit": 8,
+            "batch_size": 16,
+        },
+        "cma": {"popsize": 4, "budget": 12, "seed": 3, "sigma0": 0.3},
+        "workers": {"count": 0},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            data[section] = {**data.get(section, {}), field: value}
+        else:
+            data[section] = value
+    return SearchConfig.parse(data)

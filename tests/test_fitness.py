@@ -18,11 +18,6 @@ MC = "zoo_caps_mc_search"
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", log=lambda *_: None)
-
-
-@pytest.fixture(scope="session")
 def scorer(tiny_zoo):
     return Scorer([TaskSpec(name=GEN), TaskSpec(name=MC, weight=2.0)],
                   include_paths=[tiny_zoo / "tasks"], batch_size=32)  # fmt: skip
@@ -35,12 +30,12 @@ def _model(path):
 
 
 def test_zoo_layout_and_disjoint_splits(tiny_zoo):
-    for family, names in {"llama": ["base", "add", "caps", "rev", "joint"],
+    for family, names in {"llama": ["base", "add", "caps", "next", "joint"],
                           "qwen2": ["base", "add", "caps"]}.items():  # fmt: skip
         for n in names:
             assert (tiny_zoo / family / n / "model.safetensors").is_file()
             assert (tiny_zoo / family / n / "tokenizer.json").is_file()
-    for skill in ("add", "caps", "rev"):
+    for skill in ("add", "caps", "next"):
         rows = {split: [json.loads(x) for x in open(tiny_zoo / "data" / f"{skill}_{split}.jsonl")]
                 for split in ("search", "heldout")}  # fmt: skip
         assert len(rows["search"]) == len(rows["heldout"]) == 40
@@ -94,7 +89,7 @@ def test_reuse_across_in_place_weight_changes(tiny_zoo, scorer):
     """One bound model whose weights are overwritten in place scores as each source model."""
     resident, tok = _model(tiny_zoo / "llama" / "base")
     scorer.bind(resident, tok)
-    for name in ("caps", "base", "rev"):
+    for name in ("caps", "base", "next"):
         src, _ = _model(tiny_zoo / "llama" / name)
         with torch.no_grad():
             for p, q in zip(resident.parameters(), src.parameters(), strict=True):

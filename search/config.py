@@ -1,0 +1,205 @@
+"""The search config (YAML): what to merge, which parameters are genes, how to score and search.
+
+Every field has a default a small search can live with; `evomerge search --help` and
+configs/demo.yaml document them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fitness.tasks import TaskSpec
+from merge.errors import EvomergeError
+from merge.recipe import DType, ModelRef, one_line
+from merge.registry import get_method
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class GeneRange(_Strict):
+    """Bounds, start and transform of one kind of gene (e.g. every model's weight)."""
+
+    low: float
+    high: float
+    init: float
+    transform: Literal["clip", "sigmoid"] = "clip"  # clip: x is the value; sigmoid: squashed
+
+    @model_validator(mode="after")
+    def _order(self) -> GeneRange:
+        if not self.low < self.high:
+            raise ValueError(f"need low < high, got {self.low} >= {self.high}")
+        if not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} is outside [{self.low}, {self.high}]")
+        return self
+
+
+DEFAULT_GENES = {
+    "weight": GeneRange(low=0.0, high=1.5, init=0.5),
+    "density": GeneRange(low=0.05, high=1.0, init=1.0),
+    "gamma": GeneRange(low=0.0, high=0.2, init=0.01),
+    "epsilon": GeneRange(low=0.0, high=0.2, init=0.1),
+    "t": GeneRange(low=0.0, high=1.0, init=0.5),
+    "lambda": GeneRange(low=0.0, high=2.0, init=1.0),
+}
+PER_GROUP_GENES = ("t", "lambda")
+
+
+class MergeSpace(_Strict):
+    """The parameter space being searched."""
+
+    method: str = "ties"
+    layers_per_group: int = Field(1, ge=1)  # genes per group of N consecutive layers
+    embed_head_groups: bool = True  # embeddings and head get genes of their own
+    tensor_kinds: bool = False  # attention / mlp / other get separate genes
+    genes: list[str] | None = None  # default: every per-model parameter the method reads
+    ranges: dict[str, GeneRange] = Field(default_factory=dict)  # overrides of DEFAULT_GENES
+    fixed: dict[str, float] = Field(default_factory=dict)  # non-gene parameters, e.g. gamma
+    normalize: bool | None = None
+    lambda_: float = Field(1.0, alias="lambda")
+    dtype: DType = "float32"
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        try:
+            get_method(v)
+        except EvomergeError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _genes(self) -> MergeSpace:
+        for name in [*(self.genes or []), *self.ranges, *self.fixed]:
+            if name not in DEFAULT_GENES:
+                raise ValueError(f"unknown gene {name!r}; known: {', '.join(DEFAULT_GENES)}")
+        return self
+
+    def gene_names(self) -> list[str]:
+        m = get_method(self.method)
+        default = [g for g in m.per_model if g not in self.fixed]
+        if m.family == "slerp":
+            default = ["t"]
+        return self.genes if self.genes is not None else default
+
+    def range(self, gene: str) -> GeneRange:
+        return self.ranges.get(gene, DEFAULT_GENES[gene])
+
+
+class FitnessConfig(_Strict):
+    tasks: list[TaskSpec]
+    include: list[str] = Field(default_factory=list)  # extra lm-eval task directories
+    limit: int | float | None = None  # items per task: a count, or a fraction <= 1
+    num_fewshot: int | None = None
+    batch_size: int = 64
+    apply_chat_template: bool = False
+    heldout_tasks: list[TaskSpec] | None = (
+        None  # default: the search tasks with _search -> _heldout
+    )
+
+
+class CMAConfig(_Strict):
+    sigma0: float = Field(0.2, gt=0)
+    popsize: int | None = Field(None, ge=2)  # None: cma's default 4 + 3 ln(n)
+    budget: int = Field(64, ge=1)  # evaluations in all
+    seed: int = 0
+    diagonal_above: int = Field(400, ge=0)  # separable CMA-ES above this genome size
+
+
+class WorkerConfig(_Strict):
+    count: int | None = Field(None, ge=0)  # None: one per GPU, else per CPU slot; 0: serial
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one worker per GPU, else per CPU slot
+    cpus_per_worker: int = Field(1, ge=1)
+    address: str | None = None  # attach to a running Ray cluster (e.g. "auto" or "ray://h:10001")
+    trial_timeout: float = Field(900.0, gt=0)  # seconds; a slower trial is FAILED, worker replaced
+    object_store_mb: int = 256
+
+
+class SearchConfig(_Strict):
+    name: str = "search"
+    zoo: Literal["tiny", "demo"] | None = None  # relative model paths resolve inside this zoo
+    models: dict[str, ModelRef]
+    base: str
+    space: MergeSpace = Field(default_factory=MergeSpace)
+    fitness: FitnessConfig
+    cma: CMAConfig = Field(default_factory=CMAConfig)
+    workers: WorkerConfig = Field(default_factory=WorkerConfig)
+    penalty: float = -1.0  # fitness given to FAILED trials (below any real objective)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> SearchConfig:
+        if self.base not in self.models:
+            raise ValueError(f"base {self.base!r} is not in models ({', '.join(self.models)})")
+        if len(self.models) < 2:
+            raise ValueError("models: need a base and at least one model to merge")
+        return self
+
+    @property
+    def experts(self) -> list[str]:
+        return [a for a in self.models if a != self.base]
+
+    def zoo_dir(self) -> Path | None:
+        if self.zoo is None:
+            return None
+        from fitness.zoo.build import default_zoo_dir
+
+        return default_zoo_dir(self.zoo)
+
+    def model_path(self, alias: str) -> Path:
+        p = Path(self.models[alias].path).expanduser()
+        zoo = self.zoo_dir()
+        return zoo / p if zoo is not None and not p.is_absolute() else p
+
+    def include_paths(self) -> list[Path]:
+        paths = [Path(p) for p in self.fitness.include]
+        zoo = self.zoo_dir()
+        return paths + ([zoo / "tasks"] if zoo is not None else [])
+
+    def decisions(self) -> dict:
+        """The fields that decide what the search does; worker resources may change on resume."""
+        return {k: v for k, v in self.dump().items() if k != "workers"}
+
+    def digest(self) -> str:
+        text = json.dumps(self.decisions(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def load(cls, path: Path | str) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise EvomergeError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: object, source: str = "config") -> SearchConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise EvomergeError(one_line(e, source)) from None
+
+
+def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields that differ between two config dumps."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out

@@ -1,0 +1,215 @@
+"""Workers: resident source weights, in-place candidates, tasks built once; serial and Ray.
+
+A TrialWorker loads the source models once onto its device (with task vectors for
+task-arithmetic methods), preallocates one eval model, builds the Scorer once, and then runs
+trials: materialize the recipe into the eval model, score it, return a typed TrialResult.
+Everything a trial can throw becomes a FAILED result; the executors add what a worker cannot
+report itself (a hang past the timeout, a dead process), replace the worker, and go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import torch
+
+from search.config import SearchConfig
+from search.trial import Trial, TrialResult
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+OnResult = Callable[[Trial, TrialResult], None]
+
+
+class TrialWorker:
+    def __init__(self, config_data: dict, device: str = "cpu", threads: int | None = None,
+                 faults: dict[str, str] | None = None):  # fmt: skip
+        os.environ.update(OFFLINE_ENV)
+        if threads:
+            torch.set_num_threads(threads)
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from fitness.scorer import Scorer
+        from merge.registry import get_method
+        from merge.resident import ResidentSources
+
+        config = SearchConfig.parse(config_data)
+        self.device = device
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
+        paths = {a: config.model_path(a) for a in config.models}
+        ta = get_method(config.space.method).family == "task_arithmetic"
+        self.sources = ResidentSources(paths, config.base, device, task_vectors=ta)
+        hf_config = AutoConfig.from_pretrained(paths[config.base])
+        dtype = getattr(torch, config.space.dtype)
+        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(paths[config.base])
+        fc = config.fitness
+        self.scorer = Scorer(fc.tasks, include_paths=config.include_paths(), limit=fc.limit,
+                             seed=config.cma.seed, num_fewshot=fc.num_fewshot,
+                             batch_size=fc.batch_size, apply_chat_template=fc.apply_chat_template)  # fmt: skip
+        self.scorer.bind(self.model, tokenizer, device)
+
+    def ping(self) -> str:
+        return self.name
+
+    def run(self, trial: Trial) -> TrialResult:
+        from merge.recipe import Recipe
+
+        fault = self.faults.get(f"{trial.generation}:{trial.index}")
+        if fault == "die":
+            os._exit(17)
+        if fault == "hang":
+            time.sleep(10**6)
+        start = time.perf_counter()
+        try:
+            if fault == "raise":
+                raise RuntimeError("injected fault")
+            self.sources.materialize(Recipe.parse(trial.recipe), self.model)
+        except Exception as e:  # noqa: BLE001 - any failure of one candidate is data
+            self._recover()
+            return TrialResult.failed(f"merge: {type(e).__name__}: {e}", self.name,
+                                      merge_seconds=time.perf_counter() - start)  # fmt: skip
+        merged = time.perf_counter()
+        result = self.scorer.score()
+        fitness = math.nan if fault == "nan" else result.fitness
+        common = dict(metrics=result.metrics, merge_seconds=merged - start,
+                      eval_seconds=result.seconds, examples=result.examples)  # fmt: skip
+        if not result.ok:
+            self._recover()
+            return TrialResult.failed(f"eval: {result.error}", self.name, **common)
+        if not math.isfinite(fitness):
+            return TrialResult.failed(f"non-finite fitness {fitness}", self.name, **common)
+        return TrialResult("COMPLETE", fitness, worker=self.name, **common)
+
+    def _recover(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # after an OOM the next candidate needs the memory back
+
+
+class SerialExecutor:
+    """One worker in the driver process: for tests, debugging and `--workers 0`.
+
+    It cannot enforce trial timeouts or survive a crash of its own process.
+    """
+
+    def __init__(self, config: SearchConfig, faults: dict[str, str] | None = None):
+        device = "cuda" if config.workers.device != "cpu" and torch.cuda.is_available() else "cpu"
+        self.worker = TrialWorker(config.dump(), device, faults=faults)
+        self.workers = 1
+
+    def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        for trial in trials:
+            try:
+                result = self.worker.run(trial)
+            except Exception as e:  # noqa: BLE001
+                result = TrialResult.failed(f"{type(e).__name__}: {e}", self.worker.name)
+            on_result(trial, result)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """One Ray actor per GPU (or per CPU slot); keeps them all busy and replaces dead ones."""
+
+    def __init__(self, config: SearchConfig, faults: dict[str, str] | None = None):
+        import ray
+
+        self.ray = ray
+        self.config = config
+        wc = config.workers
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            env = {**OFFLINE_ENV, **{k: v for k, v in os.environ.items() if k.startswith("HF_")}}
+            kwargs: dict = dict(include_dashboard=False, log_to_driver=False,
+                                runtime_env={"env_vars": env}, logging_level="ERROR")  # fmt: skip
+            if wc.address:
+                kwargs["address"] = wc.address
+            else:
+                kwargs["object_store_memory"] = wc.object_store_mb * 1024 * 1024
+            ray.init(**kwargs)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.use_gpu = wc.device == "cuda" or (wc.device == "auto" and gpus > 0)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        auto = gpus if self.use_gpu else max(1, cpus // wc.cpus_per_worker)
+        self.workers = wc.count or auto
+        self.faults = faults
+        self.replacements = 0
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+
+    def _new_actor(self):
+        wc = self.config.workers
+        cls = self.ray.remote(TrialWorker).options(
+            num_cpus=wc.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, max_restarts=0
+        )
+        device = "cuda" if self.use_gpu else "cpu"
+        return cls.remote(self.config.dump(), device, wc.cpus_per_worker, self.faults)
+
+    def _replace(self, actor, why: str):
+        self.ray.kill(actor, no_restart=True)
+        self.replacements += 1
+        if self.replacements > 3 * self.workers + 3:
+            from merge.errors import EvomergeError
+
+            raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
+        return self._new_actor()
+
+    def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        ray = self.ray
+        timeout = self.config.workers.trial_timeout
+        queue = collections.deque(trials)
+        attempts: dict[tuple[int, int], int] = collections.Counter()
+        idle = list(self.actors)
+        inflight: dict = {}  # ref -> (actor, trial, started)
+        try:
+            while queue or inflight:
+                while idle and queue:
+                    actor, trial = idle.pop(), queue.popleft()
+                    inflight[actor.run.remote(trial)] = (actor, trial, time.monotonic())
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    actor, trial, _ = inflight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                        idle.append(actor)
+                    except (
+                        ray.exceptions.RayActorError,
+                        ray.exceptions.ActorUnavailableError,
+                    ) as e:
+                        idle.append(self._replace(actor, str(e).splitlines()[0]))
+                        attempts[trial.key] += 1
+                        if attempts[trial.key] == 1:  # a trial whose worker died is retried once
+                            queue.appendleft(trial)
+                            continue
+                        result = TrialResult.failed("worker died twice running this trial")
+                    except ray.exceptions.RayTaskError as e:
+                        idle.append(actor)
+                        result = TrialResult.failed(str(e).splitlines()[0])
+                    on_result(trial, result)
+                now = time.monotonic()
+                for ref, (actor, trial, started) in list(inflight.items()):
+                    if now - started > timeout:
+                        del inflight[ref]
+                        idle.append(self._replace(actor, "timeout"))
+                        on_result(trial, TrialResult.failed(f"timeout after {timeout:.0f} s"))
+        finally:
+            self.actors = idle + [a for a, _, _ in inflight.values()]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a, no_restart=True)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def make_executor(config: SearchConfig, faults: dict[str, str] | None = None):
+    if config.workers.count == 0:
+        return SerialExecutor(config, faults)
+    return RayExecutor(config, faults)
