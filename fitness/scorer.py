@@ -7,7 +7,9 @@ no model reloading. Only lm-eval's public API is used.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import logging
 import math
 import random
@@ -124,11 +126,14 @@ class Scorer:
 
         start = time.perf_counter()
         try:
-            res = evaluate(
-                lm=self.lm, task_dict=self.loaded, samples=self.samples, bootstrap_iters=0,
-                log_samples=False, apply_chat_template=self.apply_chat_template,
-                verbosity="ERROR",
-            )  # fmt: skip
+            # lm-eval's request progress bars pass disable=False explicitly; keep them off the
+            # terminal (errors still arrive as exceptions)
+            with contextlib.redirect_stderr(io.StringIO()):
+                res = evaluate(
+                    lm=self.lm, task_dict=self.loaded, samples=self.samples, bootstrap_iters=0,
+                    log_samples=False, apply_chat_template=self.apply_chat_template,
+                    verbosity="ERROR",
+                )  # fmt: skip
             assert res is not None
             metrics: dict[str, float] = {}
             for spec in self.specs:

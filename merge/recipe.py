@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from merge.architecture import KINDS, Slot
 from merge.errors import EvomergeError
@@ -62,6 +70,15 @@ class Params(_Strict):
         if not 0 <= v < 1:
             raise ValueError(f"must be in [0, 1), got {v}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler):
+        """Omit density / gamma / epsilon at their defaults: a TIES recipe shows no gamma."""
+        data = handler(self)
+        for name in ("density", "gamma", "epsilon"):
+            if data.get(name) == type(self).model_fields[name].default:
+                data.pop(name)
+        return data
 
     def to_model_params(self) -> ModelParams:
         return ModelParams(self.weight, self.density, self.gamma, self.epsilon)

@@ -93,9 +93,9 @@ app.add_typer(zoo_app, name="zoo")
 
 def offline_env() -> None:
     """No hub access, ever: the zoo, its tasks and the scorer run offline by construction."""
-    from search.workers import OFFLINE_ENV
+    from search import env
 
-    os.environ.update(OFFLINE_ENV)  # also silences library progress bars: ours is the one shown
+    env.apply()
 
 
 @zoo_app.command("build")

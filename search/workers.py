@@ -19,12 +19,22 @@ from collections.abc import Callable
 import torch
 
 from search.config import SearchConfig
+from search.env import OFFLINE_ENV
 from search.trial import Trial, TrialResult
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
 OnResult = Callable[[Trial, TrialResult], None]
+
+
+def _ray_node() -> str:
+    """The Ray node id, when running inside a Ray actor (hosts may share a hostname)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f":node-{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001 - naming must never fail a worker
+        pass
+    return ""
 
 
 class TrialWorker:
@@ -41,7 +51,7 @@ class TrialWorker:
 
         config = SearchConfig.parse(config_data)
         self.device = device
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
         self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
         paths = {a: config.model_path(a) for a in config.models}
         ta = get_method(config.space.method).family == "task_arithmetic"

@@ -1,0 +1,127 @@
+"""Where a search's time goes, and what materializing a candidate costs.
+
+    python experiments/bench_search.py [--budget 96] [--params 100e6]
+
+Part 1: the demo search (demo zoo, TIES, serial worker so the split is exact) from start to end:
+wall time split into worker start-up, materialize (merge into the resident model), evaluate
+(lm-eval), and everything else (optimizer, journal, fsync, snapshots, decode): the overhead.
+Part 2: in-memory materialization of one candidate on a generated Llama of --params parameters,
+beside one plain copy of the model's bytes (param.copy_ from resident tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from search import env  # noqa: E402
+
+env.apply()
+
+import torch  # noqa: E402
+
+
+def search_split(budget: int) -> None:
+    from fitness.zoo.build import build_zoo
+    from search.config import SearchConfig
+    from search.driver import run_search
+    from search.rundir import RunDir
+    from search.workers import SerialExecutor
+
+    build_zoo(size="demo")
+    data = SearchConfig.load(Path(__file__).parents[1] / "configs" / "demo.yaml").dump()
+    data["cma"]["budget"] = budget
+    data["workers"]["count"] = 0
+    cfg = SearchConfig.parse(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / "hf")
+        run = RunDir.create(Path(tmp) / "run", cfg)
+        startup = [0.0]
+
+        def factory():
+            t = time.perf_counter()
+            ex = SerialExecutor(cfg)
+            startup[0] = time.perf_counter() - t
+            return ex
+
+        t0 = time.perf_counter()
+        run_search(run, factory)
+        wall = time.perf_counter() - t0
+        done = [r for r in run.records() if r["status"] in ("COMPLETE", "FAILED")]
+    merge = sum(r["merge_seconds"] for r in done)
+    evaluate = sum(r["eval_seconds"] for r in done)
+    searching = wall - startup[0]
+    other = searching - merge - evaluate
+    print(f"search: {len(done)} trials, wall {wall:.1f} s (worker start-up {startup[0]:.1f} s)")
+    print(f"  materialize {merge:.2f} s ({100 * merge / searching:.1f} %), "
+          f"evaluate {evaluate:.2f} s ({100 * evaluate / searching:.1f} %), "
+          f"everything else {other:.2f} s -> overhead {100 * other / searching:.2f} % "
+          f"of the time after start-up")  # fmt: skip
+    print(
+        f"  per trial: materialize {1000 * merge / len(done):.1f} ms, "
+        f"evaluate {1000 * evaluate / len(done):.0f} ms, other {1000 * other / len(done):.1f} ms"
+    )
+
+
+def materialize_vs_copy(params: float, method: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from merge.recipe import Recipe
+    from merge.resident import ResidentSources
+    from merge.synthetic import make_family
+
+    hidden = 1024
+    layers = max(1, round((params - 2 * 32000 * hidden) / (4 * hidden**2 + 3 * hidden * 2816)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_family(Path(tmp), "llama", experts=2, hidden_size=hidden,
+                            intermediate_size=2816, num_hidden_layers=layers,
+                            num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                            tie_word_embeddings=False)  # fmt: skip
+        sources = ResidentSources(paths, "base", "cpu", task_vectors=method != "linear")
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["base"]))
+        n = sum(p.numel() for p in model.parameters())
+        recipe = Recipe.parse({
+            "dtype": "float32", "models": {a: {"path": str(p)} for a, p in paths.items()},
+            "parameter_space": {"method": method, "base": "base", "groups": [{
+                "layers": [0, layers], "params": {"expert1": {"weight": 0.6, "density": 0.5},
+                                                  "expert2": {"weight": 0.4, "density": 0.5}}}]},
+        })  # fmt: skip
+        src = sources.models["base"].tensors
+        params_by_name = dict(model.named_parameters())
+        copies, merges = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            with torch.no_grad():
+                for name, p in params_by_name.items():
+                    p.copy_(src[name])
+            copies.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sources.materialize(recipe, model)
+            merges.append(time.perf_counter() - t)
+    copy_s, merge_s = min(copies), min(merges)
+    print(f"materialize ({method}, {n / 1e6:.0f}M params, 2 experts, fp32, CPU): {merge_s:.2f} s "
+          f"per candidate; one plain copy of the model's bytes {copy_s:.3f} s "
+          f"-> {merge_s / copy_s:.1f}x a copy")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, default=96)
+    ap.add_argument("--params", type=float, default=100e6)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    search_split(args.budget)
+    for method in ("linear", "task_arithmetic", "ties"):
+        materialize_vs_copy(args.params, method)
+    print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

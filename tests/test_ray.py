@@ -1,0 +1,58 @@
+"""Ray workers: a local Ray with 2 workers and injected faults, and a two-node cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.driver import Progress, run_search
+from search.rundir import RunDir
+from search.workers import RayExecutor
+from tests.conftest import search_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def ray_shutdown():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_two_local_workers_survive_dead_and_hung_workers(tiny_zoo, tmp_path, ray_shutdown):
+    cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1, "trial_timeout": 20},
+                        cma={"popsize": 4, "budget": 8, "seed": 3, "sigma0": 0.3})  # fmt: skip
+    faults = {"1:1": "die", "1:2": "hang", "2:0": "raise"}
+    run = RunDir.create(tmp_path / "r", cfg)
+    best = run_search(run, lambda: RayExecutor(cfg, faults), Progress())
+    trials = run.trials()
+    assert len(trials) == 8 and best is not None
+    assert trials[1, 1]["status"] == "FAILED" and "died twice" in trials[1, 1]["error"]
+    assert trials[1, 2]["status"] == "FAILED" and "timeout" in trials[1, 2]["error"]
+    assert trials[2, 0]["status"] == "FAILED" and "injected" in trials[2, 0]["error"]
+    complete = [t for t in trials.values() if t["status"] == "COMPLETE"]
+    assert len(complete) == 5
+    assert (
+        len({t["worker"].split(":")[1] for t in complete}) >= 2
+    )  # both workers (and their replacements) ran trials
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_nodes(tiny_zoo, tmp_path, ray_shutdown):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1,
+                                               "address": cluster.address})  # fmt: skip
+        run = RunDir.create(tmp_path / "r", cfg)
+        run_search(run, lambda: RayExecutor(cfg), Progress())
+        trials = run.trials()
+        assert len(trials) == 12 and all(t["status"] == "COMPLETE" for t in trials.values())
+        nodes = {t["worker"].rsplit(":node-", 1)[1] for t in trials.values()}
+        assert len(nodes) == 2
+    finally:
+        cluster.shutdown()
