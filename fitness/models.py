@@ -19,7 +19,7 @@ def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
     )
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)  # type: ignore[arg-type]
 
 
 def model_from_recipe(recipe, device: str = "cpu"):

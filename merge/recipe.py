@@ -226,6 +226,16 @@ class Recipe(_Strict):
         assert ps is not None
         return self.files_from or ps.base or next(iter(ps.groups[0].params))
 
+    @classmethod
+    def single_group(cls, models: dict[str, str], base: str, method: str, num_layers: int,
+                     params: dict[str, dict], dtype: str = "float32", **ps) -> Recipe:  # fmt: skip
+        """One group over all layers: the merges a user tries by hand."""
+        return cls.parse({
+            "dtype": dtype, "models": {a: {"path": str(p)} for a, p in models.items()},
+            "parameter_space": {"method": method, "base": base, **ps,
+                                "groups": [{"layers": [0, num_layers], "params": params}]},
+        })  # fmt: skip
+
     # -- files --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: Path | str) -> Recipe:

@@ -89,8 +89,8 @@ class TrialWorker:
         merged = time.perf_counter()
         result = self.scorer.score()
         fitness = math.nan if fault == "nan" else result.fitness
-        common = dict(metrics=result.metrics, merge_seconds=merged - start,
-                      eval_seconds=result.seconds, examples=result.examples)  # fmt: skip
+        common: dict = dict(metrics=result.metrics, merge_seconds=merged - start,
+                            eval_seconds=result.seconds, examples=result.examples)  # fmt: skip
         if not result.ok:
             self._recover()
             return TrialResult.failed(f"eval: {result.error}", self.name, **common)

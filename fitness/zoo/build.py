@@ -1,0 +1,188 @@
+"""`evomerge zoo build`: the offline model zoo, deterministic from a seed, cached by its parameters.
+
+Layout of a zoo directory:
+    llama/{base,add,caps,next,joint}   Llama family: base, skill experts, distractor, joint reference
+    qwen2/{base,add,caps}             a second, smaller family for architecture coverage
+    data/<skill>_<search|heldout>.jsonl, tasks/*.yaml (rendered), zoo.json (parameters + table)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fitness.tasks import render_zoo_tasks
+from fitness.zoo import skills as sk
+from fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS, build_tokenizer
+from fitness.zoo.train import greedy_accuracy, train
+from merge.errors import EvomergeError
+
+ZOO_VERSION = 1
+EXPERTS = ("add", "caps", sk.DISTRACTOR)
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    hidden: int
+    layers: int
+    pretrain_steps: int
+    pretrain_batch: int
+    expert_steps: int
+    joint_steps: int
+    second_hidden: int
+    second_layers: int
+    second_steps: int
+    items: int  # task items per skill and split
+    pretrain_lr: float = 3e-3
+    expert_lr: float = 1e-4
+    distractor_lr: float = 3e-4  # a stronger task vector: it interferes in untuned merges
+    expert_batch: int = 64
+
+
+SIZES = {
+    # tests: seconds; the skills are not learned, only the machinery is exercised
+    "tiny": ZooSize(hidden=32, layers=2, pretrain_steps=30, pretrain_batch=32, expert_steps=10,
+                    joint_steps=10, second_hidden=32, second_layers=2, second_steps=10,
+                    items=40),  # fmt: skip
+    # the demo: real skills in a few minutes on 2 CPU cores
+    "demo": ZooSize(hidden=128, layers=4, pretrain_steps=800, pretrain_batch=64, expert_steps=200,
+                    joint_steps=300, second_hidden=64, second_layers=2, second_steps=200,
+                    items=150),  # fmt: skip
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / "zoo"
+
+
+def zoo_key(size: str, seed: int) -> str:
+    params = json.dumps({"v": ZOO_VERSION, "size": asdict(SIZES[size]), "seed": seed}, sort_keys=True)
+    return f"v{ZOO_VERSION}-{size}-seed{seed}-{hashlib.sha256(params.encode()).hexdigest()[:8]}"
+
+
+def default_zoo_dir(size: str = "demo", seed: int = 0) -> Path:
+    return cache_root() / zoo_key(size, seed)
+
+
+def is_built(path: Path, size: str, seed: int) -> bool:
+    meta = path / "zoo.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("key") == zoo_key(size, seed)
+
+
+def _config(family: str, hidden: int, layers: int):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden,
+                  intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    return AutoConfig.for_model(family, **common)
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.generation_config.pad_token_id = PAD
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def write_task_data(root: Path, items: int, seed: int) -> None:
+    """Disjoint search / held-out items per skill, in the expert formats."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for skill in sk.SKILLS.values():
+        rng = random.Random(f"{seed}/data/{skill.name}")
+        seen: set[str] = set()
+        rows: list[dict] = []
+        for _ in range(1000 * items):
+            if len(rows) == 2 * items:
+                break
+            prompt, answer = skill.item(rng, skill.expert)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            choices = [answer, *skill.distractors(answer, rng)]
+            rng.shuffle(choices)
+            rows.append({"prompt": prompt, "answer": answer, "choices": choices,
+                         "label": choices.index(answer)})  # fmt: skip
+        if len(rows) < 2 * items:
+            raise ValueError(f"skill {skill.name} has fewer than {2 * items} distinct items")
+        for split, part in (("search", rows[:items]), ("heldout", rows[items:])):
+            with open(root / "data" / f"{skill.name}_{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in part)
+
+
+def _family(root: Path, family: str, hidden: int, layers: int, pre_steps: int, size: ZooSize,
+            seed: int, experts: tuple[str, ...], joint: bool, log) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(_config(family, hidden, layers))
+    t0 = time.perf_counter()
+    loss = train(base, sk.pretrain_text, pre_steps, size.pretrain_batch, size.pretrain_lr, seed)
+    log(f"{family}/base: pretrained {pre_steps} steps in {time.perf_counter() - t0:.0f} s "
+        f"(loss {loss:.3f})")  # fmt: skip
+    _save(base, tok, root / family / "base")
+    jobs = [(e, [e]) for e in experts] + ([("joint", list(EXPERTS))] if joint else [])
+    for name, skill_names in jobs:
+        model = copy.deepcopy(base)
+        lr = size.distractor_lr if name == sk.DISTRACTOR else size.expert_lr
+        steps = size.joint_steps if name == "joint" else size.expert_steps
+
+        def sample(rng: random.Random, names=skill_names) -> str:
+            return sk.expert_text(rng.choice(names), rng)
+
+        t0 = time.perf_counter()
+        loss = train(model, sample, steps, size.expert_batch, lr, seed + 1 + len(name))
+        rng = random.Random(1)
+        quick = {s: greedy_accuracy(model, [sk.SKILLS[s].item(rng, sk.SKILLS[s].expert)
+                                            for _ in range(50)]) for s in skill_names}  # fmt: skip
+        log(f"{family}/{name}: fine-tuned {steps} steps in {time.perf_counter() - t0:.0f} s "
+            f"(loss {loss:.3f}, quick greedy check {quick})")  # fmt: skip
+        _save(model, tok, root / family / name)
+
+
+def build_zoo(out: Path | None = None, size: str = "demo", seed: int = 0, log=print,
+              force: bool = False) -> Path:  # fmt: skip
+    """Build (or reuse) a zoo; returns its directory. Built in a temporary sibling, then renamed."""
+    if size not in SIZES:
+        raise EvomergeError(f"--size {size!r}: choose one of {', '.join(SIZES)}")
+    out = Path(out) if out else default_zoo_dir(size, seed)
+    if is_built(out, size, seed) and not force:
+        log(f"zoo {out} is built (parameters match): reusing it")
+        return out
+    if out.exists() and not force and any(out.iterdir()):
+        raise EvomergeError(f"{out}: exists but is not a zoo with these parameters; "
+                            "choose another --out or pass --force")  # fmt: skip
+    torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    cfg = SIZES[size]
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        write_task_data(tmp, cfg.items, seed)
+        _family(tmp, "llama", cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg, seed, EXPERTS,
+                True, log)  # fmt: skip
+        _family(tmp, "qwen2", cfg.second_hidden, cfg.second_layers, cfg.second_steps, cfg,
+                seed, ("add", "caps"), False, log)  # fmt: skip
+        meta = {"key": zoo_key(size, seed), "size": size, "seed": seed,
+                "params": asdict(cfg), "build_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    render_zoo_tasks(out)  # absolute paths: rendered where the zoo finally lives
+    log(f"zoo built in {time.perf_counter() - start:.0f} s at {out}")
+    return out
