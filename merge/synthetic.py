@@ -53,6 +53,7 @@ def make_family(
     torch.manual_seed(seed)
     config = tiny_config(model_type, **config_overrides)
     model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
     # save_pretrained's view of the weights: tied heads are stored once
     base = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):

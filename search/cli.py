@@ -277,6 +277,42 @@ def resume(
 
 @app.command()
 @user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    out: Path = typer.Option(..., help="Export directory."),
+    trial: str = typer.Option(None, help="GENERATION:INDEX to export (default: the best)."),
+    top_k: int = typer.Option(1, help="Also score the next best trials on the held-out split."),
+    max_shard_size: str = typer.Option("5GB"),
+    force: bool = typer.Option(False, "--force"),
+):
+    """Export a trial: recipe.yaml, mergekit.yaml, the model with its card, held-out table."""
+    offline_env()
+    from search.export import export as do_export
+
+    os.environ.setdefault("HF_DATASETS_CACHE", str(run_dir / ".hf-datasets"))
+    done = do_export(run_dir, out, trial, top_k, max_shard_size, force)
+    md = done / "heldout.md"
+    if md.exists():
+        print(md.read_text())
+    console.print(f"exported to {done}")
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="A run directory (finished or running).")):
+    """Summaries, plots and an HTML page from the run's journal, into RUN_DIR/report/."""
+    from search.report import summarize, trials_frame, write_report
+    from search.rundir import RunDir
+
+    out = write_report(run_dir)
+    run = RunDir.reopen(run_dir)
+    for title, table in summarize(run, trials_frame(run)).items():
+        print(f"\n{title}\n{table.to_string()}")
+    console.print(f"\nreport: {out / 'index.html'}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its outputs."),
 ):

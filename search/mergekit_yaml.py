@@ -19,7 +19,9 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
     assert ps is not None
     table = ps.layout(num_layers)
     path = {a: m.path for a, m in recipe.models.items()}
-    embed_names = sorted({n.rsplit(".", 1)[0] for n in tensor_names if classify(n).group == "embed"})
+    embed_names = sorted(
+        {n.rsplit(".", 1)[0] for n in tensor_names if classify(n).group == "embed"}
+    )
     head_names = sorted({n.rsplit(".", 1)[0] for n in tensor_names
                          if classify(n).group in ("head", "final_norm")})  # fmt: skip
     kind_filter = {k: next((f for f in fs if any(f".{f}." in n for n in tensor_names)), fs[0])
@@ -71,7 +73,9 @@ def _conditions(alias, field, by_kind, extra, kind_filter):
 
     if all(value(g) is None for g in [*by_kind.values(), *(g for _, g in extra)]):
         return None
-    return _merge_conditions(value, by_kind, extra, kind_filter, missing=0.0 if field == "weight" else None)
+    return _merge_conditions(
+        value, by_kind, extra, kind_filter, missing=0.0 if field == "weight" else None
+    )
 
 
 def _group_conditions(get, by_kind, extra, kind_filter):

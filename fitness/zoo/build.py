@@ -50,13 +50,31 @@ class ZooSize:
 
 SIZES = {
     # tests: seconds; the skills are not learned, only the machinery is exercised
-    "tiny": ZooSize(hidden=32, layers=2, pretrain_steps=30, pretrain_batch=32, expert_steps=10,
-                    joint_steps=10, second_hidden=32, second_layers=2, second_steps=10,
-                    items=40),  # fmt: skip
+    "tiny": ZooSize(
+        hidden=32,
+        layers=2,
+        pretrain_steps=30,
+        pretrain_batch=32,
+        expert_steps=10,
+        joint_steps=10,
+        second_hidden=32,
+        second_layers=2,
+        second_steps=10,
+        items=40,
+    ),  # fmt: skip
     # the demo: real skills in a few minutes on 2 CPU cores
-    "demo": ZooSize(hidden=128, layers=4, pretrain_steps=800, pretrain_batch=64, expert_steps=200,
-                    joint_steps=300, second_hidden=64, second_layers=2, second_steps=200,
-                    items=150),  # fmt: skip
+    "demo": ZooSize(
+        hidden=128,
+        layers=4,
+        pretrain_steps=800,
+        pretrain_batch=64,
+        expert_steps=200,
+        joint_steps=300,
+        second_hidden=64,
+        second_layers=2,
+        second_steps=200,
+        items=150,
+    ),  # fmt: skip
 }
 
 
@@ -65,7 +83,9 @@ def cache_root() -> Path:
 
 
 def zoo_key(size: str, seed: int) -> str:
-    params = json.dumps({"v": ZOO_VERSION, "size": asdict(SIZES[size]), "seed": seed}, sort_keys=True)
+    params = json.dumps(
+        {"v": ZOO_VERSION, "size": asdict(SIZES[size]), "seed": seed}, sort_keys=True
+    )
     return f"v{ZOO_VERSION}-{size}-seed{seed}-{hashlib.sha256(params.encode()).hexdigest()[:8]}"
 
 

@@ -59,7 +59,11 @@ class Skill:
             else:
                 chars = list(answer)
                 i = rng.randrange(len(chars))
-                pool = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if answer.isupper() else "abcdefghijklmnopqrstuvwxyz"
+                pool = (
+                    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                    if answer.isupper()
+                    else "abcdefghijklmnopqrstuvwxyz"
+                )
                 chars[i] = rng.choice(pool.replace(chars[i], ""))
                 cand = "".join(chars)
             if cand != answer:

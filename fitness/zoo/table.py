@@ -22,10 +22,14 @@ def untuned_recipe(zoo: Path, method: str, experts: list[str], weight: float, **
 def _layers(zoo: Path) -> int:
     import json
 
-    return int(json.loads((zoo / "llama" / "base" / "config.json").read_text())["num_hidden_layers"])
+    return int(
+        json.loads((zoo / "llama" / "base" / "config.json").read_text())["num_hidden_layers"]
+    )
 
 
-def score_rows(zoo: Path, rows: dict[str, object], tasks: list[str] | None = None) -> dict[str, dict]:
+def score_rows(
+    zoo: Path, rows: dict[str, object], tasks: list[str] | None = None
+) -> dict[str, dict]:
     """rows: label -> model directory or Recipe. Returns label -> {task: value}."""
     from fitness.models import load_model, model_from_recipe
 
@@ -46,9 +50,13 @@ def score_rows(zoo: Path, rows: dict[str, object], tasks: list[str] | None = Non
 
 def specialisation_rows(zoo: Path) -> dict[str, object]:
     llama = zoo / "llama"
-    rows: dict[str, object] = {name: llama / name for name in ("base", "add", "caps", "next", "joint")}
+    rows: dict[str, object] = {
+        name: llama / name for name in ("base", "add", "caps", "next", "joint")
+    }
     rows["linear 50/50 (add, caps)"] = untuned_recipe(zoo, "linear", ["add", "caps"], 0.5)
-    rows["task arithmetic 1.0 (add, caps)"] = untuned_recipe(zoo, "task_arithmetic", ["add", "caps"], 1.0)
+    rows["task arithmetic 1.0 (add, caps)"] = untuned_recipe(
+        zoo, "task_arithmetic", ["add", "caps"], 1.0
+    )
     rows["task arithmetic 1.0 (add, caps, next)"] = untuned_recipe(
         zoo, "task_arithmetic", ["add", "caps", "next"], 1.0)  # fmt: skip
     return rows
@@ -59,5 +67,7 @@ def markdown(table: dict[str, dict], columns: list[str] | None = None) -> str:
     short = [c.removeprefix("zoo_").removesuffix("_heldout") for c in cols]
     lines = ["| model | " + " | ".join(short) + " |", "|---|" + "---:|" * len(cols)]
     for label, row in table.items():
-        lines.append(f"| {label} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in cols) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in cols) + " |"
+        )
     return "\n".join(lines)

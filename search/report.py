@@ -1,0 +1,119 @@
+"""`evomerge report`: a search's story from its journal (also while it runs).
+
+Writes into `<run>/report/`: summary tables, `fitness.png` (best and mean fitness against
+evaluations with the spread of each generation), `genome.png` (the best genome's per-group
+parameters per model), and `index.html` tying them together.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from merge.recipe import Recipe, write_atomic
+from search.rundir import RunDir
+
+
+def trials_frame(run: RunDir) -> pd.DataFrame:
+    rows = [{"generation": g, "index": i, **{k: t.get(k) for k in (
+        "status", "fitness", "merge_seconds", "eval_seconds", "worker", "error", "time")}}
+        for (g, i), t in sorted(run.trials().items())]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    by_status = df.groupby("status").size().rename("trials").to_frame()
+    done = df[df.status == "COMPLETE"]
+    per_gen = done.groupby("generation")["fitness"].agg(["max", "mean", "min", "count"])
+    per_gen["best so far"] = per_gen["max"].cummax()
+    records = run.records()
+    times = [r["time"] for r in records if "time" in r]
+    wall = (max(times) - min(times)) if len(times) > 1 else 0.0
+    merge = float(df["merge_seconds"].fillna(0).sum())
+    evaluate = float(df["eval_seconds"].fillna(0).sum())
+    split = pd.DataFrame({"seconds": [merge, evaluate, wall]},
+                         index=["materialize (all workers)", "evaluate (all workers)", "wall clock"])  # fmt: skip
+    return {"trials by status": by_status, "fitness per generation": per_gen.round(4),
+            "time": split.round(2)}  # fmt: skip
+
+
+def plot_fitness(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = df[df.status == "COMPLETE"].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(done):
+        evals = df.reset_index(drop=True).index + 1
+        order = df.reset_index(drop=True)
+        ax.scatter(
+            evals[order.status == "COMPLETE"], done["fitness"], s=8, alpha=0.4, label="trial"
+        )
+        gen = done.groupby("generation")["fitness"]
+        ends = order.groupby("generation").apply(lambda g: g.index.max() + 1, include_groups=False)
+        x = ends.loc[gen.mean().index]
+        ax.plot(x, gen.mean(), label="generation mean")
+        ax.fill_between(x, gen.min(), gen.max(), alpha=0.2, label="generation spread")
+        ax.plot(x, gen.max().cummax(), label="best so far", linewidth=2)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("fitness")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_genome(recipe: Recipe, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = recipe.parameter_space
+    assert ps is not None
+    labels = [g.label() for g in ps.groups]
+    models = list(dict.fromkeys(a for g in ps.groups for a in g.params))
+    fields = ["weight", "density"]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(max(6, 0.6 * len(labels) + 3) * 2 / 1.5, 0.5 * len(models) + 2)
+    )
+    for ax, field in zip(axes, fields, strict=True):
+        grid = [[getattr(g.params[m], field) if m in g.params else float("nan") for g in ps.groups]
+                for m in models]  # fmt: skip
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(models)), models)
+        ax.set_title(field)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path) -> Path:
+    run = RunDir.reopen(run_dir)
+    out = run.path / "report"
+    out.mkdir(exist_ok=True)
+    df = trials_frame(run)
+    tables = summarize(run, df)
+    plot_fitness(df, out / "fitness.png")
+    images = ["fitness.png"]
+    best = run.path / "best" / "recipe.yaml"
+    if best.exists():
+        plot_genome(Recipe.load(best), out / "genome.png")
+        images.append("genome.png")
+    parts = [f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
+             f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>"]  # fmt: skip
+    for title, table in tables.items():
+        parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html()}")
+        write_atomic(out / f"{title.replace(' ', '_')}.csv", table.to_csv())
+    parts += [f'<h2>{name[:-4]}</h2><img src="{name}">' for name in images]
+    failed = df[df.status == "FAILED"][["generation", "index", "error"]]
+    if len(failed):
+        parts.append(f"<h2>failed trials</h2>{failed.to_html(index=False)}")
+    write_atomic(out / "index.html", "<html><body>" + "\n".join(parts) + "</body></html>\n")
+    return out
