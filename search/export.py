@@ -27,9 +27,9 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
             key = tuple(int(p) for p in trial.split(":"))
         except ValueError:
             raise EvomergeError(f"--trial {trial!r}: use GENERATION:INDEX, e.g. 12:3") from None
-        if key not in trials or trials[key]["status"] != COMPLETE:  # type: ignore[index]
+        if key not in trials or trials[key]["status"] != COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
-        return [trials[key]]  # type: ignore[index]
+        return [trials[key]]
     done = sorted((t for t in trials.values() if t["status"] == COMPLETE),
                   key=lambda t: (-t["fitness"], t["generation"], t["index"]))  # fmt: skip
     if not done:
