@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 # torch first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA download;
 # the project's ">=" torch range is then already satisfied.
@@ -21,12 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/evomerge demo
 
-# The test suite CI runs: everything but the slow and GPU tests.
+# The test suite CI runs: everything but the GPU tests (about 4 minutes on 2 cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
-
-test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+# Without the slow ones (SIGKILL soak, two-node Ray cluster, export of a search): ~1.5 minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,6 +36,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_merge.py
+	$(BIN)/python experiments/bench_fitness.py
+	$(BIN)/python experiments/bench_search.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
