@@ -243,6 +243,7 @@ def search(
     run_dir: Path = typer.Option(None, help="Run directory (default: runs/<name>)."),
     workers: int = typer.Option(None, help="Ray workers; 0 runs trials serially in-process."),
     address: str = typer.Option(None, help="Attach to a running Ray cluster (e.g. auto)."),
+    check: bool = typer.Option(False, "--check", help="Only validate everything, then exit."),
 ):
     """Start a search. Config fields: models, base, space (method, layers_per_group,
     embed_head_groups, tensor_kinds, genes, ranges, fixed, normalize, lambda, dtype), fitness
@@ -252,8 +253,23 @@ def search(
     from search.config import SearchConfig
     from search.rundir import RunDir
 
+    from search.check import check_search
+
     cfg = _with_workers(SearchConfig.load(config), workers, address)
-    run = RunDir.create(run_dir or Path("runs") / cfg.name, cfg)
+    run_dir = run_dir or Path("runs") / cfg.name
+    if cfg.zoo:
+        from fitness.zoo.build import build_zoo
+
+        build_zoo(size=cfg.zoo, log=console.print)
+    problems = check_search(cfg, run_dir)
+    for p in problems:
+        console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
+    if check:
+        console.print(f"{config}: ok (models, genome, tasks, workers, run directory)")
+        return
+    run = RunDir.create(run_dir, cfg)
     run_and_report(run)
 
 

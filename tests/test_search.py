@@ -227,3 +227,27 @@ def test_sigkill_of_the_driver_loses_no_finished_trial(tiny_zoo, tmp_path):
     assert _outcome(tmp_path / "k") == _outcome(tmp_path / "ref")
     assert (tmp_path / "k" / "best" / "recipe.yaml").read_text() == (
         tmp_path / "ref" / "best" / "recipe.yaml").read_text()  # fmt: skip
+
+
+def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    data = search_config(tiny_zoo, cma={"popsize": 8, "budget": 4}).dump()
+    data["models"]["caps"]["path"] = str(tmp_path / "missing")
+    data["fitness"]["tasks"].append({"name": "zoo_cap_gen_search"})
+    data["workers"] = {"count": 64, "cpus_per_worker": 2}
+    cfg_file.write_text(yaml.safe_dump(data))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    res = subprocess.run([sys.executable, "-m", "search.cli", "search", str(cfg_file), "--check",
+                          "--run-dir", str(tmp_path / "used")], capture_output=True, text=True)  # fmt: skip
+    out = " ".join(res.stdout.split() + res.stderr.split())
+    assert res.returncode == 2, out
+    assert "models.caps: model path" in out and "does not exist" in out
+    assert "did you mean zoo_caps_gen_search" in out
+    assert "exceed this machine's" in out and "run directory is in use" in out
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(search_config(tiny_zoo).dump()))
+    res = subprocess.run([sys.executable, "-m", "search.cli", "search", str(good), "--check",
+                          "--run-dir", str(tmp_path / "new")], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0 and "ok" in res.stdout + res.stderr
+    assert not (tmp_path / "new").exists()
