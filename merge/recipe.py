@@ -117,11 +117,7 @@ class ParameterSpace(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        try:
-            get_method(v)
-        except EvomergeError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return known_method(v)
 
     @model_validator(mode="after")
     def _per_group(self) -> ParameterSpace:
@@ -239,14 +235,7 @@ class Recipe(_Strict):
     # -- files --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: Path | str) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise EvomergeError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_yaml(Path(path), "recipe"), source=str(path))
 
     @classmethod
     def parse(cls, data: object, source: str = "recipe") -> Recipe:
@@ -261,6 +250,24 @@ class Recipe(_Strict):
 
     def save(self, path: Path | str) -> None:
         write_atomic(Path(path), self.to_yaml())
+
+
+def known_method(name: str) -> str:
+    """A pydantic validator's view of `get_method`: the did-you-mean error as a ValueError."""
+    try:
+        get_method(name)
+    except EvomergeError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+def read_yaml(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise EvomergeError(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def one_line(err: ValidationError, source: str) -> str:

@@ -39,7 +39,9 @@ def check_search(cfg: SearchConfig, run_dir: Path | None, resuming: bool = False
     if run_dir is not None and not resuming:
         run_dir = Path(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
-            problems.append(f"{run_dir}: run directory is in use; resume it or choose another --run-dir")
+            problems.append(
+                f"{run_dir}: run directory is in use; resume it or choose another --run-dir"
+            )
         parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
         if not os.access(parent, os.W_OK):
             problems.append(f"{run_dir}: {parent} is not writable; choose another --run-dir")

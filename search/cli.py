@@ -250,10 +250,9 @@ def search(
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
     offline_env()
+    from search.check import check_search
     from search.config import SearchConfig
     from search.rundir import RunDir
-
-    from search.check import check_search
 
     cfg = _with_workers(SearchConfig.load(config), workers, address)
     run_dir = run_dir or Path("runs") / cfg.name

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fitness.tasks import TaskSpec
 from merge.errors import EvomergeError
-from merge.recipe import DType, ModelRef, one_line
+from merge.recipe import DType, ModelRef, known_method, one_line, read_yaml
 from merge.registry import get_method
 
 
@@ -69,11 +68,7 @@ class MergeSpace(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        try:
-            get_method(v)
-        except EvomergeError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return known_method(v)
 
     @model_validator(mode="after")
     def _genes(self) -> MergeSpace:
@@ -175,14 +170,7 @@ class SearchConfig(_Strict):
 
     @classmethod
     def load(cls, path: Path | str) -> SearchConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise EvomergeError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.parse(data, str(path))
+        return cls.parse(read_yaml(Path(path), "config"), str(path))
 
     @classmethod
     def parse(cls, data: object, source: str = "config") -> SearchConfig:
