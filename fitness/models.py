@@ -23,7 +23,11 @@ def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
 
 
 def model_from_recipe(recipe, device: str = "cpu"):
-    """(model, tokenizer) of a recipe's merge, built in memory without writing a checkpoint."""
+    """(model, tokenizer) of a recipe's merge, built in memory without writing a checkpoint.
+
+    A data-flow recipe gives a path model over the loaded source models' layers (shared)."""
+    if recipe.data_flow is not None:
+        return _path_model(recipe, device)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from merge.engine import iter_merged, open_sources
@@ -41,3 +45,20 @@ def model_from_recipe(recipe, device: str = "cpu"):
     if tied:
         model.tie_weights()
     return model.to(device).eval(), AutoTokenizer.from_pretrained(main)
+
+
+def _path_model(recipe, device: str):
+    from merge.dataflow import PathModel
+    from merge.recipe import PS
+
+    df = recipe.data_flow
+    models, tokenizers = {}, {}
+    for alias in {df.embed_from, *(h.model for h in df.path)}:
+        if alias == PS:
+            models[PS], tokenizers[PS] = model_from_recipe(recipe.ps_only(), device)
+        else:
+            models[alias], tokenizers[alias] = load_model(recipe.models[alias].path, device,
+                                                          recipe.dtype)  # fmt: skip
+    path = PathModel(models[df.embed_from], models)
+    model = path.set_path([(h.model, h.layer, h.scale) for h in df.path])
+    return model.eval(), tokenizers[df.embed_from]

@@ -88,8 +88,16 @@ class Checkpoint:
         """config.json (with the output dtype) plus generation and tokenizer files."""
         cfg = dict(self.info.raw)
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        if num_layers is not None:
-            cfg["num_hidden_layers"] = num_layers
+        if num_layers is not None:  # a data-flow export: one layer per hop
+            for key in ("num_hidden_layers", "n_layer"):
+                if key in cfg or key == "num_hidden_layers":
+                    cfg[key] = num_layers
+            if cfg.get("layer_types"):
+                if len(set(cfg["layer_types"])) != 1:
+                    raise EvomergeError(
+                        f"{self.path}: mixed layer_types cannot be re-laid as a path"
+                    )
+                cfg["layer_types"] = [cfg["layer_types"][0]] * num_layers
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name in SIDE_FILES:
             if (self.path / name).is_file():

@@ -147,6 +147,66 @@ def parse_size(text: str | int) -> int:
     raise EvomergeError(f"--max-shard-size {text!r}: use a size like 5GB, 500MB or 2GiB")
 
 
+def _write_checkpoint(
+    tmp: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]], limit: int,
+    progress: Progress | None,
+) -> None:  # fmt: skip
+    """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index."""
+    shards = plan_shards(specs, limit)
+    names = [
+        "model.safetensors" if len(shards) == 1
+        else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for i in range(len(shards))
+    ]  # fmt: skip
+    shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
+    writers: dict[int, ShardWriter] = {}
+    for done, (name, tensor) in enumerate(tensors, start=1):
+        i = shard_of[name]
+        if i not in writers:
+            writers[i] = ShardWriter(tmp / names[i], shards[i])
+        writers[i].write(name, tensor)
+        if writers[i].done:
+            writers.pop(i).close()
+        if progress:
+            progress(done, len(specs), name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": {s.name: names[shard_of[s.name]] for s in specs},
+        }
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def path_plan(recipe: Recipe, ckpts: Mapping[str, Checkpoint]) -> list[tuple[str, str, str, float]]:
+    """(output name, source alias, source name, divisor) of a data-flow path's checkpoint.
+
+    One layer per hop; hop k's residual writers are divided by the product of the scales up to
+    and including hop k (see merge.dataflow)."""
+    from merge.architecture import network_order
+    from merge.dataflow import family, folded_layer_tensors
+
+    df = recipe.data_flow
+    assert df is not None
+    embed = ckpts[df.embed_from]
+    model_type = embed.info.model_type
+    family(model_type)
+    check_compatible({a: ckpts[a] for a in {df.embed_from, *(h.model for h in df.path)}},
+                     reference=df.embed_from)  # fmt: skip
+    plan = {n: (df.embed_from, n, 1.0) for n in embed.names if classify(n).group != "layer"}
+    cumulative = 1.0
+    for k, hop in enumerate(df.path):
+        cumulative *= hop.scale
+        src = ckpts[hop.model]
+        if hop.layer >= src.info.num_layers:
+            raise EvomergeError(f"data_flow.path.{k}: {hop.model} has {src.info.num_layers} "
+                                f"layers, no layer {hop.layer}")  # fmt: skip
+        for name, new, divisor in folded_layer_tensors(
+            src.names, hop.layer, k, cumulative, model_type
+        ):
+            plan[new] = (hop.model, name, divisor)
+    return [(n, *plan[n]) for n in network_order(list(plan))]
+
+
 def merge_to_dir(
     recipe: Recipe,
     out: Path | str,
@@ -162,33 +222,52 @@ def merge_to_dir(
         raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if recipe.data_flow is not None:
+        return _merge_path_to_dir(recipe, out, device, limit, force, progress)
     ckpts = open_sources(recipe)
     ref = ckpts[recipe.main_alias]
     specs = output_specs(recipe, ref)
-    shards = plan_shards(specs, limit)
     with staged_dir(out, force) as tmp:
-        names = [
-            "model.safetensors" if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            for i in range(len(shards))
-        ]  # fmt: skip
-        shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
-        writers: dict[int, ShardWriter] = {}
-        for done, (name, tensor) in enumerate(iter_merged(recipe, ckpts, device), start=1):
-            i = shard_of[name]
-            if i not in writers:
-                writers[i] = ShardWriter(tmp / names[i], shards[i])
-            writers[i].write(name, tensor)
-            if writers[i].done:
-                writers.pop(i).close()
-            if progress:
-                progress(done, len(specs), name)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in specs)},
-                "weight_map": {s.name: names[shard_of[s.name]] for s in specs},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_checkpoint(tmp, specs, iter_merged(recipe, ckpts, device), limit, progress)
         ref.copy_side_files(tmp, getattr(torch, recipe.dtype))
         recipe.save(tmp / "evomerge_recipe.yaml")
+    return out
+
+
+def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force: bool,
+                       progress: Progress | None) -> Path:  # fmt: skip
+    from merge.recipe import PS
+
+    df = recipe.data_flow
+    assert df is not None
+    out_dtype = getattr(torch, recipe.dtype)
+    with staged_dir(out, force) as tmp:
+        used = {df.embed_from, *(h.model for h in df.path)}
+        ckpts: dict[str, Checkpoint] = {
+            a: Checkpoint(recipe.models[a].path, f"models.{a}", recipe.allow_pickle)
+            for a in used if a != PS
+        }  # fmt: skip
+        if PS in used:  # stage 1, merged to disk inside the staging dir, read back lazily
+            stage = tmp / ".stage1"
+            merge_to_dir(recipe.ps_only().model_copy(update={"dtype": "float32"}), stage,
+                         device, limit)  # fmt: skip
+            ckpts[PS] = Checkpoint(stage, "parameter_space result")
+        plan = path_plan(recipe, ckpts)
+        specs = [TensorSpec(n, out_dtype if ckpts[a].dtype(s).is_floating_point else ckpts[a].dtype(s),
+                            ckpts[a].shape(s)) for n, a, s, _ in plan]  # fmt: skip
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, alias, src, divisor in plan:
+                t = ckpts[alias].get(src)
+                if t.is_floating_point():
+                    t = (t.float() / divisor if divisor != 1.0 else t).to(out_dtype)
+                yield name, t
+
+        _write_checkpoint(tmp, specs, tensors(), limit, progress)
+        ckpts[df.embed_from].copy_side_files(tmp, out_dtype, num_layers=len(df.path))
+        recipe.save(tmp / "evomerge_recipe.yaml")
+        if PS in used:
+            import shutil
+
+            shutil.rmtree(tmp / ".stage1")
     return out

@@ -189,6 +189,31 @@ class ParameterSpace(_Strict):
         return table.get(("head", "other")) or table[num_layers - 1, "other"]
 
 
+class PathHop(_Strict):
+    """One hop of a data-flow path: a layer of a model (or of the stage-1 result, "ps")."""
+
+    model: str
+    layer: int = Field(ge=0)
+    scale: float = 1.0  # multiplies the hidden state on its way into this layer
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(
+                f"must be positive (norms are invariant to positive scales only), got {v}"
+            )
+        return v
+
+
+class DataFlow(_Strict):
+    embed_from: str  # the model giving embeddings, final norm and head: an alias or "ps"
+    path: list[PathHop] = Field(min_length=1)
+
+
+PS = "ps"  # the alias of the parameter-space stage's result in a data-flow path
+
+
 class Recipe(_Strict):
     format: Literal["evomerge-recipe/1"] = FORMAT
     dtype: DType = "bfloat16"
@@ -196,11 +221,23 @@ class Recipe(_Strict):
     files_from: str | None = None  # alias whose config and tokenizer are copied (default: base)
     models: dict[str, ModelRef]
     parameter_space: ParameterSpace | None = None
+    data_flow: DataFlow | None = None
 
     @model_validator(mode="after")
     def _aliases(self) -> Recipe:
+        if self.parameter_space is None and self.data_flow is None:
+            raise ValueError("a recipe needs a parameter_space stage, a data_flow stage, or both")
+        if self.data_flow is not None:
+            flow_known = set(self.models) | ({PS} if self.parameter_space else set())
+            for i, alias in enumerate(
+                [self.data_flow.embed_from, *(h.model for h in self.data_flow.path)]
+            ):
+                if alias not in flow_known:
+                    where = "data_flow.embed_from" if i == 0 else f"data_flow.path.{i - 1}.model"
+                    raise ValueError(f"{where}: {alias!r} is not in models"
+                                     f"{' (or ps, with a parameter_space stage)' if not self.parameter_space else ' or ps'}")  # fmt: skip
         if self.parameter_space is None:
-            raise ValueError("a recipe needs a parameter_space stage")
+            return self
         ps = self.parameter_space
         known = set(self.models)
         for alias in [ps.base, self.files_from]:
@@ -219,8 +256,16 @@ class Recipe(_Strict):
     def main_alias(self) -> str:
         """The model whose config and tokenizer the output takes."""
         ps = self.parameter_space
-        assert ps is not None
-        return self.files_from or ps.base or next(iter(ps.groups[0].params))
+        if self.files_from:
+            return self.files_from
+        if ps is None:
+            assert self.data_flow is not None
+            return self.data_flow.embed_from
+        return ps.base or next(iter(ps.groups[0].params))
+
+    def ps_only(self) -> Recipe:
+        """The parameter-space stage alone (the `ps` model of a data-flow path)."""
+        return self.model_copy(update={"data_flow": None})
 
     @classmethod
     def single_group(cls, models: dict[str, str], base: str, method: str, num_layers: int,
