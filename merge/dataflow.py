@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -48,7 +49,7 @@ def _get(obj, dotted: str):
     return obj
 
 
-def layers_of(model: nn.Module) -> nn.ModuleList:
+def layers_of(model: Any) -> nn.ModuleList:
     return _get(model, family(model.config.model_type)[0])
 
 
@@ -58,14 +59,14 @@ class Hop(nn.Module):
     def __init__(self, layer: nn.Module, index: int, scale: float):
         super().__init__()
         self.layer = layer
-        self.index = index
-        self.scale = scale
+        self.index: int = index
+        self.scale: float = scale
         # attention modules find their KV-cache slot through `layer_idx`
         self._indexed = [m for m in layer.modules() if hasattr(m, "layer_idx")]
 
     def forward(self, hidden_states, *args, **kwargs):
         for m in self._indexed:
-            m.layer_idx = self.index  # the layer may appear at several hops: set per call
+            setattr(m, "layer_idx", self.index)  # noqa: B010  # the layer may appear at several hops: set per call
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         return self.layer(hidden_states, *args, **kwargs)
@@ -74,7 +75,7 @@ class Hop(nn.Module):
 class PathModel:
     """Builds and re-wires one causal LM whose layers are hops over resident source layers."""
 
-    def __init__(self, embed_model: nn.Module, sources: dict[str, nn.Module]):
+    def __init__(self, embed_model: Any, sources: dict[str, Any]):
         self.embed_model = embed_model
         self.sources = sources
         self.list_path = family(embed_model.config.model_type)[0]
@@ -95,7 +96,7 @@ class PathModel:
         self.model._modules[parent_path.split(".")[0]] = self.parent
         self.attr = attr
 
-    def set_path(self, path: list[tuple[str, int, float]]) -> nn.Module:
+    def set_path(self, path: list[tuple[str, int, float]]) -> Any:
         """Rewire to `path` = [(model alias, layer index, scale)]; returns the (same) model."""
         hops = []
         for k, (alias, layer, scale) in enumerate(path):

@@ -240,9 +240,9 @@ class Recipe(_Strict):
             return self
         ps = self.parameter_space
         known = set(self.models)
-        for alias in [ps.base, self.files_from]:
-            if alias is not None and alias not in known:
-                raise ValueError(f"model alias {alias!r} is not in models ({', '.join(known)})")
+        for named in [ps.base, self.files_from]:
+            if named is not None and named not in known:
+                raise ValueError(f"model alias {named!r} is not in models ({', '.join(known)})")
         for i, g in enumerate(ps.groups):
             for alias in g.params:
                 if alias not in known:
