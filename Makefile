@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-dfs demo-ps-dfs test test-fast lint bench clean
 
 # torch first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA download;
 # the project's ">=" torch range is then already satisfied.
@@ -20,6 +20,13 @@ setup: $(STAMP)
 # The main job: the demo search over the tiny zoo (builds the zoo when missing).
 demo: $(STAMP)
 	$(BIN)/evomerge demo
+
+# Data-flow space alone, and over the PS demo's best merge (runs the PS demo first if needed).
+demo-dfs: $(STAMP)
+	$(BIN)/evomerge demo --config configs/demo_dfs.yaml
+
+demo-ps-dfs: demo
+	$(BIN)/evomerge demo --config configs/demo_ps_dfs.yaml
 
 # The test suite CI runs: everything but the GPU tests (about 4 minutes on 2 cores).
 test: $(STAMP)

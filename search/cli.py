@@ -329,13 +329,19 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (finished o
 @app.command()
 @user_errors
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its outputs."),
+    config: Path = typer.Option(
+        None, help="Demo config (default: configs/demo.yaml, the PS demo)."
+    ),
+    out: Path = typer.Option(None, help="Run directory (default: runs/<config name>)."),
 ):
-    """The main job on the embedded default: a search over the tiny zoo, on this machine."""
+    """The main job on the embedded default: a search over the tiny zoo, on this machine, then
+    held-out scores beside the parents'. Re-running resumes (or just reports) the same run."""
     offline_env()
-    from search.demo import run_demo
+    from search.config import SearchConfig
+    from search.demo import DEMO_CONFIG, run_demo
 
-    run_demo(out)
+    config = config or DEMO_CONFIG
+    run_demo(out or Path("runs") / SearchConfig.load(config).name, config)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m search.cli`

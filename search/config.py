@@ -88,6 +88,26 @@ class MergeSpace(_Strict):
         return self.ranges.get(gene, DEFAULT_GENES[gene])
 
 
+class DFSConfig(_Strict):
+    """Data-flow space: which layers the hidden state passes through, and its scale per move."""
+
+    models: list[str]  # whose layers form the slots, model by model; "ps" = the PS stage result
+    embed_from: str  # supplies embeddings, final norm and head (and the path's first/last layer)
+    repeats: int = Field(3, ge=1)  # slots = all layers of `models`, repeated this many times
+    scales: Literal["matrix", "model_pair", "none"] = "model_pair"
+    scale_range: GeneRange = GeneRange(low=-0.5, high=0.5, init=0.0)  # scale = 1 + gene > 0
+    min_hops: int = Field(1, ge=1)
+    max_hops: int | None = None  # a candidate outside [min_hops, max_hops] is FAILED
+    ps_recipe: str | None = None  # PS+DFS: a recipe file or a run directory (its best recipe)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _positive(cls, v: GeneRange) -> GeneRange:
+        if v.low <= -1:
+            raise ValueError("low must be > -1: scales (1 + gene) must stay positive")
+        return v
+
+
 class FitnessConfig(_Strict):
     tasks: list[TaskSpec]
     include: list[str] = Field(default_factory=list)  # extra lm-eval task directories
@@ -123,6 +143,7 @@ class SearchConfig(_Strict):
     models: dict[str, ModelRef]
     base: str
     space: MergeSpace = Field(default_factory=MergeSpace)
+    dfs: DFSConfig | None = None  # set: a data-flow search (over a PS result with dfs.ps_recipe)
     fitness: FitnessConfig
     cma: CMAConfig = Field(default_factory=CMAConfig)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
@@ -132,9 +153,31 @@ class SearchConfig(_Strict):
     def _aliases(self) -> SearchConfig:
         if self.base not in self.models:
             raise ValueError(f"base {self.base!r} is not in models ({', '.join(self.models)})")
-        if len(self.models) < 2:
+        if len(self.models) < 2 and self.dfs is None:
             raise ValueError("models: need a base and at least one model to merge")
+        if self.dfs is not None:
+            allowed = set(self.models) | ({"ps"} if self.dfs.ps_recipe else set())
+            for alias in [*self.dfs.models, self.dfs.embed_from]:
+                if alias not in allowed:
+                    hint = "" if self.dfs.ps_recipe else ' ("ps" needs dfs.ps_recipe)'
+                    raise ValueError(f"dfs: {alias!r} is not in models{hint}")
         return self
+
+    def ps_recipe(self):
+        """The PS stage of a PS+DFS search, from a recipe file or a run's best recipe."""
+        from merge.recipe import Recipe
+
+        assert self.dfs is not None and self.dfs.ps_recipe is not None
+        path = Path(self.dfs.ps_recipe).expanduser()
+        if path.is_dir():
+            path = path / "best" / "recipe.yaml"
+        if not path.is_file():
+            raise EvomergeError(f"dfs.ps_recipe: {path} not found; finish the PS search first "
+                                "(e.g. `make demo`) or point at a recipe file")  # fmt: skip
+        recipe = Recipe.load(path)
+        if recipe.parameter_space is None:
+            raise EvomergeError(f"dfs.ps_recipe: {path} has no parameter_space stage")
+        return recipe
 
     @property
     def experts(self) -> list[str]:

@@ -22,8 +22,11 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
     assert zoo is not None
     tasks = [t.name for t in (cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout"))]
     rows: dict[str, object] = {a: cfg.model_path(a) for a in cfg.models}
-    rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
-        zoo, cfg.space.method, cfg.experts, 1.0)  # fmt: skip
+    if cfg.dfs is None:
+        rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
+            zoo, cfg.space.method, cfg.experts, 1.0)  # fmt: skip
+    elif cfg.dfs.ps_recipe:
+        rows["PS stage (dfs.ps_recipe)"] = cfg.ps_recipe()
     rows["evomerge best"] = Recipe.load(best_recipe)
     table = score_rows(zoo, rows, tasks)
     for row in table.values():
@@ -31,11 +34,11 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
     return markdown(table, [*tasks, "mean"])
 
 
-def run_demo(out: Path) -> None:
+def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
     from search.cli import run_and_report
     from search.rundir import RunDir
 
-    cfg = SearchConfig.load(DEMO_CONFIG)
+    cfg = SearchConfig.load(config)
     run = RunDir.reopen(out, cfg) if (out / "run.yaml").exists() else RunDir.create(out, cfg)
     best = run_and_report(run)
     if best is None:

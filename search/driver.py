@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from merge.architecture import ModelInfo
 from merge.errors import EvomergeError
+from merge.recipe import PS
+from search.dfs_genome import DFSGenome
 from search.genome import GenomeSpec
 from search.optimizer import Optimizer
 from search.rundir import ASKED, COMPLETE, FAILED, RunDir
@@ -37,15 +40,25 @@ class Progress:
     on_generation: Callable[[str], None] = lambda line: None
 
 
-def genome_for(run: RunDir) -> GenomeSpec:
-    info = ModelInfo.from_dir(run.config.model_path(run.config.base))
+def genome_for(run: RunDir) -> GenomeSpec | DFSGenome:
+    cfg = run.config
+    if cfg.dfs is not None:
+        ps = cfg.ps_recipe() if cfg.dfs.ps_recipe else None
+        layers = {}
+        for alias in {*cfg.dfs.models, cfg.dfs.embed_from}:
+            path = (
+                Path(ps.models[ps.main_alias].path) if alias == PS and ps else cfg.model_path(alias)
+            )
+            layers[alias] = ModelInfo.from_dir(path).num_layers
+        return DFSGenome(cfg, layers, ps)
+    info = ModelInfo.from_dir(cfg.model_path(cfg.base))
     try:
-        return GenomeSpec(run.config, info.num_layers)
+        return GenomeSpec(cfg, info.num_layers)
     except ValueError as e:
         raise EvomergeError(f"space: {e}") from None
 
 
-def new_optimizer(run: RunDir, genome: GenomeSpec) -> Optimizer:
+def new_optimizer(run: RunDir, genome: GenomeSpec | DFSGenome) -> Optimizer:
     c = run.config.cma
     return Optimizer(genome.x0(), c.sigma0, genome.bounds(), c.seed, c.popsize,
                      diagonal=genome.dim > c.diagonal_above)  # fmt: skip

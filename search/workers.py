@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -43,28 +44,65 @@ class TrialWorker:
         os.environ.update(OFFLINE_ENV)
         if threads:
             torch.set_num_threads(threads)
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         from fitness.scorer import Scorer
-        from merge.registry import get_method
-        from merge.resident import ResidentSources
 
         config = SearchConfig.parse(config_data)
+        self.sources: Any = None  # parameter space: ResidentSources
+        self.path: Any = None  # data-flow space: PathModel
         self.device = device
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
         self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
+        if config.dfs is not None:
+            tokenizer = self._init_data_flow(config, device)
+        else:
+            tokenizer = self._init_parameter_space(config, device)
+        fc = config.fitness
+        self.scorer = Scorer(fc.tasks, include_paths=config.include_paths(), limit=fc.limit,
+                             seed=config.cma.seed, num_fewshot=fc.num_fewshot,
+                             batch_size=fc.batch_size, apply_chat_template=fc.apply_chat_template)  # fmt: skip
+        self.scorer.bind(self.model, tokenizer, device)
+
+    def _init_parameter_space(self, config: SearchConfig, device: str):
+        """Sources (and task vectors) resident; one eval model that candidates are written into."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from merge.registry import get_method
+        from merge.resident import ResidentSources
+
         paths = {a: config.model_path(a) for a in config.models}
         ta = get_method(config.space.method).family == "task_arithmetic"
         self.sources = ResidentSources(paths, config.base, device, task_vectors=ta)
         hf_config = AutoConfig.from_pretrained(paths[config.base])
         dtype = getattr(torch, config.space.dtype)
         self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(paths[config.base])
-        fc = config.fitness
-        self.scorer = Scorer(fc.tasks, include_paths=config.include_paths(), limit=fc.limit,
-                             seed=config.cma.seed, num_fewshot=fc.num_fewshot,
-                             batch_size=fc.batch_size, apply_chat_template=fc.apply_chat_template)  # fmt: skip
-        self.scorer.bind(self.model, tokenizer, device)
+        return AutoTokenizer.from_pretrained(paths[config.base])
+
+    def _init_data_flow(self, config: SearchConfig, device: str):
+        """Source models resident; one path model whose hops are rewired per candidate."""
+        from fitness.models import load_model, model_from_recipe
+        from merge.dataflow import PathModel
+        from merge.recipe import PS
+
+        dfs = config.dfs
+        assert dfs is not None
+        models, tokenizers = {}, {}
+        for alias in {*dfs.models, dfs.embed_from}:
+            if alias == PS:
+                models[alias], tokenizers[alias] = model_from_recipe(config.ps_recipe(), device)
+            else:
+                models[alias], tokenizers[alias] = load_model(config.model_path(alias), device,
+                                                              config.space.dtype)  # fmt: skip
+        self.path = PathModel(models[dfs.embed_from], models)
+        n = models[dfs.embed_from].config.num_hidden_layers
+        self.model = self.path.set_path([(dfs.embed_from, i, 1.0) for i in range(n)])
+        return tokenizers[dfs.embed_from]
+
+    def _materialize(self, recipe) -> None:
+        if self.path is not None:
+            df = recipe.data_flow
+            self.path.set_path([(h.model, h.layer, h.scale) for h in df.path])
+        else:
+            self.sources.materialize(recipe, self.model)
 
     def ping(self) -> str:
         return self.name
@@ -81,7 +119,7 @@ class TrialWorker:
         try:
             if fault == "raise":
                 raise RuntimeError("injected fault")
-            self.sources.materialize(Recipe.parse(trial.recipe), self.model)
+            self._materialize(Recipe.parse(trial.recipe))
         except Exception as e:  # noqa: BLE001 - any failure of one candidate is data
             self._recover()
             return TrialResult.failed(f"merge: {type(e).__name__}: {e}", self.name,

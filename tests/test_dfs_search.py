@@ -1,0 +1,81 @@
+"""Data-flow search: the genome, a DFS search, and a PS+DFS search whose best recipe rebuilds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from merge.engine import merge_to_dir
+from merge.errors import EvomergeError
+from merge.recipe import Recipe
+from search.dfs_genome import DFSGenome
+from search.driver import Progress, run_search
+from search.rundir import RunDir
+from search.workers import SerialExecutor
+from tests.conftest import search_config
+
+
+def _dfs_config(zoo, **dfs):
+    return search_config(zoo, dfs={"models": ["add", "caps"], "embed_from": "add", "repeats": 2,
+                                   **dfs}, cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5})  # fmt: skip
+
+
+def test_genome_layout_and_initial_point(tiny_zoo):
+    cfg = _dfs_config(tiny_zoo, scales="matrix")
+    g = DFSGenome(cfg, {"add": 2, "caps": 2})
+    assert g.dim == 2 * 4 + 4 * 4 and len(g.labels()) == g.dim
+    start = g.decode(g.x0()).data_flow
+    assert [(h.model, h.layer, h.scale) for h in start.path] == [("add", 0, 1.0), ("add", 1, 1.0)]
+    x = g.x0()
+    x[4 + 3] = 1.0  # keep caps.1 of the second repetition; the path still ends with add.1
+    x[8 + 1 * 4 + 3] = 0.2  # add.1 -> caps.1 scaled by 1.2
+    path = [(h.model, h.layer, round(h.scale, 6)) for h in g.decode(x).data_flow.path]
+    assert path == [("add", 0, 1.0), ("add", 1, 1.0), ("caps", 1, 1.2), ("add", 1, 1.0)]
+
+
+def test_path_length_bounds_fail_the_candidate(tiny_zoo):
+    g = DFSGenome(_dfs_config(tiny_zoo, max_hops=2), {"add": 2, "caps": 2})
+    with pytest.raises(EvomergeError, match=r"path has 9 hops, outside \[1, 2\]"):
+        g.decode(np.ones(g.dim))
+
+
+def test_dfs_search_runs_and_its_best_rebuilds(tiny_zoo, tmp_path):
+    cfg = _dfs_config(tiny_zoo, max_hops=5)
+    run = RunDir.create(tmp_path / "r", cfg)
+    best = run_search(run, lambda: SerialExecutor(cfg), Progress())
+    trials = run.trials()
+    assert len(trials) == 8 and best is not None
+    failed = [t for t in trials.values() if t["status"] == "FAILED"]
+    assert all("outside [1, 5]" in t["error"] for t in failed)
+    recipe = Recipe.load(tmp_path / "r" / "best" / "recipe.yaml")
+    merge_to_dir(recipe, tmp_path / "m")
+    from fitness.models import load_model
+
+    model, _ = load_model(tmp_path / "m")
+    assert model.config.num_hidden_layers == len(recipe.data_flow.path)
+
+
+def test_ps_then_dfs_search(tiny_zoo, tmp_path):
+    ps_cfg = search_config(tiny_zoo)
+    ps_run = RunDir.create(tmp_path / "ps", ps_cfg)
+    run_search(ps_run, lambda: SerialExecutor(ps_cfg), Progress())
+    cfg = search_config(tiny_zoo, dfs={"models": ["ps", "caps"], "embed_from": "ps",
+                                       "ps_recipe": str(tmp_path / "ps"), "repeats": 1},
+                        cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5})  # fmt: skip
+    run = RunDir.create(tmp_path / "r", cfg)
+    run_search(run, lambda: SerialExecutor(cfg), Progress())
+    recipe = Recipe.load(tmp_path / "r" / "best" / "recipe.yaml")
+    assert recipe.parameter_space is not None and recipe.data_flow.embed_from == "ps"
+    assert (
+        recipe.parameter_space
+        == Recipe.load(tmp_path / "ps" / "best" / "recipe.yaml").parameter_space
+    )
+    merge_to_dir(recipe, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_ps_recipe_missing_is_one_clear_error(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, dfs={"models": ["ps"], "embed_from": "ps",
+                                       "ps_recipe": str(tmp_path / "nope")})  # fmt: skip
+    with pytest.raises(EvomergeError, match="dfs.ps_recipe: .*not found; finish the PS search"):
+        cfg.ps_recipe()
