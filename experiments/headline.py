@@ -6,7 +6,8 @@ Each seed runs the demo search (configs/demo.yaml with cma.seed = seed) to its b
 best recipe of each is scored on the held-out split beside the parents, the untuned merges of
 `evomerge export` and the reference fine-tuned on all skills jointly. Prints a markdown table
 (mean and spread over seeds for the searched rows).
-DFS and PS+DFS rows need the data-flow search (not built yet).
+DFS (configs/demo_dfs.yaml) and PS+DFS (configs/demo_ps_dfs.yaml, over the same seed's PS
+result) run with the same seeds and budgets.
 """
 
 from __future__ import annotations
@@ -45,20 +46,35 @@ def main() -> None:
     zoo = build_zoo(size="demo")
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
     base_cfg = SearchConfig.load(DEMO_CONFIG)
-    runs = {}
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    kinds = {
+        "ps": DEMO_CONFIG,
+        "dfs": configs / "demo_dfs.yaml",
+        "psdfs": configs / "demo_ps_dfs.yaml",
+    }
+    runs: dict[str, dict[int, RunDir]] = {k: {} for k in kinds}
     for seed in (int(s) for s in args.seeds.split(",")):
-        data = base_cfg.dump()
-        data["cma"] |= {"seed": seed, "budget": args.budget}
-        cfg = SearchConfig.parse(data)
-        path = args.out / f"ps-seed{seed}"
-        run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
-        t0 = time.perf_counter()
-        best = run_search(run, lambda cfg=cfg: make_executor(cfg))
-        print(f"seed {seed}: search best {best['fitness']:.4f} in {time.perf_counter() - t0:.0f} s",
-              flush=True)  # fmt: skip
-        runs[seed] = run
+        for kind, config_path in kinds.items():
+            data = SearchConfig.load(config_path).dump()
+            data["cma"] |= {"seed": seed}
+            if kind == "ps":
+                data["cma"]["budget"] = args.budget
+            if kind == "psdfs":
+                data["dfs"]["ps_recipe"] = str(runs["ps"][seed].path)
+            cfg = SearchConfig.parse(data)
+            path = args.out / f"{kind}-seed{seed}"
+            run = (
+                RunDir.reopen(path, cfg)
+                if (path / "run.yaml").exists()
+                else RunDir.create(path, cfg)
+            )
+            t0 = time.perf_counter()
+            best = run_search(run, lambda cfg=cfg: make_executor(cfg))
+            print(f"{kind} seed {seed}: search best {best['fitness']:.4f} in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+            runs[kind][seed] = run
 
-    any_run = next(iter(runs.values()))
+    any_run = next(iter(runs["ps"].values()))
     specs = base_cfg.fitness.heldout_tasks or to_split(base_cfg.fitness.tasks, "heldout")
     scorer = Scorer(specs, include_paths=base_cfg.include_paths(), batch_size=100)
 
@@ -72,8 +88,11 @@ def main() -> None:
         rows[f"parent: {alias}"] = [score(base_cfg.model_path(alias))]
     for label, recipe in baselines(any_run).items():
         rows[f"untuned: {label}"] = [score(recipe)]
-    rows["PS search (TIES, per-layer genes)"] = [
-        score(Recipe.load(r.path / "best" / "recipe.yaml")) for r in runs.values()]  # fmt: skip
+    labels = {"ps": "PS search (TIES, per-layer genes)", "dfs": "DFS search (add, caps layers)",
+              "psdfs": "PS+DFS search (over the PS result)"}  # fmt: skip
+    for kind, label in labels.items():
+        rows[label] = [score(Recipe.load(r.path / "best" / "recipe.yaml"))
+                       for r in runs[kind].values()]  # fmt: skip
     rows["reference: joint fine-tune on all skills"] = [score(zoo / "llama" / "joint")]
 
     cols = list(next(iter(rows.values()))[0])

@@ -56,3 +56,37 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_zoo, tmp_path, ray_shut
         assert len(nodes) == 2
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_removing_a_worker_node_mid_search_loses_no_trial(tiny_zoo, tmp_path, ray_shutdown):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    spare = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    removed: list[str] = []
+    try:
+        cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1,
+                                               "address": cluster.address, "trial_timeout": 60})  # fmt: skip
+        run = RunDir.create(tmp_path / "r", cfg)
+
+        def remove_a_busy_node(done, record, best):
+            if done != 3 or removed:
+                return
+            busy = {
+                t["worker"].rsplit(":node-", 1)[1] for t in run.trials().values() if t.get("worker")
+            }
+            victim = next(
+                n for n in spare if n.node_id[:8] in busy
+            )  # the head holds one worker at most
+            cluster.remove_node(victim)
+            removed.append(victim.node_id[:8])
+
+        run_search(run, lambda: RayExecutor(cfg), Progress(on_result=remove_a_busy_node))
+        trials = run.trials()
+        assert removed, "no worker node was removed"
+        assert len(trials) == 12 and all(t["status"] == "COMPLETE" for t in trials.values())
+        late = [t for t in trials.values() if t["generation"] > 1]
+        assert all(removed[0] not in t["worker"] for t in late)  # the removed node ran no more
+    finally:
+        cluster.shutdown()
