@@ -31,6 +31,7 @@ class FitnessResult:
     examples: int = 0
     seconds: float = 0.0
     error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # task -> examples scored (for shards)
 
     @classmethod
     def failed(cls, error: str, seconds: float = 0.0) -> FitnessResult:
@@ -45,6 +46,27 @@ def objective(specs: list[TaskSpec], metrics: dict[str, float]) -> float:
         for s in specs
     )
     return value / total
+
+
+def combine_shards(specs: list[TaskSpec], parts: list[FitnessResult]) -> FitnessResult:
+    """The unsharded result from shard results, exactly, for mean-aggregated metrics.
+
+    Each shard's per-task metric is a mean over its examples, so the whole is the count-weighted
+    mean of the shard means. (Corpus-level aggregations such as BLEU or perplexity are not
+    decomposable like this: `Scorer.shardable` is False for them and they are never sharded.)"""
+    failed = next((p for p in parts if not p.ok), None)
+    seconds = sum(p.seconds for p in parts)
+    if failed is not None:
+        return FitnessResult.failed(failed.error or "a shard failed", seconds)
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for key in parts[0].metrics:
+        task = key.split("/")[0]
+        n = [p.counts[task] for p in parts]
+        counts[task] = sum(n)
+        metrics[key] = sum(p.metrics[key] * k for p, k in zip(parts, n, strict=True)) / sum(n)
+    return FitnessResult(True, objective(specs, metrics), metrics, sum(counts.values()), seconds,
+                         counts=counts)  # fmt: skip
 
 
 class Scorer:
@@ -96,6 +118,24 @@ class Scorer:
         self.samples = self._subsets(limit, seed) if limit is not None else None
         self.lm = None
 
+    @property
+    def shardable(self) -> bool:
+        """True when every scored metric aggregates as a mean of per-example scores."""
+        from lm_eval.api.metrics import mean
+
+        return all(
+            self.loaded["tasks"][s.name].aggregation().get(str(s.metric)) is mean
+            for s in self.specs
+        )
+
+    def shard(self, i: int, k: int) -> dict[str, list[int]]:
+        """Shard i of k: every k-th example of each task's (limited) set, from the i-th."""
+        out = {}
+        for name, task in self.loaded["tasks"].items():
+            docs = self.samples[name] if self.samples else list(range(len(task.eval_docs)))
+            out[name] = docs[i::k]
+        return out
+
     def _first_metric(self, name: str) -> str:
         metric_list = self.loaded["tasks"][name].config.metric_list or [{"metric": "acc"}]
         return str(metric_list[0]["metric"])
@@ -118,8 +158,9 @@ class Scorer:
                        device=device)  # fmt: skip
         return self
 
-    def score(self) -> FitnessResult:
-        """Evaluate the bound model; any exception or non-finite metric is a failed result."""
+    def score(self, samples: dict[str, list[int]] | None = None) -> FitnessResult:
+        """Evaluate the bound model (on `samples`, a shard, when given); any exception or
+        non-finite metric is a failed result."""
         if self.lm is None:
             raise RuntimeError("Scorer.bind(model, tokenizer) first")
         from lm_eval.evaluator import evaluate
@@ -130,7 +171,8 @@ class Scorer:
             # terminal (errors still arrive as exceptions)
             with contextlib.redirect_stderr(io.StringIO()):
                 res = evaluate(
-                    lm=self.lm, task_dict=self.loaded, samples=self.samples, bootstrap_iters=0,
+                    lm=self.lm, task_dict=self.loaded, samples=samples or self.samples,
+                    bootstrap_iters=0,
                     log_samples=False, apply_chat_template=self.apply_chat_template,
                     verbosity="ERROR",
                 )  # fmt: skip
@@ -144,7 +186,8 @@ class Scorer:
                     known = [k for k in res["results"][spec.name] if "," in k]
                     raise KeyError(f"task {spec.name} has no metric {spec.metric!r} ({known})")
                 metrics[f"{spec.name}/{spec.metric}"] = float(value)
-            examples = sum(int(c["effective"]) for c in res["n-samples"].values())
+            counts = {t: int(c["effective"]) for t, c in res["n-samples"].items()}
+            examples = sum(counts.values())
         except Exception as e:  # a candidate's failure is data, not a crash
             return FitnessResult.failed(f"{type(e).__name__}: {e}", time.perf_counter() - start)
         seconds = time.perf_counter() - start
@@ -152,4 +195,5 @@ class Scorer:
         if bad:
             return FitnessResult(False, math.nan, metrics, examples, seconds,
                                  f"non-finite metric {bad[0]}")  # fmt: skip
-        return FitnessResult(True, objective(self.specs, metrics), metrics, examples, seconds)
+        return FitnessResult(True, objective(self.specs, metrics), metrics, examples, seconds,
+                             counts=counts)  # fmt: skip

@@ -115,9 +115,11 @@ class FitnessConfig(_Strict):
     num_fewshot: int | None = None
     batch_size: int = 64
     apply_chat_template: bool = False
-    heldout_tasks: list[TaskSpec] | None = (
-        None  # default: the search tasks with _search -> _heldout
-    )
+    # held-out tasks; default: the search tasks with _search -> _heldout
+    heldout_tasks: list[TaskSpec] | None = None
+    # split a candidate's examples over idle workers: auto (when workers outnumber candidates
+    # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded
+    shards: Literal["auto", "off"] | int = "auto"
 
 
 class CMAConfig(_Strict):

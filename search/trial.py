@@ -11,6 +11,7 @@ class Trial:
     generation: int
     index: int
     recipe: dict  # a Recipe as plain data: small, picklable, versionless
+    shard: tuple[int, int] | None = None  # (i, k): score only the i-th of k example shards
 
     @property
     def key(self) -> tuple[int, int]:
@@ -27,6 +28,7 @@ class TrialResult:
     examples: int = 0
     worker: str = ""
     error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # task -> examples scored
 
     @classmethod
     def failed(cls, error: str, worker: str = "", **kw) -> TrialResult:

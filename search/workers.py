@@ -107,6 +107,9 @@ class TrialWorker:
     def ping(self) -> str:
         return self.name
 
+    def shardable(self) -> bool:
+        return self.scorer.shardable
+
     def run(self, trial: Trial) -> TrialResult:
         from merge.recipe import Recipe
 
@@ -125,10 +128,11 @@ class TrialWorker:
             return TrialResult.failed(f"merge: {type(e).__name__}: {e}", self.name,
                                       merge_seconds=time.perf_counter() - start)  # fmt: skip
         merged = time.perf_counter()
-        result = self.scorer.score()
+        result = self.scorer.score(self.scorer.shard(*trial.shard) if trial.shard else None)
         fitness = math.nan if fault == "nan" else result.fitness
         common: dict = dict(metrics=result.metrics, merge_seconds=merged - start,
-                            eval_seconds=result.seconds, examples=result.examples)  # fmt: skip
+                            eval_seconds=result.seconds, examples=result.examples,
+                            counts=result.counts)  # fmt: skip
         if not result.ok:
             self._recover()
             return TrialResult.failed(f"eval: {result.error}", self.name, **common)
@@ -190,6 +194,7 @@ class RayExecutor:
         self.workers = wc.count or auto
         self.faults = faults
         self.replacements = 0
+        self._shardable: bool | None = None
         self.actors = [self._new_actor() for _ in range(self.workers)]
 
     def _new_actor(self):
@@ -209,11 +214,38 @@ class RayExecutor:
             raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
         return self._new_actor()
 
+    def shards_per_trial(self, pending: int) -> int:
+        """How many example shards each candidate is split into (1: no sharding)."""
+        mode = self.config.fitness.shards
+        if mode == "off" or pending == 0:
+            return 1
+        k = mode if isinstance(mode, int) else self.workers // pending
+        if k <= 1:
+            return 1
+        if self._shardable is None:  # asked once: the tasks' aggregations decide
+            self._shardable = bool(self.ray.get(self.actors[0].shardable.remote()))
+        return k if self._shardable else 1
+
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        k = self.shards_per_trial(len(trials))
+        if k == 1:
+            return self._run(trials, on_result)
+        parts: dict[tuple[int, int], list[TrialResult]] = collections.defaultdict(list)
+        by_key = {t.key: t for t in trials}
+
+        def on_part(part: Trial, result: TrialResult) -> None:
+            parts[part.key].append(result)
+            if len(parts[part.key]) == k:
+                on_result(by_key[part.key], combine_trial(self.config, parts.pop(part.key)))
+
+        shards = [Trial(t.generation, t.index, t.recipe, (j, k)) for t in trials for j in range(k)]
+        self._run(shards, on_part)
+
+    def _run(self, trials: list[Trial], on_result: OnResult) -> None:
         ray = self.ray
         timeout = self.config.workers.trial_timeout
         queue = collections.deque(trials)
-        attempts: dict[tuple[int, int], int] = collections.Counter()
+        attempts: dict[tuple, int] = collections.Counter()
         idle = list(self.actors)
         inflight: dict = {}  # ref -> (actor, trial, started)
         try:
@@ -232,8 +264,8 @@ class RayExecutor:
                         ray.exceptions.ActorUnavailableError,
                     ) as e:
                         idle.append(self._replace(actor, str(e).splitlines()[0]))
-                        attempts[trial.key] += 1
-                        if attempts[trial.key] == 1:  # a trial whose worker died is retried once
+                        attempts[trial.key, trial.shard] += 1
+                        if attempts[trial.key, trial.shard] == 1:  # retried once after a death
                             queue.appendleft(trial)
                             continue
                         result = TrialResult.failed("worker died twice running this trial")
@@ -261,3 +293,22 @@ def make_executor(config: SearchConfig, faults: dict[str, str] | None = None):
     if config.workers.count == 0:
         return SerialExecutor(config, faults)
     return RayExecutor(config, faults)
+
+
+def combine_trial(config: SearchConfig, parts: list[TrialResult]) -> TrialResult:
+    """One candidate's result from its shards' (exact for mean metrics: see combine_shards)."""
+    from fitness.scorer import FitnessResult, combine_shards
+
+    workers = ",".join(sorted({p.worker for p in parts}))
+    busy: dict = dict(merge_seconds=sum(p.merge_seconds for p in parts),
+                      eval_seconds=sum(p.eval_seconds for p in parts))  # fmt: skip
+    failed = next((p for p in parts if p.status != "COMPLETE"), None)
+    if failed is not None:
+        return TrialResult.failed(failed.error or "a shard failed", workers, **busy)
+    specs = [s.model_copy(update={"metric": s.metric or next(
+        k.split("/")[1] for k in parts[0].metrics if k.startswith(s.name + "/"))})
+        for s in config.fitness.tasks]  # fmt: skip
+    whole = combine_shards(specs, [FitnessResult(True, p.fitness, p.metrics, p.examples,
+                                                 p.eval_seconds, counts=p.counts) for p in parts])  # fmt: skip
+    return TrialResult("COMPLETE", whole.fitness, whole.metrics, examples=whole.examples,
+                       worker=workers, counts=whole.counts, **busy)  # fmt: skip

@@ -1,0 +1,63 @@
+"""Sharded fitness: shards combine to the unsharded score, exactly, for mean metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from fitness.models import load_model
+from fitness.scorer import Scorer, combine_shards
+from fitness.tasks import TaskSpec
+from search.driver import Progress, run_search
+from search.rundir import RunDir
+from search.workers import RayExecutor, SerialExecutor
+from tests.conftest import search_config
+
+SPECS = [TaskSpec(name="zoo_add_gen_search"), TaskSpec(name="zoo_caps_mc_search", weight=2.0)]
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_shards_combine_to_the_unsharded_score(tiny_zoo, k):
+    scorer = Scorer(SPECS, include_paths=[tiny_zoo / "tasks"], limit=30, batch_size=16)
+    model, tok = load_model(tiny_zoo / "llama" / "caps")
+    scorer.bind(model, tok)
+    whole = scorer.score()
+    parts = [scorer.score(scorer.shard(i, k)) for i in range(k)]
+    assert sum(p.examples for p in parts) == whole.examples == 60
+    combined = combine_shards(scorer.specs, parts)
+    assert combined.metrics == pytest.approx(whole.metrics, abs=1e-12)
+    assert combined.fitness == pytest.approx(whole.fitness, abs=1e-12)
+    assert scorer.shardable
+
+
+def test_non_mean_aggregation_is_not_shardable(tiny_zoo, tmp_path):
+    (tmp_path / "median.yaml").write_text(
+        (tiny_zoo / "tasks" / "zoo_add_gen_search.yaml").read_text().replace(
+            "task: zoo_add_gen_search", "task: zoo_add_median")
+        .replace("include: _zoo_gen.yaml", f"include: {tiny_zoo / 'tasks' / '_zoo_gen.yaml'}")
+        + "metric_list:\n  - metric: exact_match\n    aggregation: median\n    higher_is_better: true\n")  # fmt: skip
+    scorer = Scorer([TaskSpec(name="zoo_add_median")], include_paths=[tmp_path, tiny_zoo / "tasks"])
+    assert not scorer.shardable
+
+
+@pytest.mark.ray
+def test_more_workers_than_candidates_shards_and_scores_the_same(tiny_zoo, tmp_path):
+    import ray
+
+    cma = {"popsize": 2, "budget": 4, "seed": 5, "sigma0": 0.4}
+    serial_cfg = search_config(tiny_zoo, cma=cma)
+    serial = RunDir.create(tmp_path / "serial", serial_cfg)
+    run_search(serial, lambda: SerialExecutor(serial_cfg), Progress())
+    cfg = search_config(tiny_zoo, cma=cma, workers={"count": 4, "cpus_per_worker": 1})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        run = RunDir.create(tmp_path / "sharded", cfg)
+        run_search(run, lambda: RayExecutor(cfg), Progress())
+    finally:
+        ray.shutdown()
+    sharded, reference = run.trials(), serial.trials()
+    assert len(sharded) == 4
+    for key, t in sharded.items():
+        assert t["status"] == "COMPLETE"
+        assert len(t["worker"].split(",")) == 2  # two shards, on two workers
+        assert t["fitness"] == pytest.approx(reference[key]["fitness"], abs=1e-12)
+        assert t["metrics"] == pytest.approx(reference[key]["metrics"], abs=1e-12)
