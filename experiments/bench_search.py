@@ -111,15 +111,57 @@ def materialize_vs_copy(params: float, method: str) -> None:
           f"-> {merge_s / copy_s:.1f}x a copy")  # fmt: skip
 
 
+def utilization(workers: int, popsize: int, generations: int) -> None:
+    """Busy time / wall time of the workers when they outnumber the candidates in flight."""
+    import ray
+
+    from search.config import SearchConfig
+    from search.driver import run_search
+    from search.rundir import RunDir
+    from search.workers import RayExecutor
+
+    data = SearchConfig.load(Path(__file__).parents[1] / "configs" / "demo.yaml").dump()
+    data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
+    data["workers"] |= {"count": workers, "cpus_per_worker": 1}
+    for shards in ("off", "auto"):
+        data["fitness"]["shards"] = shards
+        cfg = SearchConfig.parse(data)
+        # logical CPUs: on a small machine the workers share cores, but idle time is still idle
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            run = RunDir.create(Path(tmp) / "run", cfg)
+            ready = [0.0]
+
+            def factory(cfg=cfg, ready=ready):
+                ex = RayExecutor(cfg)
+                ex.wait_ready()
+                ready[0] = time.perf_counter()
+                return ex
+
+            run_search(run, factory)
+            wall = time.perf_counter() - ready[0]
+            busy = sum((r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
+                       for r in run.records() if r["status"] == "COMPLETE")  # fmt: skip
+        ray.shutdown()
+        print(f"utilization, {workers} workers, {popsize} candidates per generation, sharding "
+              f"{shards}: {100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
+              f"{workers} x {wall:.1f} s)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=96)
     ap.add_argument("--params", type=float, default=100e6)
+    ap.add_argument("--only", choices=["split", "materialize", "utilization"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    search_split(args.budget)
-    for method in ("linear", "task_arithmetic", "ties"):
-        materialize_vs_copy(args.params, method)
+    if args.only in (None, "split"):
+        search_split(args.budget)
+    if args.only in (None, "materialize"):
+        for method in ("linear", "task_arithmetic", "ties"):
+            materialize_vs_copy(args.params, method)
+    if args.only in (None, "utilization"):
+        utilization(workers=4, popsize=2, generations=6)
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))
 
 

@@ -197,6 +197,10 @@ class RayExecutor:
         self._shardable: bool | None = None
         self.actors = [self._new_actor() for _ in range(self.workers)]
 
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its models and tasks."""
+        self.ray.get([a.ping.remote() for a in self.actors])
+
     def _new_actor(self):
         wc = self.config.workers
         cls = self.ray.remote(TrialWorker).options(

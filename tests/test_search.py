@@ -251,3 +251,29 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
                           "--run-dir", str(tmp_path / "new")], capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0 and "ok" in res.stdout + res.stderr
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_leaves_a_resumable_run(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, cma={"popsize": 4, "budget": 40, "seed": 3, "sigma0": 0.3})
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.dump()))
+    proc = _cli("search", str(config_file), "--run-dir", str(tmp_path / "r"))
+    journal = tmp_path / "r" / "trials.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        journal.exists() and journal.read_text().count('"COMPLETE"') >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, out
+    assert "evomerge resume" in out
+    before = RunDir.reopen(tmp_path / "r").trials()
+    assert 3 <= sum(t["status"] == "COMPLETE" for t in before.values()) < 40
+    res = _cli("resume", str(tmp_path / "r"))
+    assert res.wait(timeout=300) == 0
+    assert (
+        sum(t["status"] == "COMPLETE" for t in RunDir.reopen(tmp_path / "r").trials().values())
+        == 40
+    )
