@@ -94,6 +94,33 @@ def plot_genome(recipe: Recipe, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_path(recipe: Recipe, path: Path) -> None:
+    """A data-flow path: hop against source layer, coloured by model, scales annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = recipe.data_flow
+    assert df is not None
+    models = list(dict.fromkeys(h.model for h in df.path))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(df.path) + 2), 3.5))
+    for m, color in zip(models, plt.cm.tab10.colors, strict=False):
+        hops = [(k, h) for k, h in enumerate(df.path) if h.model == m]
+        ax.scatter([k for k, _ in hops], [h.layer for _, h in hops], color=color, label=m, s=60)
+        for k, h in hops:
+            if abs(h.scale - 1) > 1e-3:
+                ax.annotate(f"x{h.scale:.2f}", (k, h.layer), textcoords="offset points",
+                            xytext=(0, 7), ha="center", fontsize=7)  # fmt: skip
+    ax.plot(range(len(df.path)), [h.layer for h in df.path], color="grey", alpha=0.4, zorder=0)
+    ax.set_xlabel("hop")
+    ax.set_ylabel("source layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(run_dir: Path) -> Path:
     run = RunDir.reopen(run_dir)
     out = run.path / "report"
@@ -104,8 +131,13 @@ def write_report(run_dir: Path) -> Path:
     images = ["fitness.png"]
     best = run.path / "best" / "recipe.yaml"
     if best.exists():
-        plot_genome(Recipe.load(best), out / "genome.png")
-        images.append("genome.png")
+        recipe = Recipe.load(best)
+        if recipe.parameter_space is not None and recipe.data_flow is None:
+            plot_genome(recipe, out / "genome.png")
+            images.append("genome.png")
+        if recipe.data_flow is not None:
+            plot_path(recipe, out / "path.png")
+            images.append("path.png")
     parts = [f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
              f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>"]  # fmt: skip
     for title, table in tables.items():

@@ -53,6 +53,9 @@ def test_dfs_search_runs_and_its_best_rebuilds(tiny_zoo, tmp_path):
 
     model, _ = load_model(tmp_path / "m")
     assert model.config.num_hidden_layers == len(recipe.data_flow.path)
+    from search.report import write_report
+
+    assert (write_report(tmp_path / "r") / "path.png").is_file()
 
 
 def test_ps_then_dfs_search(tiny_zoo, tmp_path):
