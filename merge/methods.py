@@ -90,12 +90,12 @@ def combine_deltas(
     mixed = torch.zeros_like(weighted[0])
     if consensus:
         # per model, not on a stacked [models, ...] tensor: no copy of all deltas at once
-        positive = sparsify.elect_positive(weighted)
+        sign = torch.where(sparsify.elect_positive(weighted), 1.0, -1.0)
         divisor = torch.zeros_like(mixed)
         for x, w in zip(weighted, weights):
-            agree = sparsify.agrees(x, positive)
-            mixed += torch.where(agree, x, 0.0)
-            divisor += agree * w
+            agree = (x * sign > 0).to(torch.float32)  # zeros never agree
+            mixed.addcmul_(x, agree)
+            divisor.add_(agree, alpha=w)
         divisor[divisor == 0] = 1
     else:
         for x in weighted:

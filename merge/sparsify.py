@@ -62,9 +62,10 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.no
         return delta
     k = max(1, int(density * delta.numel()))
     magnitudes = delta.abs()
-    threshold = _kth_largest(magnitudes.reshape(-1), k)
-    mask = (magnitudes >= threshold.to(magnitudes.device)).to(delta.dtype)
-    return _apply_mask(delta, mask, rescale, density)
+    keep = magnitudes >= _kth_largest(magnitudes.reshape(-1), k).to(magnitudes.device)
+    if rescale is Rescale.none:
+        return torch.where(keep, delta, 0.0)  # one pass instead of a float mask and a product
+    return _apply_mask(delta, keep.to(delta.dtype), rescale, density)
 
 
 def magnitude_outliers(
@@ -139,8 +140,3 @@ def elect_positive(weighted: list[torch.Tensor]) -> torch.Tensor:
     for x in weighted[1:]:
         total += x
     return total >= 0
-
-
-def agrees(x: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Where `x` has the elected sign; zeros never agree."""
-    return torch.where(positive, x > 0, x < 0)
