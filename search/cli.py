@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -213,14 +214,25 @@ def run_and_report(run) -> dict | None:
 
         build_zoo(size=run.config.zoo, log=console.print)
     bar, hooks = _search_progress()
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    # explicit handlers: a background job may inherit SIGINT ignored, and a cluster scheduler
+    # pre-empts with SIGTERM; either way, stop dispatching and leave a resumable run
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         best = run_search(run, lambda: make_executor(run.config), hooks)
     except KeyboardInterrupt:
         bar.stop()
         console.print(f"interrupted: every finished trial is saved; `evomerge resume {run.path}`")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
     finally:
         bar.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if best is None:
         console.print("no trial completed")
     else:

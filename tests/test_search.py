@@ -254,7 +254,8 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_and_leaves_a_resumable_run(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_exits_cleanly_and_leaves_a_resumable_run(tiny_zoo, tmp_path, sig, code):
     cfg = search_config(tiny_zoo, cma={"popsize": 4, "budget": 40, "seed": 3, "sigma0": 0.3})
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump(cfg.dump()))
@@ -265,9 +266,9 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_run(tiny_zoo, tmp_path):
         journal.exists() and journal.read_text().count('"COMPLETE"') >= 3
     ):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 130, out
+    assert proc.returncode == code, out
     assert "evomerge resume" in out
     before = RunDir.reopen(tmp_path / "r").trials()
     assert 3 <= sum(t["status"] == "COMPLETE" for t in before.values()) < 40
