@@ -65,8 +65,9 @@ class Hop(nn.Module):
         self._indexed = [m for m in layer.modules() if hasattr(m, "layer_idx")]
 
     def forward(self, hidden_states, *args, **kwargs):
+        # the layer may appear at several hops: its cache slot is set on every call
         for m in self._indexed:
-            setattr(m, "layer_idx", self.index)  # noqa: B010  # the layer may appear at several hops: set per call
+            setattr(m, "layer_idx", self.index)  # noqa: B010
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         return self.layer(hidden_states, *args, **kwargs)

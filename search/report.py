@@ -39,12 +39,18 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "time": split.round(2)}  # fmt: skip
 
 
-def plot_fitness(df: pd.DataFrame, path: Path) -> None:
+def _pyplot():
+    """matplotlib without a display (reports are written by servers and CI too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_fitness(df: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
     done = df[df.status == "COMPLETE"].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(done):
@@ -68,11 +74,7 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
 
 
 def plot_genome(recipe: Recipe, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ps = recipe.parameter_space
     assert ps is not None
     labels = [g.label() for g in ps.groups]
@@ -96,11 +98,7 @@ def plot_genome(recipe: Recipe, path: Path) -> None:
 
 def plot_path(recipe: Recipe, path: Path) -> None:
     """A data-flow path: hop against source layer, coloured by model, scales annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     df = recipe.data_flow
     assert df is not None
     models = list(dict.fromkeys(h.model for h in df.path))
