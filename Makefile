@@ -28,7 +28,7 @@ demo-dfs: $(STAMP)
 demo-ps-dfs: demo
 	$(BIN)/evomerge demo --config configs/demo_ps_dfs.yaml
 
-# The test suite CI runs: everything but the GPU tests (about 4 minutes on 2 cores).
+# The test suite CI runs: everything but the GPU tests (about 5 minutes on 2 cores).
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q
 
