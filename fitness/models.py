@@ -47,18 +47,28 @@ def model_from_recipe(recipe, device: str = "cpu"):
     return model.to(device).eval(), AutoTokenizer.from_pretrained(main)
 
 
+def load_sources(paths: dict, ps_recipe, device: str, dtype: str) -> tuple[dict, dict]:
+    """(models, tokenizers) by alias for a data-flow path; alias "ps" is built from `ps_recipe`."""
+    from merge.recipe import PS
+
+    models, tokenizers = {}, {}
+    for alias, path in paths.items():
+        if alias == PS:
+            models[alias], tokenizers[alias] = model_from_recipe(ps_recipe, device)
+        else:
+            models[alias], tokenizers[alias] = load_model(path, device, dtype)
+    return models, tokenizers
+
+
 def _path_model(recipe, device: str):
     from merge.dataflow import PathModel
     from merge.recipe import PS
 
     df = recipe.data_flow
-    models, tokenizers = {}, {}
-    for alias in {df.embed_from, *(h.model for h in df.path)}:
-        if alias == PS:
-            models[PS], tokenizers[PS] = model_from_recipe(recipe.ps_only(), device)
-        else:
-            models[alias], tokenizers[alias] = load_model(recipe.models[alias].path, device,
-                                                          recipe.dtype)  # fmt: skip
-    path = PathModel(models[df.embed_from], models)
-    model = path.set_path([(h.model, h.layer, h.scale) for h in df.path])
+    used = {df.embed_from, *(h.model for h in df.path)}
+    paths = {a: None if a == PS else recipe.models[a].path for a in used}
+    models, tokenizers = load_sources(paths, recipe.ps_only(), device, recipe.dtype)
+    model = PathModel(models[df.embed_from], models).set_path(
+        [(h.model, h.layer, h.scale) for h in df.path]
+    )
     return model.eval(), tokenizers[df.embed_from]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -267,7 +268,5 @@ def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force
         ckpts[df.embed_from].copy_side_files(tmp, out_dtype, num_layers=len(df.path))
         recipe.save(tmp / "evomerge_recipe.yaml")
         if PS in used:
-            import shutil
-
             shutil.rmtree(tmp / ".stage1")
     return out

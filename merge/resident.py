@@ -70,10 +70,6 @@ class ResidentSources:
                 if alias != base:
                     m.keep_deltas(self.models[base])
 
-    @property
-    def info(self) -> ModelInfo:
-        return self.models[self.base].info
-
     @torch.no_grad()
     def materialize(self, recipe: Recipe, model: torch.nn.Module) -> None:
         """Write the recipe's merge into `model`'s parameters in place."""

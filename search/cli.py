@@ -209,10 +209,6 @@ def run_and_report(run) -> dict | None:
     from search.workers import make_executor
 
     os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
-    if run.config.zoo:
-        from fitness.zoo.build import build_zoo
-
-        build_zoo(size=run.config.zoo, log=console.print)
     bar, hooks = _search_progress()
     received: list[int] = []
 
@@ -239,6 +235,14 @@ def run_and_report(run) -> dict | None:
         console.print(f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
                       f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}")  # fmt: skip
     return best
+
+
+def ensure_zoo(cfg) -> None:
+    """Build the zoo a config's relative model paths point into, when it is missing."""
+    if cfg.zoo:
+        from fitness.zoo.build import build_zoo
+
+        build_zoo(size=cfg.zoo, log=console.print)
 
 
 def _with_workers(cfg, workers: int | None, address: str | None):
@@ -268,10 +272,7 @@ def search(
 
     cfg = _with_workers(SearchConfig.load(config), workers, address)
     run_dir = run_dir or Path("runs") / cfg.name
-    if cfg.zoo:
-        from fitness.zoo.build import build_zoo
-
-        build_zoo(size=cfg.zoo, log=console.print)
+    ensure_zoo(cfg)
     problems = check_search(cfg, run_dir)
     for p in problems:
         console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
@@ -299,6 +300,7 @@ def resume(
 
     run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
     run.config = _with_workers(run.config, workers, address)
+    ensure_zoo(run.config)
     run_and_report(run)
 
 

@@ -35,10 +35,11 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
 
 
 def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
-    from search.cli import run_and_report
+    from search.cli import ensure_zoo, run_and_report
     from search.rundir import RunDir
 
     cfg = SearchConfig.load(config)
+    ensure_zoo(cfg)
     run = RunDir.reopen(out, cfg) if (out / "run.yaml").exists() else RunDir.create(out, cfg)
     best = run_and_report(run)
     if best is None:

@@ -49,6 +49,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def plot_fitness(df: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
     done = df[df.status == "COMPLETE"].reset_index(drop=True)
@@ -68,9 +74,7 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("evaluations")
     ax.set_ylabel("fitness")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_genome(recipe: Recipe, path: Path) -> None:
@@ -91,9 +95,7 @@ def plot_genome(recipe: Recipe, path: Path) -> None:
         ax.set_yticks(range(len(models)), models)
         ax.set_title(field)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_path(recipe: Recipe, path: Path) -> None:
@@ -114,9 +116,7 @@ def plot_path(recipe: Recipe, path: Path) -> None:
     ax.set_xlabel("hop")
     ax.set_ylabel("source layer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(run_dir: Path) -> Path:

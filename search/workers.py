@@ -79,19 +79,16 @@ class TrialWorker:
 
     def _init_data_flow(self, config: SearchConfig, device: str):
         """Source models resident; one path model whose hops are rewired per candidate."""
-        from fitness.models import load_model, model_from_recipe
+        from fitness.models import load_sources
         from merge.dataflow import PathModel
         from merge.recipe import PS
 
         dfs = config.dfs
         assert dfs is not None
-        models, tokenizers = {}, {}
-        for alias in {*dfs.models, dfs.embed_from}:
-            if alias == PS:
-                models[alias], tokenizers[alias] = model_from_recipe(config.ps_recipe(), device)
-            else:
-                models[alias], tokenizers[alias] = load_model(config.model_path(alias), device,
-                                                              config.space.dtype)  # fmt: skip
+        used = {*dfs.models, dfs.embed_from}
+        paths = {a: None if a == PS else config.model_path(a) for a in used}
+        ps_recipe = config.ps_recipe() if PS in used else None
+        models, tokenizers = load_sources(paths, ps_recipe, device, config.space.dtype)
         self.path = PathModel(models[dfs.embed_from], models)
         n = models[dfs.embed_from].config.num_hidden_layers
         self.model = self.path.set_path([(dfs.embed_from, i, 1.0) for i in range(n)])
