@@ -1,8 +1,9 @@
 """Score an in-memory model with lm-eval, as often as its weights change, building tasks once.
 
-A Scorer loads its tasks once (TaskManager.load), wraps the resident model once (HFLM), and then
-each `score()` is one `lm_eval.evaluator.evaluate` call on the same objects: no task rebuilding,
-no model reloading. Only lm-eval's public API is used.
+A Scorer loads its tasks once (TaskManager.load), wraps the resident model once (lm-eval's HFLM)
+and builds every request once (fitness/requests.py); each `score()` then runs the model on the
+built requests and computes the tasks' metrics: no task rebuilding, no prompt rendering, no model
+reloading. Only lm-eval's public API is used.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fitness.tasks import TaskSpec
 from merge.errors import EvomergeError
@@ -104,6 +106,13 @@ class Scorer:
                     "to the include paths"
                 )
         self.loaded = tm.load(names)
+        groups = [n for n in names if n not in self.loaded["tasks"]]
+        if groups:
+            members = ", ".join(sorted(set(self.loaded["tasks"]) - set(names))[:8])
+            raise EvomergeError(
+                f"{groups[0]!r} is a group of tasks, not a task; list the tasks to score, each "
+                f"with its weight (its tasks include: {members})"
+            )
         # a spec without a metric takes its task's first one
         self.specs = [
             s if s.metric else s.model_copy(update={"metric": self._first_metric(s.name)})
@@ -115,8 +124,10 @@ class Scorer:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
+        self.seed = seed
         self.samples = self._subsets(limit, seed) if limit is not None else None
-        self.lm = None
+        self.lm: Any = None  # lm-eval HFLM, set by `bind`
+        self.requests: list | None = None  # built on the first `bind`
 
     @property
     def shardable(self) -> bool:
@@ -151,42 +162,55 @@ class Scorer:
         return out
 
     def bind(self, model, tokenizer, device: str = "cpu") -> Scorer:
-        """Wrap the resident model once; later in-place weight changes are seen by `score`."""
-        from lm_eval.models.huggingface import HFLM
+        """Wrap the resident model once and build every task's requests (once per Scorer);
+        later in-place weight changes are seen by `score`."""
+        from fitness.requests import ReusableHFLM, TaskRequests
 
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
-                       device=device)  # fmt: skip
+        self.lm = ReusableHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                               device=device)  # fmt: skip
+        # prompts depend on the tasks and the seed, and on the tokenizer only through a chat
+        # template: built once unless one is applied
+        if self.requests is None or self.apply_chat_template:
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.requests = [
+                    TaskRequests.build(
+                        name,
+                        task,
+                        self.samples[name] if self.samples else None,
+                        self.lm,
+                        self.seed,
+                        self.apply_chat_template,
+                    )  # fmt: skip
+                    for name, task in self.loaded["tasks"].items()
+                ]
         return self
 
     def score(self, samples: dict[str, list[int]] | None = None) -> FitnessResult:
         """Evaluate the bound model (on `samples`, a shard, when given); any exception or
         non-finite metric is a failed result."""
-        if self.lm is None:
+        if self.lm is None or self.requests is None:
             raise RuntimeError("Scorer.bind(model, tokenizer) first")
-        from lm_eval.evaluator import evaluate
+        from fitness.requests import answer
 
         start = time.perf_counter()
         try:
             # lm-eval's request progress bars pass disable=False explicitly; keep them off the
             # terminal (errors still arrive as exceptions)
             with contextlib.redirect_stderr(io.StringIO()):
-                res = evaluate(
-                    lm=self.lm, task_dict=self.loaded, samples=samples or self.samples,
-                    bootstrap_iters=0,
-                    log_samples=False, apply_chat_template=self.apply_chat_template,
-                    verbosity="ERROR",
-                )  # fmt: skip
-            assert res is not None
+                results = answer(self.lm, self.requests, samples)
             metrics: dict[str, float] = {}
             for spec in self.specs:
+                task_metrics, count = results[spec.name]
                 metric = str(spec.metric)
                 key = metric if "," in metric else f"{metric},none"
-                value = res["results"][spec.name].get(key)
+                value = task_metrics.get(key)
+                if value is None and count == 0:
+                    value = 0.0  # an empty shard: weighted by its count, 0, when combined
                 if value is None:
-                    known = [k for k in res["results"][spec.name] if "," in k]
-                    raise KeyError(f"task {spec.name} has no metric {spec.metric!r} ({known})")
+                    raise KeyError(f"task {spec.name} has no metric {spec.metric!r} "
+                                   f"({list(task_metrics)})")  # fmt: skip
                 metrics[f"{spec.name}/{spec.metric}"] = float(value)
-            counts = {t: int(c["effective"]) for t, c in res["n-samples"].items()}
+            counts = {name: count for name, (_, count) in results.items()}
             examples = sum(counts.values())
         except Exception as e:  # a candidate's failure is data, not a crash
             return FitnessResult.failed(f"{type(e).__name__}: {e}", time.perf_counter() - start)

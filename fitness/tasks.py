@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from merge.recipe import write_atomic
+
 REPO_TASKS = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 PLACEHOLDER = "ZOO_DIR"
 
@@ -74,5 +76,7 @@ def render_zoo_tasks(zoo_dir: Path, source: Path = REPO_TASKS) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for yml in sorted(source.glob("*.yaml")):
         text = yml.read_text().replace(PLACEHOLDER, str(zoo_dir.resolve()))
-        (dest / yml.name).write_text(text)
+        target = dest / yml.name
+        if not target.exists() or target.read_text() != text:
+            write_atomic(target, text)  # other processes may be loading these tasks
     return dest

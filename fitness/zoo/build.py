@@ -178,6 +178,7 @@ def build_zoo(out: Path | None = None, size: str = "demo", seed: int = 0, log=pr
     out = Path(out) if out else default_zoo_dir(size, seed)
     if is_built(out, size, seed) and not force:
         log(f"zoo {out} is built (parameters match): reusing it")
+        render_zoo_tasks(out)  # the task YAMLs follow the repository's
         return out
     if out.exists() and not force and any(out.iterdir()):
         raise EvomergeError(f"{out}: exists but is not a zoo with these parameters; "

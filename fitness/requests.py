@@ -1,0 +1,231 @@
+"""A task's requests, built once and answered again for every candidate.
+
+`lm_eval.evaluator.evaluate` rebuilds every request on each call: it iterates the dataset and
+renders each document's prompt (Jinja templates compiled anew per document, few-shot contexts),
+then runs the model, filters, scores and aggregates. A search scores the same documents on
+hundreds of candidates, and on a small model that rebuilding cost more than the model itself. So
+the Scorer builds each task's requests once, and per candidate only resets the responses, runs
+the model on them (`lm.generate_until`, `lm.loglikelihood`, ...), applies the task's filters and
+`process_results`, and aggregates: `evaluate`'s loop for one rank, through the Task's public
+methods. The tests hold the result equal to `lm_eval.simple_evaluate`.
+
+Building once for the whole (limited) document set, with the few-shot sampler seeded just before,
+also fixes each document's few-shot context: lm-eval's sampler draws from one generator across
+builds, so rebuilt requests got new few-shot examples on every call, and a shard got different
+ones from the full set. Here every call and every shard sees the same prompts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import transformers
+from lm_eval.api.filter import FilterEnsemble
+from lm_eval.api.instance import Instance
+from lm_eval.api.metrics import mean
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.filters import build_filter_ensemble
+from lm_eval.models.huggingface import HFLM
+
+from merge.errors import EvomergeError
+
+
+class _StopSequences(transformers.StoppingCriteria):
+    """lm-eval's stop rule (`MultiTokenEOSCriteria`, one per stop sequence), each distinct
+    lookback window decoded once.
+
+    lm-eval decodes the last few generated tokens of every sequence at every step; on a small
+    model that was a third of the decoding loop. The decisions are the same: the same windows,
+    decoded by the same tokenizer with the same defaults. As in lm-eval, generation ends when
+    every sequence has produced one same stop sequence (HF ORs the criteria's scalar verdicts)."""
+
+    def __init__(self, sequences: list[str], tokenizer, start: int, batch_size: int,
+                 decoded: dict):  # fmt: skip
+        # lm-eval looks back 2 tokens more than the stop sequence's own tokenization
+        self.rules = [
+            (s, len(tokenizer.encode(s, add_special_tokens=False)) + 2) for s in sequences
+        ]
+        self.done = [[False] * batch_size for _ in sequences]
+        self.tokenizer, self.start, self.decoded = tokenizer, start, decoded
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        generated = input_ids[:, self.start :].tolist()
+        verdict = False
+        for (sequence, lookback), done in zip(self.rules, self.done, strict=True):
+            for i, ids in enumerate(generated):
+                if not done[i]:
+                    window = tuple(ids[-lookback:])
+                    text = self.decoded.get(window)
+                    if text is None:
+                        text = self.decoded[window] = self.tokenizer.decode(list(window))
+                    done[i] = sequence in text
+            verdict = verdict or all(done)
+        return verdict
+
+
+class ReusableHFLM(HFLM):
+    """lm-eval's HF wrapper with tokenization, the stop rule's decoding and the context length
+    memoized.
+
+    HFLM tokenizes every request on every call (to sort requests by length, then per batch). The
+    prompts of a search never change between candidates, and tokenization is a pure function of
+    the string and the (fixed) tokenizer, so it is done once. Generation is HFLM's own
+    (`_model_generate`'s greedy/temperature handling, autocast, KV cache) with `_StopSequences`
+    as its stopping criterion."""
+
+    _MEMO_LIMIT = 500_000  # entries; a guard against unbounded growth, far above any task set
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._encoded: dict = {}
+        self._batches: dict = {}
+        self._decoded: dict = {}
+
+    @property
+    def max_length(self) -> int:
+        # HFLM resolves it from the model config on every loglikelihood request; it is fixed for
+        # a bound model (HFLM.__init__ may ask before this instance's attributes exist)
+        if getattr(self, "_resolved_max_length", None) is None:
+            self._resolved_max_length = super().max_length
+        return self._resolved_max_length
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
+        if key not in self._encoded:
+            if len(self._encoded) > self._MEMO_LIMIT:
+                self._encoded.clear()
+            self._encoded[key] = super().tok_encode(
+                string, add_special_tokens, left_truncate_len, **kwargs
+            )
+        return list(self._encoded[key])
+
+    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None,
+                         truncation=False):  # fmt: skip
+        key = (tuple(strings), padding_side, left_truncate_len, truncation)
+        if key not in self._batches:
+            if len(self._batches) > self._MEMO_LIMIT // 100:
+                self._batches.clear()
+            self._batches[key] = super().tok_batch_encode(
+                strings, padding_side, left_truncate_len, truncation
+            )
+        ids, mask = self._batches[key]
+        return ids.clone(), mask.clone()
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        # temperature 0 without do_sample means greedy, as in HFLM._model_generate
+        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+        do_sample = generation_kwargs.get("do_sample")
+        if (temp := generation_kwargs.get("temperature")) == 0.0 and do_sample is None:
+            generation_kwargs["do_sample"] = do_sample = False
+        if do_sample is False and temp == 0.0:
+            generation_kwargs.pop("temperature", None)
+        if len(self._decoded) > self._MEMO_LIMIT:
+            self._decoded.clear()
+        stopping = transformers.StoppingCriteriaList(
+            [
+                _StopSequences(
+                    stop, self.tokenizer, context.shape[1], context.shape[0], self._decoded
+                )
+            ]
+        )
+        dtype = getattr(self, "mixed_precision_dtype", None)
+        with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model.generate(
+                input_ids=context, max_length=max_length, stopping_criteria=stopping,
+                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
+            )  # fmt: skip
+
+
+def task_filters(task: ConfigurableTask) -> list[FilterEnsemble]:
+    """The task's filter pipelines, built from its config as ConfigurableTask builds them.
+
+    Built here rather than run through `task.apply_filters()` because that filters every built
+    instance, and a shard runs the model on only some of them."""
+    if task.config.filter_list is None:
+        return [build_filter_ensemble("none", [("take_first", None)])]
+    return [
+        build_filter_ensemble(
+            f["name"],
+            [
+                (fn["function"], {k: v for k, v in fn.items() if k != "function"})
+                for fn in f["filter"]
+            ],  # fmt: skip
+        )
+        for f in task.config.filter_list
+    ]
+
+
+@dataclass
+class TaskRequests:
+    """One task's built requests, by document id (the dataset's index)."""
+
+    name: str
+    task: ConfigurableTask
+    doc_ids: list[int]  # in build order
+    by_doc: dict[int, list[Instance]]  # document id -> its requests, in `idx` order
+    filters: list[FilterEnsemble]
+
+    @classmethod
+    def build(cls, name: str, task, doc_ids: list[int] | None, lm, seed: int,
+              apply_chat_template: bool) -> TaskRequests:  # fmt: skip
+        if not isinstance(task, ConfigurableTask):
+            raise EvomergeError(f"task {name!r} is a {type(task).__name__}, not a "
+                                "ConfigurableTask; define it in YAML")  # fmt: skip
+        task.set_fewshot_seed(seed=seed)  # reseeded, so the prompts do not depend on history
+        # lm-eval yields sampled documents in dataset order, numbered by position: sort to match
+        doc_ids = sorted(doc_ids) if doc_ids else None
+        task.build_all_requests(
+            samples=doc_ids, rank=lm.rank, world_size=lm.world_size,
+            apply_chat_template=apply_chat_template,
+            chat_template=lm.apply_chat_template if apply_chat_template else None,
+            tokenizer_name=lm.tokenizer_name if apply_chat_template else "",
+        )  # fmt: skip
+        by_doc: dict[int, list[Instance]] = defaultdict(list)
+        for inst in task.instances:  # doc_id is the position within `doc_ids` when given
+            assert inst.doc_id is not None
+            by_doc[doc_ids[inst.doc_id] if doc_ids is not None else inst.doc_id].append(inst)
+        for insts in by_doc.values():
+            insts.sort(key=lambda x: x.idx)
+        return cls(name, task, list(by_doc), dict(by_doc), task_filters(task))
+
+
+def answer(lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None = None
+           ) -> dict[str, tuple[dict[str, float], int]]:  # fmt: skip
+    """Run the model on the tasks' requests (only `samples`' documents when given) and return,
+    per task, its aggregated metrics ("metric,filter" -> value) and the documents scored."""
+    chosen = {t.name: t.doc_ids if samples is None else samples[t.name] for t in tasks}
+    by_type: dict[str, list[Instance]] = defaultdict(list)
+    for t in tasks:
+        for d in chosen[t.name]:
+            if d not in t.by_doc:
+                raise KeyError(f"task {t.name}: document {d} is not in the built set")
+            for inst in t.by_doc[d]:
+                inst.resps, inst.filtered_resps = [], {}
+                by_type[inst.request_type].extend([inst] * (inst.repeats or 1))
+    with torch.no_grad():
+        for reqtype, reqs in by_type.items():
+            for resp, req in zip(getattr(lm, reqtype)(reqs), reqs, strict=True):
+                req.resps.append(resp)
+    out: dict[str, tuple[dict[str, float], int]] = {}
+    for t in tasks:
+        docs = chosen[t.name]
+        if not docs:  # a shard smaller than the worker count: nothing of this task here
+            out[t.name] = ({}, 0)
+            continue
+        instances = [inst for d in docs for inst in t.by_doc[d]]
+        for pipeline in t.filters:
+            pipeline.apply(instances)
+        raw: dict[tuple[str, str], list] = defaultdict(list)
+        for key in instances[0].filtered_resps:
+            for d in docs:
+                reqs = t.by_doc[d]
+                scores = t.task.process_results(reqs[0].doc, [r.filtered_resps[key] for r in reqs])
+                for metric, value in scores.items():
+                    raw[metric, key].append(value)
+        aggregation = t.task.aggregation()
+        metrics = {f"{m},{key}": float(aggregation.get(m, mean)(values))
+                   for (m, key), values in raw.items()}  # fmt: skip
+        out[t.name] = (metrics, len(docs))
+    return out
