@@ -66,8 +66,8 @@ class _StopSequences(transformers.StoppingCriteria):
 
 
 class ReusableHFLM(HFLM):
-    """lm-eval's HF wrapper with tokenization, the stop rule's decoding and the context length
-    memoized.
+    """lm-eval's HF wrapper with tokenization, decoding (its outputs' and the stop rule's) and the
+    context length memoized.
 
     HFLM tokenizes every request on every call (to sort requests by length, then per batch). The
     prompts of a search never change between candidates, and tokenization is a pure function of
@@ -81,7 +81,8 @@ class ReusableHFLM(HFLM):
         super().__init__(*args, **kwargs)
         self._encoded: dict = {}
         self._batches: dict = {}
-        self._decoded: dict = {}
+        self._decoded: dict = {}  # stop rule: lookback window -> text
+        self._texts: dict = {}  # tok_decode
 
     @property
     def max_length(self) -> int:
@@ -112,6 +113,16 @@ class ReusableHFLM(HFLM):
             )
         ids, mask = self._batches[key]
         return ids.clone(), mask.clone()
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True):
+        # a candidate's outputs mostly repeat the last one's; HFLM also decodes single ids
+        key = (tokens if isinstance(tokens, int) else tuple(tokens), skip_special_tokens)
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) > self._MEMO_LIMIT:
+                self._texts.clear()
+            text = self._texts[key] = super().tok_decode(tokens, skip_special_tokens)
+        return text
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         # temperature 0 without do_sample means greedy, as in HFLM._model_generate
