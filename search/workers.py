@@ -10,6 +10,7 @@ report itself (a hang past the timeout, a dead process), replace the worker, and
 from __future__ import annotations
 
 import collections
+import gc
 import math
 import os
 import socket
@@ -61,6 +62,9 @@ class TrialWorker:
                              seed=config.cma.seed, num_fewshot=fc.num_fewshot,
                              batch_size=fc.batch_size, apply_chat_template=fc.apply_chat_template)  # fmt: skip
         self.scorer.bind(self.model, tokenizer, device)
+        # The sources, the model and the built requests live as long as the worker: keep the
+        # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
+        gc.freeze()
 
     def _init_parameter_space(self, config: SearchConfig, device: str):
         """Sources (and task vectors) resident; one eval model that candidates are written into."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from search.driver import Progress, run_search
@@ -71,22 +73,24 @@ def test_removing_a_worker_node_mid_search_loses_no_trial(tiny_zoo, tmp_path, ra
         run = RunDir.create(tmp_path / "r", cfg)
 
         def remove_a_busy_node(done, record, best):
-            if done != 3 or removed:
+            if removed:
                 return
+            # a spare node whose worker has finished a trial (the head holds one worker at most;
+            # early on, one worker may have finished every trial so far)
             busy = {
                 t["worker"].rsplit(":node-", 1)[1] for t in run.trials().values() if t.get("worker")
             }
-            victim = next(
-                n for n in spare if n.node_id[:8] in busy
-            )  # the head holds one worker at most
-            cluster.remove_node(victim)
-            removed.append(victim.node_id[:8])
+            victims = [n for n in spare if n.node_id[:8] in busy]
+            if victims:
+                cluster.remove_node(victims[0])
+                removed.append((victims[0].node_id[:8], time.time()))
 
         run_search(run, lambda: RayExecutor(cfg), Progress(on_result=remove_a_busy_node))
         trials = run.trials()
         assert removed, "no worker node was removed"
         assert len(trials) == 12 and all(t["status"] == "COMPLETE" for t in trials.values())
-        late = [t for t in trials.values() if t["generation"] > 1]
-        assert all(removed[0] not in t["worker"] for t in late)  # the removed node ran no more
+        node, when = removed[0]
+        late = [t for t in trials.values() if t["time"] > when]
+        assert late and all(node not in t["worker"] for t in late)  # the removed node ran no more
     finally:
         cluster.shutdown()
