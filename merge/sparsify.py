@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+import numpy as np
 import torch
 
 
@@ -22,13 +23,21 @@ class Rescale(str, Enum):
     l1 = "l1"  # match the L1 norm of the unmasked tensor: mergekit's behaviour
 
 
+_RADIX_FROM = 1 << 20  # entries; below, on a CPU, np.partition is faster (measured)
+
+
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) of a flat tensor of non-negative fp32 values, exactly.
 
     Radix select: the bit patterns of non-negative floats sort as integers, so two histogram
     passes (high then low 16 bits) find the value. About 2x faster than torch.kthvalue at 10^7
-    entries on a CPU, and O(n) on any device.
+    entries on a CPU, and O(n) on any device. Its histograms have 2^15 and 2^16 bins, so on a
+    CPU below 2^20 entries NumPy's introselect is faster (64k entries: 0.48 ms, against 1.5 ms
+    radix and 0.67 ms torch.kthvalue; a small model's merge is mostly such tensors).
     """
+    if values.device.type == "cpu" and values.numel() < _RADIX_FROM:
+        flat = values.reshape(-1).float().numpy()
+        return torch.tensor(np.partition(flat, k - 1)[k - 1])
     bits = values.float().view(torch.int32)
     high = (bits >> 16).long()
     cum = torch.bincount(high, minlength=1 << 15).cumsum(0)

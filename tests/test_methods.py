@@ -225,3 +225,24 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
         ours = _run(name, base, xs, params, normalize=normalize, lambda_=0.8)
     assert m.name == name
     assert _ulp_distance(ours.to(out_dtype), ref.to(out_dtype)) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1e-30, 0.5, 0.5, 1.0, 3.0, 1e30]), min_size=1, max_size=300),
+       st.data())  # fmt: skip
+def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
+    from merge.sparsify import _kth_smallest
+
+    v = torch.tensor(values) * torch.rand(len(values)).round()  # more zeros and ties
+    k = data.draw(st.integers(1, len(values)))
+    assert _kth_smallest(v, k) == torch.sort(v).values[k - 1]
+
+
+@pytest.mark.parametrize("k", [1, 12345, (1 << 20) + 7])
+def test_kth_smallest_radix_path_is_exact(k):
+    """Above the size where the radix select takes over (2^20 entries, any device)."""
+    from merge.sparsify import _RADIX_FROM, _kth_smallest
+
+    g = torch.Generator().manual_seed(k)
+    v = (torch.randn(_RADIX_FROM + 7, generator=g).abs() * 4).round() / 4  # many ties
+    assert _kth_smallest(v, k) == torch.kthvalue(v, k).values
