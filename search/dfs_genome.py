@@ -23,6 +23,8 @@ class DFSGenome:
     def __init__(self, config: SearchConfig, layers: dict[str, int], ps: Recipe | None = None):
         assert config.dfs is not None
         self.config = config
+        # resolved once: a zoo path costs a hash of the zoo's parameters, and decode runs per trial
+        self.model_paths = {a: str(config.model_path(a)) for a in config.models}
         self.dfs = config.dfs
         self.ps = ps
         self.layers = layers  # alias -> number of layers
@@ -80,7 +82,7 @@ class DFSGenome:
         path = [{"model": kept[0][0], "layer": kept[0][1], "scale": 1.0}]
         for prev, hop in zip(kept, kept[1:], strict=False):
             path.append({"model": hop[0], "layer": hop[1], "scale": self._scale(g, prev, hop)})
-        models = {a: {"path": str(self.config.model_path(a))} for a in self.config.models}
+        models = {a: {"path": p} for a, p in self.model_paths.items()}
         data: dict = {"dtype": self.config.space.dtype, "models": models,
                       "data_flow": {"embed_from": embed, "path": path}}  # fmt: skip
         if self.ps is not None:

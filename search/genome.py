@@ -38,6 +38,8 @@ def _logit(p: float) -> float:
 class GenomeSpec:
     def __init__(self, config: SearchConfig, num_layers: int):
         self.config = config
+        # resolved once: a zoo path costs a hash of the zoo's parameters, and decode runs per trial
+        self.model_paths = {a: str(config.model_path(a)) for a in config.models}
         space = config.space
         self.method = get_method(space.method)
         if self.method.family == "passthrough":
@@ -129,7 +131,7 @@ class GenomeSpec:
             groups.append(group)
         return Recipe.parse({
             "dtype": space.dtype,
-            "models": {a: {"path": str(self.config.model_path(a))} for a in self.config.models},
+            "models": {a: {"path": p} for a, p in self.model_paths.items()},
             "parameter_space": {"method": space.method, "base": self.config.base,
                                 "normalize": space.normalize, "lambda": space.lambda_,
                                 "seed": seed, "groups": groups},
