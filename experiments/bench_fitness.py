@@ -1,7 +1,7 @@
 """Per-candidate scoring time: the Scorer's built-once requests against lm-eval rebuilding them.
 
     python experiments/bench_fitness.py [--repeats 10] [--batch-size 100] [--tasks A,B]
-                                        [--hidden H --layers L]
+                                        [--threads 1] [--hidden H --layers L]
 
 On the demo zoo's add expert with the demo search's tasks (2 generation tasks x 100 items):
   reused:  one Scorer (tasks loaded, model wrapped and requests built once), `score()` per
@@ -80,8 +80,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--tasks", default="zoo_add_gen_search,zoo_caps_gen_search")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: as the demo's workers, cpus_per_worker 1)")  # fmt: skip
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     zoo = build_zoo(size="demo")
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
     tasks = args.tasks.split(",")
@@ -121,7 +123,7 @@ def main() -> None:
         rebuilt.append(time.perf_counter() - t0)
     med = statistics.median
     print(f"model: {params / 1e6:.2f}M parameters, {r.examples} examples per candidate, "
-          f"batch size {args.batch_size}")  # fmt: skip
+          f"batch size {args.batch_size}, {args.threads} torch thread(s)")  # fmt: skip
     print(f"scorer build (tasks, model wrap, requests; once per worker): {build:.2f} s")
     print(f"per candidate, requests reused: {med(reused):.3f} s (median of {len(reused)})")
     print(f"per candidate, tasks rebuilt (simple_evaluate): {med(rebuilt):.3f} s "
