@@ -84,20 +84,21 @@ class Checkpoint:
             raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
         return read_tensor(self._entries[name]) if self._entries else self._loaded[name]
 
-    def copy_side_files(self, out: Path, dtype: torch.dtype, num_layers: int | None = None) -> None:
-        """config.json (with the output dtype) plus generation and tokenizer files."""
+    def copy_side_files(self, out: Path, dtype: torch.dtype, num_layers: int | None = None,
+                        layer_types: list[str] | None = None) -> None:  # fmt: skip
+        """config.json (with the output dtype) plus generation and tokenizer files.
+
+        A data-flow export passes its `num_layers` (one per hop) and, for architectures whose
+        layers differ (sliding-window and global attention), each hop's `layer_types`."""
         cfg = dict(self.info.raw)
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        if num_layers is not None:  # a data-flow export: one layer per hop
+        if num_layers is not None:
             for key in ("num_hidden_layers", "n_layer"):
                 if key in cfg or key == "num_hidden_layers":
                     cfg[key] = num_layers
             if cfg.get("layer_types"):
-                if len(set(cfg["layer_types"])) != 1:
-                    raise EvomergeError(
-                        f"{self.path}: mixed layer_types cannot be re-laid as a path"
-                    )
-                cfg["layer_types"] = [cfg["layer_types"][0]] * num_layers
+                assert layer_types is not None and len(layer_types) == num_layers
+                cfg["layer_types"] = layer_types
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name in SIDE_FILES:
             if (self.path / name).is_file():

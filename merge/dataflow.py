@@ -6,10 +6,12 @@ wraps a source layer, scales the incoming hidden state, and takes its own KV-cac
 Exported, it is a plain checkpoint of the embedding model's architecture with one layer per hop.
 In a pre-norm network every read of the residual stream goes through a norm that is invariant
 to positive scaling, so scaling the stream by the cumulative product C_k of the scales up to hop
-k equals dividing hop k's residual-writing projections (weights and biases) by C_k. The export
-is exact up to the norms' epsilon and needs no custom code. Architectures where a sublayer's
-output passes through its own norm before the residual add (Gemma 2/3), or without a known set
-of residual writers, are refused.
+k equals dividing what hop k writes into the stream by C_k. Usually the writers are the output
+projections (weights and biases divided by C_k). In Gemma 2/3 each sublayer's output passes
+through its own RMSNorm, whose gain is (1 + w), before the residual add: there the writer is that
+norm, and (1 + w) / C_k is written as w' = (1 + w) / C_k - 1. The export is exact up to the
+norms' epsilon and needs no custom code. Architectures without a known set of residual writers
+are refused.
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ from torch import nn
 
 from merge.errors import EvomergeError
 
-# model_type -> (attribute path of the decoder-layer list, residual-writing modules in a layer)
-FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+# model_type -> (attribute path of the decoder-layer list, residual-writing modules in a layer,
+# the writers' gain offset: a writer's parameter t is folded as (t + offset) / C - offset)
+FAMILIES: dict[str, tuple[str, tuple[str, ...], float]] = {
     **{
-        t: ("model.layers", ("self_attn.o_proj", "mlp.down_proj"))
-        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3")
+        t: ("model.layers", ("self_attn.o_proj", "mlp.down_proj"), 0.0)
+        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
     },  # fmt: skip
-    "gpt2": ("transformer.h", ("attn.c_proj", "mlp.c_proj")),
-    "gpt_neox": ("gpt_neox.layers", ("attention.dense", "mlp.dense_4h_to_h")),
+    **{
+        t: ("model.layers", ("post_attention_layernorm", "post_feedforward_layernorm"), 1.0)
+        for t in ("gemma2", "gemma3_text")
+    },  # fmt: skip
+    "gpt2": ("transformer.h", ("attn.c_proj", "mlp.c_proj"), 0.0),
+    "gpt_neox": ("gpt_neox.layers", ("attention.dense", "mlp.dense_4h_to_h"), 0.0),
 }
 
 
-def family(model_type: str) -> tuple[str, tuple[str, ...]]:
+def family(model_type: str) -> tuple[str, tuple[str, ...], float]:
     if model_type not in FAMILIES:
         raise EvomergeError(
             f"data-flow merging of model_type {model_type!r} is not supported: its scales cannot "
@@ -122,14 +129,17 @@ class PathModel:
 
 def folded_layer_tensors(
     names: list[str], layer: int, hop: int, cumulative_scale: float, model_type: str
-) -> Iterator[tuple[str, str, float]]:
-    """(source name, exported name, divisor) for one hop: renamed, residual writers divided."""
-    list_path, writers = family(model_type)
+) -> Iterator[tuple[str, str, float, float]]:
+    """(source name, exported name, divisor, offset) for one hop's tensors, renamed; a residual
+    writer's tensor t becomes (t + offset) / divisor - offset, any other is copied (divisor 1)."""
+    list_path, writers, offset = family(model_type)
     pattern = re.compile(rf"(^|\.)(layers|h)\.{layer}\.")
     for name in names:
         if not pattern.search(name):
             continue
         new = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}.{hop}.", name, count=1)
         inner = pattern.split(name, maxsplit=1)[-1]
-        divisor = cumulative_scale if any(inner.startswith(w + ".") for w in writers) else 1.0
-        yield name, new, divisor
+        if any(inner.startswith(w + ".") for w in writers):
+            yield name, new, cumulative_scale, offset
+        else:
+            yield name, new, 1.0, 0.0

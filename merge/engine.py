@@ -178,11 +178,13 @@ def _write_checkpoint(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def path_plan(recipe: Recipe, ckpts: Mapping[str, Checkpoint]) -> list[tuple[str, str, str, float]]:
-    """(output name, source alias, source name, divisor) of a data-flow path's checkpoint.
+def path_plan(
+    recipe: Recipe, ckpts: Mapping[str, Checkpoint]
+) -> list[tuple[str, str, str, float, float]]:
+    """(output name, source alias, source name, divisor, offset) of a data-flow path's checkpoint.
 
     One layer per hop; hop k's residual writers are divided by the product of the scales up to
-    and including hop k (see merge.dataflow)."""
+    and including hop k, around their gain offset (see merge.dataflow)."""
     from merge.architecture import network_order
     from merge.dataflow import family, folded_layer_tensors
 
@@ -193,7 +195,7 @@ def path_plan(recipe: Recipe, ckpts: Mapping[str, Checkpoint]) -> list[tuple[str
     family(model_type)
     check_compatible({a: ckpts[a] for a in {df.embed_from, *(h.model for h in df.path)}},
                      reference=df.embed_from)  # fmt: skip
-    plan = {n: (df.embed_from, n, 1.0) for n in embed.names if classify(n).group != "layer"}
+    plan = {n: (df.embed_from, n, 1.0, 0.0) for n in embed.names if classify(n).group != "layer"}
     cumulative = 1.0
     for k, hop in enumerate(df.path):
         cumulative *= hop.scale
@@ -201,10 +203,10 @@ def path_plan(recipe: Recipe, ckpts: Mapping[str, Checkpoint]) -> list[tuple[str
         if hop.layer >= src.info.num_layers:
             raise EvomergeError(f"data_flow.path.{k}: {hop.model} has {src.info.num_layers} "
                                 f"layers, no layer {hop.layer}")  # fmt: skip
-        for name, new, divisor in folded_layer_tensors(
+        for name, new, divisor, offset in folded_layer_tensors(
             src.names, hop.layer, k, cumulative, model_type
         ):
-            plan[new] = (hop.model, name, divisor)
+            plan[new] = (hop.model, name, divisor, offset)
     return [(n, *plan[n]) for n in network_order(list(plan))]
 
 
@@ -255,17 +257,24 @@ def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force
             ckpts[PS] = Checkpoint(stage, "parameter_space result")
         plan = path_plan(recipe, ckpts)
         specs = [TensorSpec(n, out_dtype if ckpts[a].dtype(s).is_floating_point else ckpts[a].dtype(s),
-                            ckpts[a].shape(s)) for n, a, s, _ in plan]  # fmt: skip
+                            ckpts[a].shape(s)) for n, a, s, _, _ in plan]  # fmt: skip
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, alias, src, divisor in plan:
+            for name, alias, src, divisor, offset in plan:
                 t = ckpts[alias].get(src)
                 if t.is_floating_point():
-                    t = (t.float() / divisor if divisor != 1.0 else t).to(out_dtype)
+                    if divisor != 1.0:
+                        t = (t.float() + offset) / divisor - offset
+                    t = t.to(out_dtype)
                 yield name, t
 
         _write_checkpoint(tmp, specs, tensors(), limit, progress)
-        ckpts[df.embed_from].copy_side_files(tmp, out_dtype, num_layers=len(df.path))
+        # each hop keeps its source layer's kind (Gemma 2/3 alternate sliding and global layers)
+        types = [ckpts[h.model].info.raw.get("layer_types") for h in df.path]
+        ckpts[df.embed_from].copy_side_files(
+            tmp, out_dtype, num_layers=len(df.path),
+            layer_types=[t[h.layer] for t, h in zip(types, df.path)] if all(types) else None,
+        )  # fmt: skip
         recipe.save(tmp / "evomerge_recipe.yaml")
         if PS in used:
             shutil.rmtree(tmp / ".stage1")

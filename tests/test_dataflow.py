@@ -15,8 +15,12 @@ from merge.synthetic import make_family
 # Norms are scale-invariant only up to their epsilon: random tiny models have hidden states of
 # RMS ~0.02, where eps = 1e-6 is visible (max logit error 2e-4; 1.6e-3 for GPT-2's 1e-5). These
 # families use eps 1e-12 so the test measures the fold itself.
+# Gemma 2/3 fold into their post-sublayer norms' (1 + w) gains; their sliding-window layers
+# alternate with global ones, so a path mixes both.
 TINY_EPS = {"llama": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
             "qwen2": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
+            "gemma2": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
+            "gemma3_text": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
             "gpt2": dict(n_layer=3, layer_norm_epsilon=1e-12),
             "gpt_neox": dict(num_hidden_layers=3, layer_norm_eps=1e-12)}  # fmt: skip
 
@@ -112,9 +116,24 @@ def test_ps_then_dfs_recipe_rebuilds(tmp_path):
     assert Recipe.load(tmp_path / "out" / "evomerge_recipe.yaml") == recipe
 
 
+def test_gemma_post_norm_fold_is_not_a_plain_division(tmp_path):
+    """The (1 + w) gain is what scales: dividing w alone would be wrong."""
+    fam = make_family(tmp_path / "f", "gemma2", experts=1, delta_scale=0.3, num_hidden_layers=2)
+    merge_to_dir(_recipe(fam, [("base", 0, 1.0), ("expert1", 1, 0.5)]), tmp_path / "out")
+    from safetensors.torch import load_file
+
+    src = load_file(fam["expert1"] / "model.safetensors")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        w = src[f"model.layers.1.{norm}.weight"]
+        assert torch.allclose(1 + out[f"model.layers.1.{norm}.weight"], (1 + w) / 0.5)
+    assert torch.equal(out["model.layers.1.input_layernorm.weight"],
+                       src["model.layers.1.input_layernorm.weight"])  # fmt: skip
+
+
 def test_unfoldable_architecture_is_refused(tmp_path):
-    fam = make_family(tmp_path, "gemma2", experts=0)
-    with pytest.raises(EvomergeError, match="gemma2.*cannot be folded exactly"):
+    fam = make_family(tmp_path, "olmo2", experts=0)
+    with pytest.raises(EvomergeError, match="olmo2.*cannot be folded exactly"):
         merge_to_dir(_recipe(fam, [("base", 0, 1.0)]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
