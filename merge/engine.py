@@ -270,7 +270,7 @@ def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force
 
         _write_checkpoint(tmp, specs, tensors(), limit, progress)
         # each hop keeps its source layer's kind (Gemma 2/3 alternate sliding and global layers)
-        types = [ckpts[h.model].info.raw.get("layer_types") for h in df.path]
+        types = [ckpts[h.model].info.raw.get("layer_types") or [] for h in df.path]
         ckpts[df.embed_from].copy_side_files(
             tmp, out_dtype, num_layers=len(df.path),
             layer_types=[t[h.layer] for t, h in zip(types, df.path)] if all(types) else None,
