@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import transformers
@@ -32,6 +33,23 @@ from lm_eval.models.huggingface import HFLM
 from merge.errors import EvomergeError
 
 
+class _Memo(dict):
+    """A memo that empties itself past `limit` entries: a guard against unbounded growth, far
+    above any task set's distinct strings."""
+
+    def __init__(self, limit: int = 500_000):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key, compute):
+        value = self.get(key)
+        if value is None:
+            if len(self) >= self.limit:
+                self.clear()
+            value = self[key] = compute()
+        return value
+
+
 class _StopSequences(transformers.StoppingCriteria):
     """lm-eval's stop rule (`MultiTokenEOSCriteria`, one per stop sequence), each distinct
     lookback window decoded once.
@@ -42,7 +60,7 @@ class _StopSequences(transformers.StoppingCriteria):
     every sequence has produced one same stop sequence (HF ORs the criteria's scalar verdicts)."""
 
     def __init__(self, sequences: list[str], tokenizer, start: int, batch_size: int,
-                 decoded: dict):  # fmt: skip
+                 decoded: _Memo):  # fmt: skip
         # lm-eval looks back 2 tokens more than the stop sequence's own tokenization
         self.rules = [
             (s, len(tokenizer.encode(s, add_special_tokens=False)) + 2) for s in sequences
@@ -57,9 +75,7 @@ class _StopSequences(transformers.StoppingCriteria):
             for i, ids in enumerate(generated):
                 if not done[i]:
                     window = tuple(ids[-lookback:])
-                    text = self.decoded.get(window)
-                    if text is None:
-                        text = self.decoded[window] = self.tokenizer.decode(list(window))
+                    text = self.decoded.get_or(window, partial(self.tokenizer.decode, list(window)))
                     done[i] = sequence in text
             verdict = verdict or all(done)
         return verdict
@@ -75,14 +91,11 @@ class ReusableHFLM(HFLM):
     (`_model_generate`'s greedy/temperature handling, autocast, KV cache) with `_StopSequences`
     as its stopping criterion."""
 
-    _MEMO_LIMIT = 500_000  # entries; a guard against unbounded growth, far above any task set
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._encoded: dict = {}
-        self._batches: dict = {}
-        self._decoded: dict = {}  # stop rule: lookback window -> text
-        self._texts: dict = {}  # tok_decode
+        self._encoded, self._batches = _Memo(), _Memo(5_000)
+        self._texts = _Memo()  # tok_decode
+        self._windows = _Memo()  # the stop rule's lookback windows
 
     @property
     def max_length(self) -> int:
@@ -94,35 +107,22 @@ class ReusableHFLM(HFLM):
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
-        if key not in self._encoded:
-            if len(self._encoded) > self._MEMO_LIMIT:
-                self._encoded.clear()
-            self._encoded[key] = super().tok_encode(
-                string, add_special_tokens, left_truncate_len, **kwargs
-            )
-        return list(self._encoded[key])
+        encode = partial(super().tok_encode, string, add_special_tokens, left_truncate_len,
+                         **kwargs)  # fmt: skip
+        return list(self._encoded.get_or(key, encode))
 
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None,
                          truncation=False):  # fmt: skip
         key = (tuple(strings), padding_side, left_truncate_len, truncation)
-        if key not in self._batches:
-            if len(self._batches) > self._MEMO_LIMIT // 100:
-                self._batches.clear()
-            self._batches[key] = super().tok_batch_encode(
-                strings, padding_side, left_truncate_len, truncation
-            )
-        ids, mask = self._batches[key]
+        encode = partial(super().tok_batch_encode, strings, padding_side, left_truncate_len,
+                         truncation)  # fmt: skip
+        ids, mask = self._batches.get_or(key, encode)
         return ids.clone(), mask.clone()
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True):
         # a candidate's outputs mostly repeat the last one's; HFLM also decodes single ids
         key = (tokens if isinstance(tokens, int) else tuple(tokens), skip_special_tokens)
-        text = self._texts.get(key)
-        if text is None:
-            if len(self._texts) > self._MEMO_LIMIT:
-                self._texts.clear()
-            text = self._texts[key] = super().tok_decode(tokens, skip_special_tokens)
-        return text
+        return self._texts.get_or(key, partial(super().tok_decode, tokens, skip_special_tokens))
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         # temperature 0 without do_sample means greedy, as in HFLM._model_generate
@@ -132,12 +132,10 @@ class ReusableHFLM(HFLM):
             generation_kwargs["do_sample"] = do_sample = False
         if do_sample is False and temp == 0.0:
             generation_kwargs.pop("temperature", None)
-        if len(self._decoded) > self._MEMO_LIMIT:
-            self._decoded.clear()
         stopping = transformers.StoppingCriteriaList(
             [
                 _StopSequences(
-                    stop, self.tokenizer, context.shape[1], context.shape[0], self._decoded
+                    stop, self.tokenizer, context.shape[1], context.shape[0], self._windows
                 )
             ]
         )

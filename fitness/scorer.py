@@ -123,7 +123,6 @@ class Scorer:
                 task.set_config(key="num_fewshot", value=num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=seed)
         self.seed = seed
         self.samples = self._subsets(limit, seed) if limit is not None else None
         self.lm: Any = None  # lm-eval HFLM, set by `bind`
@@ -171,15 +170,11 @@ class Scorer:
         # prompts depend on the tasks and the seed, and on the tokenizer only through a chat
         # template: built once unless one is applied
         if self.requests is None or self.apply_chat_template:
+            subsets = self.samples or {}
             with contextlib.redirect_stderr(io.StringIO()):
                 self.requests = [
                     TaskRequests.build(
-                        name,
-                        task,
-                        self.samples[name] if self.samples else None,
-                        self.lm,
-                        self.seed,
-                        self.apply_chat_template,
+                        name, task, subsets.get(name), self.lm, self.seed, self.apply_chat_template
                     )  # fmt: skip
                     for name, task in self.loaded["tasks"].items()
                 ]

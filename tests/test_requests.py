@@ -108,7 +108,7 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
     """At every decoding step, the memoized stop rule gives lm-eval's verdict."""
     from lm_eval.models.utils_hf import stop_sequences_criteria
 
-    from fitness.requests import _StopSequences
+    from fitness.requests import _Memo, _StopSequences
 
     stops = data.draw(st.lists(st.sampled_from(["\n", "ab", "=?", "c", "\n\n", "s>a"]), min_size=1,
                                max_size=3, unique=True))  # fmt: skip
@@ -119,7 +119,7 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
         st.lists(st.sampled_from(vocab), min_size=prompt + length, max_size=prompt + length),
         min_size=batch, max_size=batch)))  # fmt: skip
     theirs = stop_sequences_criteria(tokenizer, stops, prompt, batch)
-    ours = _StopSequences(stops, tokenizer, prompt, batch, decoded={})
+    ours = _StopSequences(stops, tokenizer, prompt, batch, decoded=_Memo())
     for t in range(prompt + 1, prompt + length + 1):
         want = any(bool(torch.as_tensor(c(ids[:, :t], None)).all()) for c in theirs)
         assert ours(ids[:, :t], None) == want, t
