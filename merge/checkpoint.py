@@ -97,7 +97,9 @@ class Checkpoint:
                 if key in cfg or key == "num_hidden_layers":
                     cfg[key] = num_layers
             if cfg.get("layer_types"):
-                assert layer_types is not None and len(layer_types) == num_layers
+                if layer_types is None or len(layer_types) != num_layers:
+                    raise EvomergeError(f"{self.path}: its config lists layer_types, but not "
+                                        "every model on the path does; use one architecture")  # fmt: skip
                 cfg["layer_types"] = layer_types
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name in SIDE_FILES:
