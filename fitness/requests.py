@@ -34,19 +34,23 @@ from merge.errors import EvomergeError
 
 
 class _Memo(dict):
-    """A memo that empties itself past `limit` entries: a guard against unbounded growth, far
-    above any task set's distinct strings."""
+    """A memo that empties itself when its values' total size passes `limit`: a guard against
+    unbounded growth, far above a task set's distinct strings. `size` weighs a value (1 each by
+    default)."""
 
-    def __init__(self, limit: int = 500_000):
+    def __init__(self, limit: int = 500_000, size=lambda value: 1):
         super().__init__()
-        self.limit = limit
+        self.limit, self.size, self.total = limit, size, 0
 
     def get_or(self, key, compute):
         value = self.get(key)
         if value is None:
-            if len(self) >= self.limit:
+            value = compute()
+            if self.total + self.size(value) > self.limit:
                 self.clear()
-            value = self[key] = compute()
+                self.total = 0
+            self[key] = value
+            self.total += self.size(value)
         return value
 
 
@@ -93,7 +97,9 @@ class ReusableHFLM(HFLM):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._encoded, self._batches = _Memo(), _Memo(5_000)
+        self._encoded = _Memo()
+        # padded batches (ids and mask): at most 2^25 token slots, 512 MB of int64
+        self._batches = _Memo(1 << 25, size=lambda batch: batch[0].numel())
         self._texts = _Memo()  # tok_decode
         self._windows = _Memo()  # the stop rule's lookback windows
 

@@ -123,3 +123,14 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
     for t in range(prompt + 1, prompt + length + 1):
         want = any(bool(torch.as_tensor(c(ids[:, :t], None)).all()) for c in theirs)
         assert ours(ids[:, :t], None) == want, t
+
+
+def test_memo_empties_itself_past_its_size_limit():
+    from fitness.requests import _Memo
+
+    memo = _Memo(10, size=len)
+    calls = []
+    for key in ["aaaa", "bbbb", "aaaa", "cccc", "aaaa"]:
+        assert memo.get_or(key, lambda k=key: calls.append(k) or k * 1) == key
+    # a, b (8 units); a again from the memo; c would pass 10: cleared, then a computed anew
+    assert calls == ["aaaa", "bbbb", "cccc", "aaaa"] and memo.total == 8
