@@ -178,8 +178,7 @@ class TaskRequests:
 
     name: str
     task: ConfigurableTask
-    doc_ids: list[int]  # in build order
-    by_doc: dict[int, list[Instance]]  # document id -> its requests, in `idx` order
+    by_doc: dict[int, list[Instance]]  # document id -> its requests, in `idx` order (build order)
     filters: list[FilterEnsemble]
 
     @classmethod
@@ -203,14 +202,14 @@ class TaskRequests:
             by_doc[doc_ids[inst.doc_id] if doc_ids is not None else inst.doc_id].append(inst)
         for insts in by_doc.values():
             insts.sort(key=lambda x: x.idx)
-        return cls(name, task, list(by_doc), dict(by_doc), task_filters(task))
+        return cls(name, task, dict(by_doc), task_filters(task))
 
 
 def answer(lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None = None
            ) -> dict[str, tuple[dict[str, float], int]]:  # fmt: skip
     """Run the model on the tasks' requests (only `samples`' documents when given) and return,
     per task, its aggregated metrics ("metric,filter" -> value) and the documents scored."""
-    chosen = {t.name: t.doc_ids if samples is None else samples[t.name] for t in tasks}
+    chosen = {t.name: list(t.by_doc) if samples is None else samples[t.name] for t in tasks}
     by_type: dict[str, list[Instance]] = defaultdict(list)
     for t in tasks:
         for d in chosen[t.name]:

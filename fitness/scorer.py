@@ -88,7 +88,6 @@ class Scorer:
 
         for name in ("lm_eval", "lm-eval", "datasets"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        self.specs = tasks
         self.batch_size = batch_size
         self.apply_chat_template = apply_chat_template
         names = [t.name for t in tasks]

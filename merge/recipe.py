@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +33,19 @@ from merge.sparsify import Rescale
 
 FORMAT: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+def known_method(name: str) -> str:
+    """A pydantic validator's view of `get_method`: the did-you-mean error as a ValueError."""
+    try:
+        get_method(name)
+    except EvomergeError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+# a merge method's name, checked against the registry (with its did-you-mean error)
+MethodName = Annotated[str, AfterValidator(known_method)]
 
 
 class _Strict(BaseModel):
@@ -106,18 +120,13 @@ class Group(_Strict):
 
 
 class ParameterSpace(_Strict):
-    method: str
+    method: MethodName
     base: str | None = None
     normalize: bool | None = None  # None: the method's default
     lambda_: float = Field(default=1.0, alias="lambda")
     rescale: Rescale | None = None  # None: the method's default
     seed: int = 0
     groups: list[Group]
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return known_method(v)
 
     @model_validator(mode="after")
     def _per_group(self) -> ParameterSpace:
@@ -295,15 +304,6 @@ class Recipe(_Strict):
 
     def save(self, path: Path | str) -> None:
         write_atomic(Path(path), self.to_yaml())
-
-
-def known_method(name: str) -> str:
-    """A pydantic validator's view of `get_method`: the did-you-mean error as a ValueError."""
-    try:
-        get_method(name)
-    except EvomergeError as e:
-        raise ValueError(str(e)) from None
-    return name
 
 
 def read_yaml(path: Path, what: str) -> object:

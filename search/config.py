@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fitness.tasks import TaskSpec
 from merge.errors import EvomergeError
-from merge.recipe import DType, ModelRef, known_method, one_line, read_yaml
+from merge.recipe import DType, MethodName, ModelRef, one_line, read_yaml
 from merge.registry import get_method
 
 
@@ -54,7 +54,7 @@ PER_GROUP_GENES = ("t", "lambda")
 class MergeSpace(_Strict):
     """The parameter space being searched."""
 
-    method: str = "ties"
+    method: MethodName = "ties"
     layers_per_group: int = Field(1, ge=1)  # genes per group of N consecutive layers
     embed_head_groups: bool = True  # embeddings and head get genes of their own
     tensor_kinds: bool = False  # attention / mlp / other get separate genes
@@ -64,11 +64,6 @@ class MergeSpace(_Strict):
     normalize: bool | None = None
     lambda_: float = Field(1.0, alias="lambda")
     dtype: DType = "float32"
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return known_method(v)
 
     @model_validator(mode="after")
     def _genes(self) -> MergeSpace:
@@ -193,9 +188,15 @@ class SearchConfig(_Strict):
         return default_zoo_dir(self.zoo)
 
     def model_path(self, alias: str) -> Path:
-        p = Path(self.models[alias].path).expanduser()
+        return self.model_paths()[alias]
+
+    def model_paths(self) -> dict[str, Path]:
+        """Every model's directory; relative paths resolve inside the zoo (found once: a zoo's
+        directory name is a hash of its parameters)."""
         zoo = self.zoo_dir()
-        return zoo / p if zoo is not None and not p.is_absolute() else p
+        paths = {a: Path(m.path).expanduser() for a, m in self.models.items()}
+        return {a: zoo / p if zoo is not None and not p.is_absolute() else p
+                for a, p in paths.items()}  # fmt: skip
 
     def include_paths(self) -> list[Path]:
         paths = [Path(p) for p in self.fitness.include]

@@ -21,7 +21,7 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
     zoo = cfg.zoo_dir()
     assert zoo is not None
     tasks = [t.name for t in (cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout"))]
-    rows: dict[str, object] = {a: cfg.model_path(a) for a in cfg.models}
+    rows: dict[str, object] = dict(cfg.model_paths())
     if cfg.dfs is None:
         rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
             zoo, cfg.space.method, cfg.experts, 1.0)  # fmt: skip

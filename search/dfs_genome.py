@@ -23,8 +23,8 @@ class DFSGenome:
     def __init__(self, config: SearchConfig, layers: dict[str, int], ps: Recipe | None = None):
         assert config.dfs is not None
         self.config = config
-        # resolved once: a zoo path costs a hash of the zoo's parameters, and decode runs per trial
-        self.model_paths = {a: str(config.model_path(a)) for a in config.models}
+        # resolved once: decode runs per trial
+        self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
         self.dfs = config.dfs
         self.ps = ps
         self.layers = layers  # alias -> number of layers

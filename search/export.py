@@ -40,7 +40,7 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
 def baselines(run: RunDir) -> dict[str, Recipe]:
     """Untuned merges: uniform linear, task arithmetic at several lambdas, TIES, DARE-TIES."""
     cfg = run.config
-    models = {a: str(cfg.model_path(a)) for a in cfg.models}
+    models = {a: str(p) for a, p in cfg.model_paths().items()}
     layers = ModelInfo.from_dir(cfg.model_path(cfg.base)).num_layers
     experts = cfg.experts
     dtype = cfg.space.dtype

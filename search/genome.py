@@ -38,8 +38,8 @@ def _logit(p: float) -> float:
 class GenomeSpec:
     def __init__(self, config: SearchConfig, num_layers: int):
         self.config = config
-        # resolved once: a zoo path costs a hash of the zoo's parameters, and decode runs per trial
-        self.model_paths = {a: str(config.model_path(a)) for a in config.models}
+        # resolved once: decode runs per trial
+        self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
         space = config.space
         self.method = get_method(space.method)
         if self.method.family == "passthrough":

@@ -73,7 +73,7 @@ class TrialWorker:
         from merge.registry import get_method
         from merge.resident import ResidentSources
 
-        paths = {a: config.model_path(a) for a in config.models}
+        paths = config.model_paths()
         ta = get_method(config.space.method).family == "task_arithmetic"
         self.sources = ResidentSources(paths, config.base, device, task_vectors=ta)
         hf_config = AutoConfig.from_pretrained(paths[config.base])
