@@ -24,12 +24,10 @@ import contextlib
 import io
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import env  # noqa: E402
+from evomerge.search import env  # noqa: E402
 
 env.apply()
 
@@ -48,7 +46,7 @@ def _timed(owner, name: str, total: list[float]) -> None:
 
 
 def _model(zoo: Path, hidden: int, layers: int):
-    from fitness.models import load_model
+    from evomerge.fitness.models import load_model
 
     model, tok = load_model(zoo / "llama" / "add")
     if not hidden:
@@ -70,9 +68,9 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from fitness.scorer import Scorer
-    from fitness.tasks import TaskSpec
-    from fitness.zoo.build import build_zoo
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.fitness.tasks import TaskSpec
+    from evomerge.fitness.zoo.build import build_zoo
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10)

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 METHODS = ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]  # fmt: skip
 
@@ -69,7 +67,7 @@ def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str,
 
 
 def recipe_for(method: str, paths: dict[str, Path], dtype: str, layers: int):
-    from merge.recipe import Recipe
+    from evomerge.merge.recipe import Recipe
 
     if method == "slerp":
         params = {"expert1": {}}
@@ -93,8 +91,8 @@ def child(mode: str, method: str, root: Path, dtype: str) -> dict:
     """One measurement in this (fresh) process."""
     from safetensors.torch import save_file
 
-    from merge.checkpoint import Checkpoint
-    from merge.engine import iter_merged, merge_to_dir, open_sources
+    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.engine import iter_merged, merge_to_dir, open_sources
 
     paths = {a: root / a for a in ("base", "expert1", "expert2")}
     layers = Checkpoint(paths["base"]).info.num_layers

@@ -10,14 +10,11 @@ the separable (diagonal) variant is O(n). The search switches to diagonal above
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search.optimizer import Optimizer  # noqa: E402
+from evomerge.search.optimizer import Optimizer  # noqa: E402
 
 
 def per_generation(dim: int, diagonal: bool, generations: int) -> float:

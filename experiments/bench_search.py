@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from search import env  # noqa: E402
+from evomerge.search import env  # noqa: E402
 
 env.apply()
 
@@ -29,14 +26,15 @@ import torch  # noqa: E402
 
 
 def search_split(budget: int) -> None:
-    from fitness.zoo.build import build_zoo
-    from search.config import SearchConfig
-    from search.driver import run_search
-    from search.rundir import RunDir
-    from search.workers import SerialExecutor
+    from evomerge.fitness.zoo.build import build_zoo
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.demo import DEMO_CONFIG
+    from evomerge.search.driver import run_search
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.workers import SerialExecutor
 
     build_zoo(size="demo")
-    data = SearchConfig.load(Path(__file__).parents[1] / "configs" / "demo.yaml").dump()
+    data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"]["budget"] = budget
     data["workers"]["count"] = 0
     cfg = SearchConfig.parse(data)
@@ -73,9 +71,9 @@ def search_split(budget: int) -> None:
 def materialize_vs_copy(params: float, method: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from merge.recipe import Recipe
-    from merge.resident import ResidentSources
-    from merge.synthetic import make_family
+    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.resident import ResidentSources
+    from evomerge.merge.synthetic import make_family
 
     hidden = 1024
     layers = max(1, round((params - 2 * 32000 * hidden) / (4 * hidden**2 + 3 * hidden * 2816)))
@@ -115,12 +113,13 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     """Busy time / wall time of the workers when they outnumber the candidates in flight."""
     import ray
 
-    from search.config import SearchConfig
-    from search.driver import run_search
-    from search.rundir import RunDir
-    from search.workers import RayExecutor
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.demo import DEMO_CONFIG
+    from evomerge.search.driver import run_search
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.workers import RayExecutor
 
-    data = SearchConfig.load(Path(__file__).parents[1] / "configs" / "demo.yaml").dump()
+    data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
     data["workers"] |= {"count": workers, "cpus_per_worker": 1}
     for shards in ("off", "auto"):

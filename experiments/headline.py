@@ -15,28 +15,26 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import env  # noqa: E402
+from evomerge.search import env  # noqa: E402
 
 env.apply()
 
 
 def main() -> None:
-    from fitness.models import load_model, model_from_recipe
-    from fitness.scorer import Scorer
-    from fitness.tasks import to_split
-    from fitness.zoo.build import build_zoo
-    from merge.recipe import Recipe
-    from search.config import SearchConfig
-    from search.demo import DEMO_CONFIG
-    from search.driver import run_search
-    from search.export import baselines
-    from search.rundir import RunDir
-    from search.workers import make_executor
+    from evomerge.fitness.models import load_model, model_from_recipe
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.fitness.tasks import to_split
+    from evomerge.fitness.zoo.build import build_zoo
+    from evomerge.merge.recipe import Recipe
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.demo import DEMO_CONFIG
+    from evomerge.search.driver import run_search
+    from evomerge.search.export import baselines
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.workers import make_executor
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
@@ -46,7 +44,7 @@ def main() -> None:
     zoo = build_zoo(size="demo")
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
     base_cfg = SearchConfig.load(DEMO_CONFIG)
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = DEMO_CONFIG.parent
     kinds = {
         "ps": DEMO_CONFIG,
         "dfs": configs / "demo_dfs.yaml",

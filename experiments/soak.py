@@ -27,8 +27,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from search import env  # noqa: E402
+from evomerge.search import env  # noqa: E402
 
 env.apply()
 
@@ -47,7 +46,7 @@ def config_data(zoo: Path, budget: int) -> dict:
 
 
 def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "evomerge.search.cli", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -56,14 +55,14 @@ def lines(path: Path) -> int:
 
 
 def outcome(run_dir: Path) -> dict:
-    from search.rundir import RunDir
+    from evomerge.search.rundir import RunDir
 
     return {k: (t["status"], t["fitness"], tuple(t["x"]))
             for k, t in RunDir.reopen(run_dir).trials().items()}  # fmt: skip
 
 
 def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
-    from search.rundir import RunDir
+    from evomerge.search.rundir import RunDir
 
     cfg = tmp / "soak.yaml"
     cfg.write_text(yaml.safe_dump(config_data(zoo, budget=4 * (kills + 10))))
@@ -106,10 +105,10 @@ def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
 
 
 def fault_soak(zoo: Path, tmp: Path, rate: float, rng: random.Random) -> None:
-    from search.config import SearchConfig
-    from search.driver import run_search
-    from search.rundir import RunDir
-    from search.workers import RayExecutor
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.driver import run_search
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.workers import RayExecutor
 
     data = config_data(zoo, budget=32)
     data["workers"] = {"count": 2, "cpus_per_worker": 1, "trial_timeout": 15}
@@ -147,7 +146,7 @@ def main() -> None:
     ap.add_argument("--fault-rate", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from fitness.zoo.build import build_zoo
+    from evomerge.fitness.zoo.build import build_zoo
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as d:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from merge.errors import EvomergeError
+from evomerge.merge.errors import EvomergeError
 
 
 def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
@@ -30,7 +30,7 @@ def model_from_recipe(recipe, device: str = "cpu"):
         return _path_model(recipe, device)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from merge.engine import iter_merged, open_sources
+    from evomerge.merge.engine import iter_merged, open_sources
 
     ckpts = open_sources(recipe)
     main = ckpts[recipe.main_alias].path
@@ -49,7 +49,7 @@ def model_from_recipe(recipe, device: str = "cpu"):
 
 def load_sources(paths: dict, ps_recipe, device: str, dtype: str) -> tuple[dict, dict]:
     """(models, tokenizers) by alias for a data-flow path; alias "ps" is built from `ps_recipe`."""
-    from merge.recipe import PS
+    from evomerge.merge.recipe import PS
 
     models, tokenizers = {}, {}
     for alias, path in paths.items():
@@ -61,8 +61,8 @@ def load_sources(paths: dict, ps_recipe, device: str, dtype: str) -> tuple[dict,
 
 
 def _path_model(recipe, device: str):
-    from merge.dataflow import PathModel
-    from merge.recipe import PS
+    from evomerge.merge.dataflow import PathModel
+    from evomerge.merge.recipe import PS
 
     df = recipe.data_flow
     used = {df.embed_from, *(h.model for h in df.path)}

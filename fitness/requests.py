@@ -30,7 +30,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.filters import build_filter_ensemble
 from lm_eval.models.huggingface import HFLM
 
-from merge.errors import EvomergeError
+from evomerge.merge.errors import EvomergeError
 
 
 class _Memo(dict):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fitness.tasks import TaskSpec
-from merge.errors import EvomergeError
+from evomerge.fitness.tasks import TaskSpec
+from evomerge.merge.errors import EvomergeError
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Scorer:
     def bind(self, model, tokenizer, device: str = "cpu") -> Scorer:
         """Wrap the resident model once and build every task's requests (once per Scorer);
         later in-place weight changes are seen by `score`."""
-        from fitness.requests import ReusableHFLM, TaskRequests
+        from evomerge.fitness.requests import ReusableHFLM, TaskRequests
 
         self.lm = ReusableHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
                                device=device)  # fmt: skip
@@ -184,7 +184,7 @@ class Scorer:
         non-finite metric is a failed result."""
         if self.lm is None or self.requests is None:
             raise RuntimeError("Scorer.bind(model, tokenizer) first")
-        from fitness.requests import answer
+        from evomerge.fitness.requests import answer
 
         start = time.perf_counter()
         try:

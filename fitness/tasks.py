@@ -16,9 +16,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from merge.recipe import write_atomic
+from evomerge.merge.recipe import write_atomic
 
-REPO_TASKS = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+
+def shipped_configs() -> Path:
+    """The configs that ship with evomerge: the repository's `configs/` in a checkout, the data
+    package `evomerge.configs` in an installed copy."""
+    import evomerge.configs
+
+    return Path(next(p for p in evomerge.configs.__path__ if Path(p).is_dir()))
+
+
 PLACEHOLDER = "ZOO_DIR"
 
 
@@ -70,8 +78,9 @@ def to_split(specs: list[TaskSpec], split: str) -> list[TaskSpec]:
     return out
 
 
-def render_zoo_tasks(zoo_dir: Path, source: Path = REPO_TASKS) -> Path:
+def render_zoo_tasks(zoo_dir: Path, source: Path | None = None) -> Path:
     """Write the task YAMLs with the zoo's absolute data path into `<zoo>/tasks/`."""
+    source = source or shipped_configs() / "tasks"
     dest = zoo_dir / "tasks"
     dest.mkdir(parents=True, exist_ok=True)
     for yml in sorted(source.glob("*.yaml")):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from merge.architecture import ModelInfo, network_order
-from merge.errors import EvomergeError
-from merge.safetensors_io import TensorEntry, read_header, read_tensor
+from evomerge.merge.architecture import ModelInfo, network_order
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.safetensors_io import TensorEntry, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

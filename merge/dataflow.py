@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from merge.errors import EvomergeError
+from evomerge.merge.errors import EvomergeError
 
 # model_type -> (attribute path of the decoder-layer list, residual-writing modules in a layer,
 # the writers' gain offset: a writer's parameter t is folded as (t + offset) / C - offset)

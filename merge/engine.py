@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from merge.architecture import classify
-from merge.checkpoint import Checkpoint, staged_dir
-from merge.errors import EvomergeError
-from merge.recipe import ParameterSpace, Recipe
-from merge.registry import get_method, merge_tensor
-from merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
+from evomerge.merge.architecture import classify
+from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import ParameterSpace, Recipe
+from evomerge.merge.registry import get_method, merge_tensor
+from evomerge.merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -185,8 +185,8 @@ def path_plan(
 
     One layer per hop; hop k's residual writers are divided by the product of the scales up to
     and including hop k, around their gain offset (see merge.dataflow)."""
-    from merge.architecture import network_order
-    from merge.dataflow import family, folded_layer_tensors
+    from evomerge.merge.architecture import network_order
+    from evomerge.merge.dataflow import family, folded_layer_tensors
 
     df = recipe.data_flow
     assert df is not None
@@ -239,7 +239,7 @@ def merge_to_dir(
 
 def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force: bool,
                        progress: Progress | None) -> Path:  # fmt: skip
-    from merge.recipe import PS
+    from evomerge.merge.recipe import PS
 
     df = recipe.data_flow
     assert df is not None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merge import sparsify
-from merge.sparsify import Rescale
+from evomerge.merge import sparsify
+from evomerge.merge.sparsify import Rescale
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from pydantic import (
     model_validator,
 )
 
-from merge.architecture import KINDS, Slot
-from merge.errors import EvomergeError
-from merge.methods import ModelParams, TensorOptions
-from merge.registry import get_method
-from merge.sparsify import Rescale
+from evomerge.merge.architecture import KINDS, Slot
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.methods import ModelParams, TensorOptions
+from evomerge.merge.registry import get_method
+from evomerge.merge.sparsify import Rescale
 
 FORMAT: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
 DType = Literal["float32", "bfloat16", "float16"]

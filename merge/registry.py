@@ -9,10 +9,10 @@ from enum import Enum
 
 import torch
 
-from merge import methods, sparsify
-from merge.errors import EvomergeError
-from merge.methods import ModelParams, TensorOptions
-from merge.sparsify import Rescale
+from evomerge.merge import methods, sparsify
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.methods import ModelParams, TensorOptions
+from evomerge.merge.sparsify import Rescale
 
 
 class Sparsifier(str, Enum):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from merge.architecture import ModelInfo
-from merge.checkpoint import Checkpoint
-from merge.engine import check_compatible, iter_merged
-from merge.errors import EvomergeError
-from merge.recipe import Recipe
+from evomerge.merge.architecture import ModelInfo
+from evomerge.merge.checkpoint import Checkpoint
+from evomerge.merge.engine import check_compatible, iter_merged
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
 
 
 class ResidentModel:

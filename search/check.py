@@ -9,14 +9,14 @@ import math
 import os
 from pathlib import Path
 
-from merge.errors import EvomergeError
-from search.config import SearchConfig
+from evomerge.merge.errors import EvomergeError
+from evomerge.search.config import SearchConfig
 
 
 def check_search(cfg: SearchConfig, run_dir: Path | None, resuming: bool = False) -> list[str]:
     problems: list[str] = []
     ckpts = {}
-    from merge.checkpoint import Checkpoint
+    from evomerge.merge.checkpoint import Checkpoint
 
     for alias in cfg.models:
         try:
@@ -25,7 +25,7 @@ def check_search(cfg: SearchConfig, run_dir: Path | None, resuming: bool = False
             problems.append(str(e))
     num_layers = None
     if len(ckpts) == len(cfg.models):
-        from merge.engine import check_compatible
+        from evomerge.merge.engine import check_compatible
 
         try:
             check_compatible(ckpts, reference=cfg.base)
@@ -49,7 +49,7 @@ def check_search(cfg: SearchConfig, run_dir: Path | None, resuming: bool = False
 
 
 def _check_genome(cfg: SearchConfig, num_layers: int) -> list[str]:
-    from search.genome import GenomeSpec
+    from evomerge.search.genome import GenomeSpec
 
     try:
         genome = GenomeSpec(cfg, num_layers)
@@ -67,7 +67,7 @@ def _check_genome(cfg: SearchConfig, num_layers: int) -> list[str]:
 
 
 def _check_tasks(cfg: SearchConfig) -> list[str]:
-    from fitness.scorer import Scorer
+    from evomerge.fitness.scorer import Scorer
 
     specs = list(cfg.fitness.tasks) + list(cfg.fitness.heldout_tasks or [])
     for path in cfg.include_paths():

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from merge.errors import EvomergeError
+from evomerge.merge.errors import EvomergeError
 
 app = typer.Typer(
     add_completion=False,
@@ -69,8 +69,8 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ):
     """Rebuild a recipe's merged model as a safetensors checkpoint."""
-    from merge.engine import merge_to_dir
-    from merge.recipe import Recipe
+    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.recipe import Recipe
 
     r = Recipe.load(recipe)
     bar = progress_bar("merging")
@@ -94,7 +94,7 @@ app.add_typer(zoo_app, name="zoo")
 
 def offline_env() -> None:
     """No hub access, ever: the zoo, its tasks and the scorer run offline by construction."""
-    from search import env
+    from evomerge.search import env
 
     env.apply()
 
@@ -112,12 +112,12 @@ def zoo_build(
 ):
     """Build the zoo (base, experts, distractor, joint reference, a second family, tasks)."""
     offline_env()
-    from fitness.zoo.build import build_zoo
+    from evomerge.fitness.zoo.build import build_zoo
 
     zoo = build_zoo(out, size=size, seed=seed, log=console.print, force=force)
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
     if table:
-        from fitness.zoo.table import markdown, score_rows, specialisation_rows
+        from evomerge.fitness.zoo.table import markdown, score_rows, specialisation_rows
 
         rows = score_rows(zoo, specialisation_rows(zoo))
         print("\nSpecialisation on the held-out split (exact match):")
@@ -143,11 +143,11 @@ def eval_cmd(
     offline_env()
     from rich.table import Table
 
-    from fitness.models import load_model, model_from_recipe
-    from fitness.scorer import Scorer
-    from fitness.tasks import parse_task_list
-    from fitness.zoo.build import default_zoo_dir
-    from merge.recipe import Recipe
+    from evomerge.fitness.models import load_model, model_from_recipe
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.fitness.tasks import parse_task_list
+    from evomerge.fitness.zoo.build import default_zoo_dir
+    from evomerge.merge.recipe import Recipe
 
     if (model is None) == (recipe is None):
         raise EvomergeError("give exactly one of --model DIR or --recipe FILE")
@@ -182,7 +182,7 @@ def _search_progress():
         TimeRemainingColumn,
     )
 
-    from search.driver import Progress as Hooks
+    from evomerge.search.driver import Progress as Hooks
 
     bar = Progress(TextColumn("[bold]gen {task.fields[gen]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
@@ -205,8 +205,8 @@ def _search_progress():
 
 def run_and_report(run) -> dict | None:
     """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run."""
-    from search.driver import run_search
-    from search.workers import make_executor
+    from evomerge.search.driver import run_search
+    from evomerge.search.workers import make_executor
 
     os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
     bar, hooks = _search_progress()
@@ -240,7 +240,7 @@ def run_and_report(run) -> dict | None:
 def ensure_zoo(cfg) -> None:
     """Build the zoo a config's relative model paths point into, when it is missing."""
     if cfg.zoo:
-        from fitness.zoo.build import build_zoo
+        from evomerge.fitness.zoo.build import build_zoo
 
         build_zoo(size=cfg.zoo, log=console.print)
 
@@ -266,9 +266,9 @@ def search(
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
     offline_env()
-    from search.check import check_search
-    from search.config import SearchConfig
-    from search.rundir import RunDir
+    from evomerge.search.check import check_search
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.rundir import RunDir
 
     cfg = _with_workers(SearchConfig.load(config), workers, address)
     run_dir = run_dir or Path("runs") / cfg.name
@@ -295,8 +295,8 @@ def resume(
 ):
     """Resume a search from its last snapshot; finished trials are never run again."""
     offline_env()
-    from search.config import SearchConfig
-    from search.rundir import RunDir
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.rundir import RunDir
 
     run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
     run.config = _with_workers(run.config, workers, address)
@@ -316,7 +316,7 @@ def export(
 ):
     """Export a trial: recipe.yaml, mergekit.yaml, the model with its card, held-out table."""
     offline_env()
-    from search.export import export as do_export
+    from evomerge.search.export import export as do_export
 
     os.environ.setdefault("HF_DATASETS_CACHE", str(run_dir / ".hf-datasets"))
     done = do_export(run_dir, out, trial, top_k, max_shard_size, force)
@@ -330,8 +330,8 @@ def export(
 @user_errors
 def report(run_dir: Path = typer.Argument(..., help="A run directory (finished or running).")):
     """Summaries, plots and an HTML page from the run's journal, into RUN_DIR/report/."""
-    from search.report import summarize, trials_frame, write_report
-    from search.rundir import RunDir
+    from evomerge.search.report import summarize, trials_frame, write_report
+    from evomerge.search.rundir import RunDir
 
     out = write_report(run_dir)
     run = RunDir.reopen(run_dir)
@@ -351,8 +351,8 @@ def demo(
     """The main job on the embedded default: a search over the tiny zoo, on this machine, then
     held-out scores beside the parents'. Re-running resumes (or just reports) the same run."""
     offline_env()
-    from search.config import SearchConfig
-    from search.demo import DEMO_CONFIG, run_demo
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.demo import DEMO_CONFIG, run_demo
 
     config = config or DEMO_CONFIG
     run_demo(out or Path("runs") / SearchConfig.load(config).name, config)

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fitness.tasks import TaskSpec
-from merge.errors import EvomergeError
-from merge.recipe import DType, MethodName, ModelRef, one_line, read_yaml
-from merge.registry import get_method
+from evomerge.fitness.tasks import TaskSpec
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import DType, MethodName, ModelRef, one_line, read_yaml
+from evomerge.merge.registry import get_method
 
 
 class _Strict(BaseModel):
@@ -162,7 +162,7 @@ class SearchConfig(_Strict):
 
     def ps_recipe(self):
         """The PS stage of a PS+DFS search, from a recipe file or a run's best recipe."""
-        from merge.recipe import Recipe
+        from evomerge.merge.recipe import Recipe
 
         assert self.dfs is not None and self.dfs.ps_recipe is not None
         path = Path(self.dfs.ps_recipe).expanduser()
@@ -183,7 +183,7 @@ class SearchConfig(_Strict):
     def zoo_dir(self) -> Path | None:
         if self.zoo is None:
             return None
-        from fitness.zoo.build import default_zoo_dir
+        from evomerge.fitness.zoo.build import default_zoo_dir
 
         return default_zoo_dir(self.zoo)
 

@@ -6,17 +6,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from search.config import SearchConfig
+from evomerge.fitness.tasks import shipped_configs
+from evomerge.search.config import SearchConfig
 
 console = Console()
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped_configs() / "demo.yaml"
 
 
 def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
     """The best recipe's held-out scores beside each parent's and an untuned merge's."""
-    from fitness.tasks import to_split
-    from fitness.zoo.table import markdown, score_rows, untuned_recipe
-    from merge.recipe import Recipe
+    from evomerge.fitness.tasks import to_split
+    from evomerge.fitness.zoo.table import markdown, score_rows, untuned_recipe
+    from evomerge.merge.recipe import Recipe
 
     zoo = cfg.zoo_dir()
     assert zoo is not None
@@ -35,8 +36,8 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
 
 
 def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
-    from search.cli import ensure_zoo, run_and_report
-    from search.rundir import RunDir
+    from evomerge.search.cli import ensure_zoo, run_and_report
+    from evomerge.search.rundir import RunDir
 
     cfg = SearchConfig.load(config)
     ensure_zoo(cfg)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.errors import EvomergeError
-from merge.recipe import Recipe
-from search.config import SearchConfig
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.search.config import SearchConfig
 
 INDICATOR = 1.0  # initial |gene| of the indicators; bounds are +-1
 

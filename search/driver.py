@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from merge.architecture import ModelInfo
-from merge.errors import EvomergeError
-from merge.recipe import PS
-from search.dfs_genome import DFSGenome
-from search.genome import GenomeSpec
-from search.optimizer import Optimizer
-from search.rundir import ASKED, COMPLETE, FAILED, RunDir
-from search.trial import Trial, TrialResult
+from evomerge.merge.architecture import ModelInfo
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import PS
+from evomerge.search.dfs_genome import DFSGenome
+from evomerge.search.genome import GenomeSpec
+from evomerge.search.optimizer import Optimizer
+from evomerge.search.rundir import ASKED, COMPLETE, FAILED, RunDir
+from evomerge.search.trial import Trial, TrialResult
 
 
 def trial_seed(run_seed: int, generation: int, index: int) -> int:

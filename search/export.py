@@ -10,13 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from merge.architecture import ModelInfo
-from merge.checkpoint import Checkpoint, staged_dir
-from merge.engine import merge_to_dir
-from merge.errors import EvomergeError
-from merge.recipe import Recipe, write_atomic
-from search.mergekit_yaml import to_mergekit
-from search.rundir import COMPLETE, RunDir
+from evomerge.merge.architecture import ModelInfo
+from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe, write_atomic
+from evomerge.search.mergekit_yaml import to_mergekit
+from evomerge.search.rundir import COMPLETE, RunDir
 
 
 def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
@@ -60,9 +60,9 @@ def baselines(run: RunDir) -> dict[str, Recipe]:
 
 def heldout_table(run: RunDir, chosen: list[dict]) -> list[dict]:
     """Rows: label, kind, search fitness (where known), held-out metrics and their objective."""
-    from fitness.models import load_model, model_from_recipe
-    from fitness.scorer import Scorer
-    from fitness.tasks import to_split
+    from evomerge.fitness.models import load_model, model_from_recipe
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.fitness.tasks import to_split
 
     cfg = run.config
     specs = cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout")

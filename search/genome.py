@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from merge.recipe import Recipe
-from merge.registry import get_method
-from search.config import PER_GROUP_GENES, GeneRange, SearchConfig
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.registry import get_method
+from evomerge.search.config import PER_GROUP_GENES, GeneRange, SearchConfig
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ draws its own masks (and rescales by the L1 ratio), so its merge matches in dist
 
 from __future__ import annotations
 
-from merge.architecture import classify
-from merge.recipe import Group, Recipe
+from evomerge.merge.architecture import classify
+from evomerge.merge.recipe import Group, Recipe
 
 _KIND_FILTERS = {"attention": ("self_attn", "attention", "attn"), "mlp": ("mlp", "feed_forward")}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from merge.recipe import Recipe, write_atomic
-from search.rundir import RunDir
+from evomerge.merge.recipe import Recipe, write_atomic
+from evomerge.search.rundir import RunDir
 
 
 def trials_frame(run: RunDir) -> pd.DataFrame:

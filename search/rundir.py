@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from merge.errors import EvomergeError
-from merge.recipe import Recipe, write_atomic
-from search.config import SearchConfig, changed_fields
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe, write_atomic
+from evomerge.search.config import SearchConfig, changed_fields
 
 RUN_FORMAT = "evomerge-run/1"
 ASKED, COMPLETE, FAILED = "ASKED", "COMPLETE", "FAILED"

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from search.config import SearchConfig
-from search.env import OFFLINE_ENV
-from search.trial import Trial, TrialResult
+from evomerge.search.config import SearchConfig
+from evomerge.search.env import OFFLINE_ENV
+from evomerge.search.trial import Trial, TrialResult
 
 OnResult = Callable[[Trial, TrialResult], None]
 
@@ -45,7 +45,7 @@ class TrialWorker:
         os.environ.update(OFFLINE_ENV)
         if threads:
             torch.set_num_threads(threads)
-        from fitness.scorer import Scorer
+        from evomerge.fitness.scorer import Scorer
 
         config = SearchConfig.parse(config_data)
         self.sources: Any = None  # parameter space: ResidentSources
@@ -70,8 +70,8 @@ class TrialWorker:
         """Sources (and task vectors) resident; one eval model that candidates are written into."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from merge.registry import get_method
-        from merge.resident import ResidentSources
+        from evomerge.merge.registry import get_method
+        from evomerge.merge.resident import ResidentSources
 
         paths = config.model_paths()
         ta = get_method(config.space.method).family == "task_arithmetic"
@@ -83,9 +83,9 @@ class TrialWorker:
 
     def _init_data_flow(self, config: SearchConfig, device: str):
         """Source models resident; one path model whose hops are rewired per candidate."""
-        from fitness.models import load_sources
-        from merge.dataflow import PathModel
-        from merge.recipe import PS
+        from evomerge.fitness.models import load_sources
+        from evomerge.merge.dataflow import PathModel
+        from evomerge.merge.recipe import PS
 
         dfs = config.dfs
         assert dfs is not None
@@ -112,7 +112,7 @@ class TrialWorker:
         return self.scorer.shardable
 
     def run(self, trial: Trial) -> TrialResult:
-        from merge.recipe import Recipe
+        from evomerge.merge.recipe import Recipe
 
         fault = self.faults.get(f"{trial.generation}:{trial.index}")
         if fault == "die":
@@ -214,7 +214,7 @@ class RayExecutor:
         self.ray.kill(actor, no_restart=True)
         self.replacements += 1
         if self.replacements > 3 * self.workers + 3:
-            from merge.errors import EvomergeError
+            from evomerge.merge.errors import EvomergeError
 
             raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
         return self._new_actor()
@@ -302,7 +302,7 @@ def make_executor(config: SearchConfig, faults: dict[str, str] | None = None):
 
 def combine_trial(config: SearchConfig, parts: list[TrialResult]) -> TrialResult:
     """One candidate's result from its shards' (exact for mean metrics: see combine_shards)."""
-    from fitness.scorer import FitnessResult, combine_shards
+    from evomerge.fitness.scorer import FitnessResult, combine_shards
 
     workers = ",".join(sorted({p.worker for p in parts}))
     busy: dict = dict(merge_seconds=sum(p.merge_seconds for p in parts),

@@ -15,7 +15,7 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from merge.synthetic import make_family  # noqa: E402
+from evomerge.merge.synthetic import make_family  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -55,14 +55,14 @@ def recipe_dict(paths, method="ties", layers=2, **ps):
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """The zoo at its tiny size (seconds): real files and tasks, skills not learned."""
-    from fitness.zoo.build import build_zoo
+    from evomerge.fitness.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", log=lambda *_: None)
 
 
 def search_config(zoo, **overrides):
     """A small serial TIES search over the tiny zoo, as a SearchConfig."""
-    from search.config import SearchConfig
+    from evomerge.search.config import SearchConfig
 
     data = {
         "name": "t",

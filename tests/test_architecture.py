@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from merge.architecture import KNOWN_MODEL_TYPES, ModelInfo, Slot, classify
-from merge.errors import EvomergeError
-from merge.synthetic import make_family, tiny_config
+from evomerge.merge.architecture import KNOWN_MODEL_TYPES, ModelInfo, Slot, classify
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.synthetic import make_family, tiny_config
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
             "gpt2", "gpt_neox"]  # fmt: skip
@@ -49,6 +49,6 @@ def test_tied_checkpoint_has_no_head_tensor(tmp_path):
     paths = make_family(tmp_path, "llama", experts=0, tie_word_embeddings=True)
     info = ModelInfo.from_dir(paths["base"])
     assert info.tie_word_embeddings and info.num_layers == 2
-    from merge.checkpoint import Checkpoint
+    from evomerge.merge.checkpoint import Checkpoint
 
     assert "lm_head.weight" not in Checkpoint(paths["base"]).names

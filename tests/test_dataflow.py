@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from merge.dataflow import PathModel
-from merge.engine import merge_to_dir
-from merge.errors import EvomergeError
-from merge.recipe import Recipe
-from merge.synthetic import make_family
+from evomerge.merge.dataflow import PathModel
+from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.synthetic import make_family
 
 # Norms are scale-invariant only up to their epsilon: random tiny models have hidden states of
 # RMS ~0.02, where eps = 1e-6 is visible (max logit error 2e-4; 1.6e-3 for GPT-2's 1e-5). These

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merge.engine import merge_to_dir
-from merge.errors import EvomergeError
-from merge.recipe import Recipe
-from search.dfs_genome import DFSGenome
-from search.driver import Progress, run_search
-from search.rundir import RunDir
-from search.workers import SerialExecutor
+from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.search.dfs_genome import DFSGenome
+from evomerge.search.driver import Progress, run_search
+from evomerge.search.rundir import RunDir
+from evomerge.search.workers import SerialExecutor
 from tests.conftest import search_config
 
 
@@ -49,11 +49,11 @@ def test_dfs_search_runs_and_its_best_rebuilds(tiny_zoo, tmp_path):
     assert all("outside [1, 5]" in t["error"] for t in failed)
     recipe = Recipe.load(tmp_path / "r" / "best" / "recipe.yaml")
     merge_to_dir(recipe, tmp_path / "m")
-    from fitness.models import load_model
+    from evomerge.fitness.models import load_model
 
     model, _ = load_model(tmp_path / "m")
     assert model.config.num_hidden_layers == len(recipe.data_flow.path)
-    from search.report import write_report
+    from evomerge.search.report import write_report
 
     assert (write_report(tmp_path / "r") / "path.png").is_file()
 

@@ -10,15 +10,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from merge.checkpoint import Checkpoint
-from merge.engine import merge_to_dir
-from merge.recipe import Recipe
-from merge.synthetic import make_family
-from search.driver import Progress, run_search
-from search.export import export
-from search.mergekit_yaml import to_mergekit
-from search.rundir import RunDir
-from search.workers import SerialExecutor
+from evomerge.merge.checkpoint import Checkpoint
+from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.synthetic import make_family
+from evomerge.search.driver import Progress, run_search
+from evomerge.search.export import export
+from evomerge.search.mergekit_yaml import to_mergekit
+from evomerge.search.rundir import RunDir
+from evomerge.search.workers import SerialExecutor
 from tests.conftest import search_config
 
 
@@ -70,9 +70,9 @@ def test_mergekit_yaml_rebuilds_the_same_merge(tmp_path, family3, method):
 
 @pytest.mark.slow
 def test_export_of_a_search(tiny_zoo, tmp_path):
-    from fitness.models import load_model
-    from fitness.scorer import Scorer
-    from fitness.tasks import TaskSpec
+    from evomerge.fitness.models import load_model
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.fitness.tasks import TaskSpec
 
     cfg = search_config(tiny_zoo, cma={"popsize": 4, "budget": 8, "seed": 1, "sigma0": 0.3})
     run = RunDir.create(tmp_path / "run", cfg)
@@ -102,7 +102,7 @@ def test_export_of_a_search(tiny_zoo, tmp_path):
 
 
 def test_report_of_a_run_in_progress(tiny_zoo, tmp_path):
-    from search.report import summarize, trials_frame, write_report
+    from evomerge.search.report import summarize, trials_frame, write_report
 
     cfg = search_config(tiny_zoo, cma={"popsize": 4, "budget": 12, "seed": 1, "sigma0": 0.3})
     run = RunDir.create(tmp_path / "run", cfg)

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from fitness.scorer import FitnessResult, Scorer, objective
-from fitness.tasks import TaskSpec, parse_task_list, to_split
-from fitness.zoo.build import build_zoo, is_built, zoo_key
-from merge.errors import EvomergeError
+from evomerge.fitness.scorer import FitnessResult, Scorer, objective
+from evomerge.fitness.tasks import TaskSpec, parse_task_list, to_split
+from evomerge.fitness.zoo.build import build_zoo, is_built, zoo_key
+from evomerge.merge.errors import EvomergeError
 
 GEN = "zoo_add_gen_search"
 MC = "zoo_caps_mc_search"
@@ -24,7 +24,7 @@ def scorer(tiny_zoo):
 
 
 def _model(path):
-    from fitness.models import load_model
+    from evomerge.fitness.models import load_model
 
     return load_model(path)
 

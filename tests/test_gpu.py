@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge.engine import merge_to_dir
-from merge.recipe import Recipe
+from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.recipe import Recipe
 from tests.conftest import recipe_dict
 
 pytestmark = pytest.mark.gpu
@@ -30,7 +30,7 @@ def test_cuda_merge_matches_cpu(tmp_path, llama_family, method):
 def test_resident_sources_on_cuda(llama_family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from merge.resident import ResidentSources
+    from evomerge.merge.resident import ResidentSources
 
     recipe = Recipe.parse(recipe_dict(llama_family, "ties"))
     sources = ResidentSources(llama_family, "base", "cuda", task_vectors=True)

@@ -8,9 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge.checkpoint import Checkpoint, staged_dir
-from merge.errors import EvomergeError
-from merge.safetensors_io import ShardWriter, TensorSpec, plan_shards, read_header, read_tensor
+from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.safetensors_io import (
+    ShardWriter,
+    TensorSpec,
+    plan_shards,
+    read_header,
+    read_tensor,
+)
 
 
 def _tensors():

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from merge.checkpoint import Checkpoint
-from merge.engine import iter_merged, merge_to_dir, open_sources
-from merge.recipe import Recipe
-from merge.registry import get_method, merge_tensor
-from search.cli import app
+from evomerge.merge.checkpoint import Checkpoint
+from evomerge.merge.engine import iter_merged, merge_to_dir, open_sources
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.registry import get_method, merge_tensor
+from evomerge.search.cli import app
 from tests.conftest import recipe_dict
 
 runner = CliRunner()
@@ -252,7 +252,7 @@ def test_truncated_checkpoint_refused(tmp_path, llama_family):
 
 
 def test_disagreeing_models_refused(tmp_path, llama_family):
-    from merge.synthetic import make_family
+    from evomerge.merge.synthetic import make_family
 
     other = make_family(tmp_path / "wide", "llama", experts=0, hidden_size=64)
     fam = dict(llama_family, expert2=other["base"])

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge import methods, sparsify
-from merge.errors import EvomergeError
-from merge.methods import ModelParams, TensorOptions
-from merge.registry import METHODS, get_method, merge_tensor
-from merge.sparsify import Rescale
+from evomerge.merge import methods, sparsify
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.methods import ModelParams, TensorOptions
+from evomerge.merge.registry import METHODS, get_method, merge_tensor
+from evomerge.merge.sparsify import Rescale
 
 DETERMINISTIC_TA = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
 
@@ -231,7 +231,7 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
 @given(st.lists(st.sampled_from([0.0, 1e-30, 0.5, 0.5, 1.0, 3.0, 1e30]), min_size=1, max_size=300),
        st.data())  # fmt: skip
 def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
-    from merge.sparsify import _kth_smallest
+    from evomerge.merge.sparsify import _kth_smallest
 
     v = torch.tensor(values) * torch.rand(len(values)).round()  # more zeros and ties
     k = data.draw(st.integers(1, len(values)))
@@ -241,7 +241,7 @@ def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
 @pytest.mark.parametrize("k", [1, 12345, (1 << 20) + 7])
 def test_kth_smallest_radix_path_is_exact(k):
     """Above the size where the radix select takes over (2^20 entries, any device)."""
-    from merge.sparsify import _RADIX_FROM, _kth_smallest
+    from evomerge.merge.sparsify import _RADIX_FROM, _kth_smallest
 
     g = torch.Generator().manual_seed(k)
     v = (torch.randn(_RADIX_FROM + 7, generator=g).abs() * 4).round() / 4  # many ties

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from search.driver import Progress, run_search
-from search.rundir import RunDir
-from search.workers import RayExecutor
+from evomerge.search.driver import Progress, run_search
+from evomerge.search.rundir import RunDir
+from evomerge.search.workers import RayExecutor
 from tests.conftest import search_config
 
 pytestmark = pytest.mark.ray

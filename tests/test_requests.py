@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitness.models import load_model
-from fitness.scorer import Scorer, combine_shards
-from fitness.tasks import TaskSpec
-from merge.errors import EvomergeError
+from evomerge.fitness.models import load_model
+from evomerge.fitness.scorer import Scorer, combine_shards
+from evomerge.fitness.tasks import TaskSpec
+from evomerge.merge.errors import EvomergeError
 
 MC = "zoo_caps_mc_search"
 
@@ -108,7 +108,7 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
     """At every decoding step, the memoized stop rule gives lm-eval's verdict."""
     from lm_eval.models.utils_hf import stop_sequences_criteria
 
-    from fitness.requests import _Memo, _StopSequences
+    from evomerge.fitness.requests import _Memo, _StopSequences
 
     stops = data.draw(st.lists(st.sampled_from(["\n", "ab", "=?", "c", "\n\n", "s>a"]), min_size=1,
                                max_size=3, unique=True))  # fmt: skip
@@ -126,7 +126,7 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
 
 
 def test_memo_empties_itself_past_its_size_limit():
-    from fitness.requests import _Memo
+    from evomerge.fitness.requests import _Memo
 
     memo = _Memo(10, size=len)
     calls = []

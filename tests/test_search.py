@@ -15,13 +15,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge.errors import EvomergeError
-from merge.recipe import Recipe
-from search.driver import Progress, run_search
-from search.genome import GenomeSpec
-from search.optimizer import Optimizer
-from search.rundir import RunDir
-from search.workers import SerialExecutor
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.search.driver import Progress, run_search
+from evomerge.search.genome import GenomeSpec
+from evomerge.search.optimizer import Optimizer
+from evomerge.search.rundir import RunDir
+from evomerge.search.workers import SerialExecutor
 from tests.conftest import search_config
 
 
@@ -195,7 +195,7 @@ def test_a_bad_recipe_value_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
 
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "evomerge.search.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)  # fmt: skip
 
 
@@ -238,7 +238,7 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
     cfg_file.write_text(yaml.safe_dump(data))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("")
-    res = subprocess.run([sys.executable, "-m", "search.cli", "search", str(cfg_file), "--check",
+    res = subprocess.run([sys.executable, "-m", "evomerge.search.cli", "search", str(cfg_file), "--check",
                           "--run-dir", str(tmp_path / "used")], capture_output=True, text=True)  # fmt: skip
     out = " ".join(res.stdout.split() + res.stderr.split())
     assert res.returncode == 2, out
@@ -247,7 +247,7 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
     assert "exceed this machine's" in out and "run directory is in use" in out
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(search_config(tiny_zoo).dump()))
-    res = subprocess.run([sys.executable, "-m", "search.cli", "search", str(good), "--check",
+    res = subprocess.run([sys.executable, "-m", "evomerge.search.cli", "search", str(good), "--check",
                           "--run-dir", str(tmp_path / "new")], capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0 and "ok" in res.stdout + res.stderr
     assert not (tmp_path / "new").exists()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fitness.models import load_model
-from fitness.scorer import Scorer, combine_shards
-from fitness.tasks import TaskSpec
-from search.driver import Progress, run_search
-from search.rundir import RunDir
-from search.workers import RayExecutor, SerialExecutor
+from evomerge.fitness.models import load_model
+from evomerge.fitness.scorer import Scorer, combine_shards
+from evomerge.fitness.tasks import TaskSpec
+from evomerge.search.driver import Progress, run_search
+from evomerge.search.rundir import RunDir
+from evomerge.search.workers import RayExecutor, SerialExecutor
 from tests.conftest import search_config
 
 SPECS = [TaskSpec(name="zoo_add_gen_search"), TaskSpec(name="zoo_caps_mc_search", weight=2.0)]

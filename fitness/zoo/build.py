@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from fitness.tasks import render_zoo_tasks
-from fitness.zoo import skills as sk
-from fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS, build_tokenizer
-from fitness.zoo.train import greedy_accuracy, train
-from merge.errors import EvomergeError
+from evomerge.fitness.tasks import render_zoo_tasks
+from evomerge.fitness.zoo import skills as sk
+from evomerge.fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS, build_tokenizer
+from evomerge.fitness.zoo.train import greedy_accuracy, train
+from evomerge.merge.errors import EvomergeError
 
 ZOO_VERSION = 1
 EXPERTS = ("add", "caps", sk.DISTRACTOR)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fitness.scorer import Scorer
-from fitness.tasks import TaskSpec, zoo_task_name
-from fitness.zoo import skills as sk
-from merge.recipe import Recipe
+from evomerge.fitness.scorer import Scorer
+from evomerge.fitness.tasks import TaskSpec, zoo_task_name
+from evomerge.fitness.zoo import skills as sk
+from evomerge.merge.recipe import Recipe
 
 COLUMNS = [zoo_task_name(s, "gen", "heldout") for s in sk.SKILLS]
 
@@ -31,7 +31,7 @@ def score_rows(
     zoo: Path, rows: dict[str, object], tasks: list[str] | None = None
 ) -> dict[str, dict]:
     """rows: label -> model directory or Recipe. Returns label -> {task: value}."""
-    from fitness.models import load_model, model_from_recipe
+    from evomerge.fitness.models import load_model, model_from_recipe
 
     specs = [TaskSpec(name=t) for t in tasks or COLUMNS]
     scorer = Scorer(specs, include_paths=[zoo / "tasks"])

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS
+from evomerge.fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS
 
 _IDS = {c: i for i, c in enumerate(SPECIALS + list(CHARS))}
 
