@@ -54,10 +54,16 @@ def _model(zoo: Path, hidden: int, layers: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{**model.config.to_dict(), "hidden_size": hidden,
-                         "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-                         "num_attention_heads": max(hidden // 64, 1),
-                         "num_key_value_heads": max(hidden // 64, 1)})  # fmt: skip
+    cfg = LlamaConfig(
+        **{
+            **model.config.to_dict(),
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": max(hidden // 64, 1),
+            "num_key_value_heads": max(hidden // 64, 1),
+        }
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval(), tok
 
@@ -78,8 +84,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--tasks", default="zoo_add_gen_search,zoo_caps_gen_search")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: as the demo's workers, cpus_per_worker 1)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: as the demo's workers, cpus_per_worker 1)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     zoo = build_zoo(size="demo")
@@ -96,8 +106,12 @@ def main() -> None:
     )
 
     t0 = time.perf_counter()
-    scorer = Scorer([TaskSpec(name=t) for t in tasks], include_paths=[zoo / "tasks"], limit=100,
-                    batch_size=args.batch_size).bind(model, tok)  # fmt: skip
+    scorer = Scorer(
+        [TaskSpec(name=t) for t in tasks],
+        include_paths=[zoo / "tasks"],
+        limit=100,
+        batch_size=args.batch_size,
+    ).bind(model, tok)
     build = time.perf_counter() - t0
     calls = [0.0]
     for name in ("_model_call", "_model_generate"):
@@ -116,21 +130,35 @@ def main() -> None:
         t0 = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             tm = TaskManager(include_path=str(zoo / "tasks"), include_defaults=False)
-            lm_eval.simple_evaluate(model=lm, tasks=tasks, samples=scorer.samples,
-                                    bootstrap_iters=0, log_samples=False, task_manager=tm)  # fmt: skip
+            lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                samples=scorer.samples,
+                bootstrap_iters=0,
+                log_samples=False,
+                task_manager=tm,
+            )
         rebuilt.append(time.perf_counter() - t0)
     med = statistics.median
-    print(f"model: {params / 1e6:.2f}M parameters, {r.examples} examples per candidate, "
-          f"batch size {args.batch_size}, {args.threads} torch thread(s)")  # fmt: skip
+    print(
+        f"model: {params / 1e6:.2f}M parameters, {r.examples} examples per candidate, "
+        f"batch size {args.batch_size}, {args.threads} torch thread(s)"
+    )
     print(f"scorer build (tasks, model wrap, requests; once per worker): {build:.2f} s")
     print(f"per candidate, requests reused: {med(reused):.3f} s (median of {len(reused)})")
-    print(f"per candidate, tasks rebuilt (simple_evaluate): {med(rebuilt):.3f} s "
-          f"(median of {len(rebuilt)})")  # fmt: skip
-    print(f"reused: outside the model's forward passes {100 * med(outside):.1f} % of scoring "
-          f"time ({1e3 * med(outside) * med(reused) / r.examples:.3f} ms per example)")  # fmt: skip
-    print(f"reused: outside the model calls (forward passes + generate's decoding loop), i.e. "
-          f"the harness: {100 * med(harness):.1f} % "
-          f"({1e3 * med(harness) * med(reused) / r.examples:.3f} ms per example)")  # fmt: skip
+    print(
+        f"per candidate, tasks rebuilt (simple_evaluate): {med(rebuilt):.3f} s "
+        f"(median of {len(rebuilt)})"
+    )
+    print(
+        f"reused: outside the model's forward passes {100 * med(outside):.1f} % of scoring "
+        f"time ({1e3 * med(outside) * med(reused) / r.examples:.3f} ms per example)"
+    )
+    print(
+        f"reused: outside the model calls (forward passes + generate's decoding loop), i.e. "
+        f"the harness: {100 * med(harness):.1f} % "
+        f"({1e3 * med(harness) * med(reused) / r.examples:.3f} ms per example)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,18 @@ from pathlib import Path
 
 import torch
 
-METHODS = ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]  # fmt: skip
+METHODS = [
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
 
 
 def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str, Path]:
@@ -37,11 +47,20 @@ def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str,
     hidden, inter, vocab = 1024, 2816, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
     layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, vocab_size=vocab,
-                      tie_word_embeddings=False)  # fmt: skip
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("q", "k", "v", "o"):
@@ -74,13 +93,22 @@ def recipe_for(method: str, paths: dict[str, Path], dtype: str, layers: int):
     elif method == "linear":
         params = {a: {"weight": 1 / 3} for a in paths}
     else:
-        params = {"expert1": {"weight": 0.6, "density": 0.5},
-                  "expert2": {"weight": 0.4, "density": 0.5}}  # fmt: skip
-    return Recipe.parse({
-        "dtype": dtype, "models": {a: {"path": str(p)} for a, p in paths.items()},
-        "parameter_space": {"method": method, "base": "base", "seed": 1,
-                            "groups": [{"layers": [0, layers], "params": params, "t": 0.4}]},
-    })  # fmt: skip
+        params = {
+            "expert1": {"weight": 0.6, "density": 0.5},
+            "expert2": {"weight": 0.4, "density": 0.5},
+        }
+    return Recipe.parse(
+        {
+            "dtype": dtype,
+            "models": {a: {"path": str(p)} for a, p in paths.items()},
+            "parameter_space": {
+                "method": method,
+                "base": "base",
+                "seed": 1,
+                "groups": [{"layers": [0, layers], "params": params, "t": 0.4}],
+            },
+        }
+    )
 
 
 def peak_rss_mb() -> float:
@@ -151,18 +179,23 @@ def main() -> None:
         paths = make_checkpoints(root, args.params, getattr(torch, args.dtype))
         size_mb = sum(p.stat().st_size for p in (root / "base").glob("*.safetensors")) / 1e6
         ceiling = measure("ceiling", "-", root, args.dtype)
-        print(f"input {3 * size_mb:.0f} MB, output {size_mb:.0f} MB; ceiling "
-              f"{ceiling['seconds']:.2f} s (read 3 models, sum in fp32, write), "
-              f"peak RSS {ceiling['peak_rss_mb']:.0f} MB")  # fmt: skip
+        print(
+            f"input {3 * size_mb:.0f} MB, output {size_mb:.0f} MB; ceiling "
+            f"{ceiling['seconds']:.2f} s (read 3 models, sum in fp32, write), "
+            f"peak RSS {ceiling['peak_rss_mb']:.0f} MB"
+        )
         print(
             f"{'method':18} {'memory s':>9} {'ratio':>6} {'disk s':>8} {'ratio':>6} {'peak RSS MB':>12}"
         )
         for method in args.methods.split(","):
             mem = measure("memory", method, root, args.dtype)
             disk = measure("disk", method, root, args.dtype)
-            print(f"{method:18} {mem['seconds']:9.2f} {ceiling['seconds'] / mem['seconds']:6.2f} "
-                  f"{disk['seconds']:8.2f} {ceiling['seconds'] / disk['seconds']:6.2f} "
-                  f"{disk['peak_rss_mb']:12.0f}", flush=True)  # fmt: skip
+            print(
+                f"{method:18} {mem['seconds']:9.2f} {ceiling['seconds'] / mem['seconds']:6.2f} "
+                f"{disk['seconds']:8.2f} {ceiling['seconds'] / disk['seconds']:6.2f} "
+                f"{disk['peak_rss_mb']:12.0f}",
+                flush=True,
+            )
         del paths
 
 

@@ -58,10 +58,12 @@ def search_split(budget: int) -> None:
     searching = wall - startup[0]
     other = searching - merge - evaluate
     print(f"search: {len(done)} trials, wall {wall:.1f} s (worker start-up {startup[0]:.1f} s)")
-    print(f"  materialize {merge:.2f} s ({100 * merge / searching:.1f} %), "
-          f"evaluate {evaluate:.2f} s ({100 * evaluate / searching:.1f} %), "
-          f"everything else {other:.2f} s -> overhead {100 * other / searching:.2f} % "
-          f"of the time after start-up")  # fmt: skip
+    print(
+        f"  materialize {merge:.2f} s ({100 * merge / searching:.1f} %), "
+        f"evaluate {evaluate:.2f} s ({100 * evaluate / searching:.1f} %), "
+        f"everything else {other:.2f} s -> overhead {100 * other / searching:.2f} % "
+        f"of the time after start-up"
+    )
     print(
         f"  per trial: materialize {1000 * merge / len(done):.1f} ms, "
         f"evaluate {1000 * evaluate / len(done):.0f} ms, other {1000 * other / len(done):.1f} ms"
@@ -78,19 +80,40 @@ def materialize_vs_copy(params: float, method: str) -> None:
     hidden = 1024
     layers = max(1, round((params - 2 * 32000 * hidden) / (4 * hidden**2 + 3 * hidden * 2816)))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_family(Path(tmp), "llama", experts=2, hidden_size=hidden,
-                            intermediate_size=2816, num_hidden_layers=layers,
-                            num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-                            tie_word_embeddings=False)  # fmt: skip
+        paths = make_family(
+            Path(tmp),
+            "llama",
+            experts=2,
+            hidden_size=hidden,
+            intermediate_size=2816,
+            num_hidden_layers=layers,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        )
         sources = ResidentSources(paths, "base", "cpu", task_vectors=method != "linear")
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["base"]))
         n = sum(p.numel() for p in model.parameters())
-        recipe = Recipe.parse({
-            "dtype": "float32", "models": {a: {"path": str(p)} for a, p in paths.items()},
-            "parameter_space": {"method": method, "base": "base", "groups": [{
-                "layers": [0, layers], "params": {"expert1": {"weight": 0.6, "density": 0.5},
-                                                  "expert2": {"weight": 0.4, "density": 0.5}}}]},
-        })  # fmt: skip
+        recipe = Recipe.parse(
+            {
+                "dtype": "float32",
+                "models": {a: {"path": str(p)} for a, p in paths.items()},
+                "parameter_space": {
+                    "method": method,
+                    "base": "base",
+                    "groups": [
+                        {
+                            "layers": [0, layers],
+                            "params": {
+                                "expert1": {"weight": 0.6, "density": 0.5},
+                                "expert2": {"weight": 0.4, "density": 0.5},
+                            },
+                        }
+                    ],
+                },
+            }
+        )
         src = sources.models["base"].tensors
         params_by_name = dict(model.named_parameters())
         copies, merges = [], []
@@ -104,9 +127,11 @@ def materialize_vs_copy(params: float, method: str) -> None:
             sources.materialize(recipe, model)
             merges.append(time.perf_counter() - t)
     copy_s, merge_s = min(copies), min(merges)
-    print(f"materialize ({method}, {n / 1e6:.0f}M params, 2 experts, fp32, CPU): {merge_s:.2f} s "
-          f"per candidate; one plain copy of the model's bytes {copy_s:.3f} s "
-          f"-> {merge_s / copy_s:.1f}x a copy")  # fmt: skip
+    print(
+        f"materialize ({method}, {n / 1e6:.0f}M params, 2 experts, fp32, CPU): {merge_s:.2f} s "
+        f"per candidate; one plain copy of the model's bytes {copy_s:.3f} s "
+        f"-> {merge_s / copy_s:.1f}x a copy"
+    )
 
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
@@ -139,12 +164,18 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
 
             run_search(run, factory)
             wall = time.perf_counter() - ready[0]
-            busy = sum((r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
-                       for r in run.records() if r["status"] == "COMPLETE")  # fmt: skip
+            busy = sum(
+                (r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
+                for r in run.records()
+                if r["status"] == "COMPLETE"
+            )
         ray.shutdown()
-        print(f"utilization, {workers} workers, {popsize} candidates per generation, sharding "
-              f"{shards}: {100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
-              f"{workers} x {wall:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"utilization, {workers} workers, {popsize} candidates per generation, sharding "
+            f"{shards}: {100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
+            f"{workers} x {wall:.1f} s)",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -68,8 +68,11 @@ def main() -> None:
             )
             t0 = time.perf_counter()
             best = run_search(run, lambda cfg=cfg: make_executor(cfg))
-            print(f"{kind} seed {seed}: search best {best['fitness']:.4f} in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+            print(
+                f"{kind} seed {seed}: search best {best['fitness']:.4f} in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
             runs[kind][seed] = run
 
     any_run = next(iter(runs["ps"].values()))
@@ -86,11 +89,15 @@ def main() -> None:
         rows[f"parent: {alias}"] = [score(base_cfg.model_path(alias))]
     for label, recipe in baselines(any_run).items():
         rows[f"untuned: {label}"] = [score(recipe)]
-    labels = {"ps": "PS search (TIES, per-layer genes)", "dfs": "DFS search (add, caps layers)",
-              "psdfs": "PS+DFS search (over the PS result)"}  # fmt: skip
+    labels = {
+        "ps": "PS search (TIES, per-layer genes)",
+        "dfs": "DFS search (add, caps layers)",
+        "psdfs": "PS+DFS search (over the PS result)",
+    }
     for kind, label in labels.items():
-        rows[label] = [score(Recipe.load(r.path / "best" / "recipe.yaml"))
-                       for r in runs[kind].values()]  # fmt: skip
+        rows[label] = [
+            score(Recipe.load(r.path / "best" / "recipe.yaml")) for r in runs[kind].values()
+        ]
     rows["reference: joint fine-tune on all skills"] = [score(zoo / "llama" / "joint")]
 
     cols = list(next(iter(rows.values()))[0])
@@ -101,8 +108,11 @@ def main() -> None:
         for c in cols:
             values = [r[c] for r in results]
             mean = statistics.mean(values)
-            cells.append(f"{mean:.3f}" if len(values) == 1 else
-                         f"{mean:.3f} ± {statistics.pstdev(values):.3f}")  # fmt: skip
+            cells.append(
+                f"{mean:.3f}"
+                if len(values) == 1
+                else f"{mean:.3f} ± {statistics.pstdev(values):.3f}"
+            )
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -38,16 +38,24 @@ def config_data(zoo: Path, budget: int) -> dict:
         "models": {a: {"path": str(zoo / "llama" / a)} for a in ("base", "add", "caps")},
         "base": "base",
         "space": {"method": "ties", "layers_per_group": 1},
-        "fitness": {"tasks": [{"name": "zoo_add_gen_search"}, {"name": "zoo_caps_mc_search"}],
-                    "include": [str(zoo / "tasks")], "limit": 8, "batch_size": 16},
+        "fitness": {
+            "tasks": [{"name": "zoo_add_gen_search"}, {"name": "zoo_caps_mc_search"}],
+            "include": [str(zoo / "tasks")],
+            "limit": 8,
+            "batch_size": 16,
+        },
         "cma": {"popsize": 4, "budget": budget, "seed": 11, "sigma0": 0.3},
         "workers": {"count": 0},
-    }  # fmt: skip
+    }
 
 
 def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evomerge.search.cli", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.search.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def lines(path: Path) -> int:
@@ -57,8 +65,10 @@ def lines(path: Path) -> int:
 def outcome(run_dir: Path) -> dict:
     from evomerge.search.rundir import RunDir
 
-    return {k: (t["status"], t["fitness"], tuple(t["x"]))
-            for k, t in RunDir.reopen(run_dir).trials().items()}  # fmt: skip
+    return {
+        k: (t["status"], t["fitness"], tuple(t["x"]))
+        for k, t in RunDir.reopen(run_dir).trials().items()
+    }
 
 
 def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
@@ -86,8 +96,11 @@ def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             survived += 1
-            done = {(r["generation"], r["index"]) for r in RunDir.reopen(run_dir).records()
-                    if r["status"] == "COMPLETE"}  # fmt: skip
+            done = {
+                (r["generation"], r["index"])
+                for r in RunDir.reopen(run_dir).records()
+                if r["status"] == "COMPLETE"
+            }
             assert finished_seen <= done, "a finished trial was lost"
             finished_seen = done
         proc = cli("resume", str(run_dir))
@@ -96,11 +109,14 @@ def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
     duplicated = len(completes) - len(set(completes))
     same = outcome(run_dir) == outcome(tmp / "ref")
     same_best = (run_dir / "best" / "recipe.yaml").read_text() == (
-        tmp / "ref" / "best" / "recipe.yaml").read_text()  # fmt: skip
-    print(f"kill soak: {survived} SIGKILLs survived; {len(set(completes))} trials finished "
-          f"(uninterrupted run: {len(outcome(tmp / 'ref'))} in {ref_seconds:.0f} s); "
-          f"finished trials lost 0, duplicated {duplicated}; same decisions: {same}; "
-          f"same best: {same_best}")  # fmt: skip
+        tmp / "ref" / "best" / "recipe.yaml"
+    ).read_text()
+    print(
+        f"kill soak: {survived} SIGKILLs survived; {len(set(completes))} trials finished "
+        f"(uninterrupted run: {len(outcome(tmp / 'ref'))} in {ref_seconds:.0f} s); "
+        f"finished trials lost 0, duplicated {duplicated}; same decisions: {same}; "
+        f"same best: {same_best}"
+    )
     assert duplicated == 0 and same and same_best
 
 
@@ -114,8 +130,9 @@ def fault_soak(zoo: Path, tmp: Path, rate: float, rng: random.Random) -> None:
     data["workers"] = {"count": 2, "cpus_per_worker": 1, "trial_timeout": 15}
     cfg = SearchConfig.parse(data)
     kinds = ["raise", "nan", "hang", "die"]
-    faults = {f"{g}:{i}": rng.choice(kinds) for g in range(1, 9) for i in range(4)
-              if rng.random() < rate}  # fmt: skip
+    faults = {
+        f"{g}:{i}": rng.choice(kinds) for g in range(1, 9) for i in range(4) if rng.random() < rate
+    }
     run = RunDir.create(tmp / "faults", cfg)
     t0 = time.perf_counter()
     run_search(run, lambda: RayExecutor(cfg, faults))

@@ -40,8 +40,9 @@ def model_from_recipe(recipe, device: str = "cpu"):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise EvomergeError(f"recipe merge does not fit {main}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")  # fmt: skip
+        raise EvomergeError(
+            f"recipe merge does not fit {main}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if tied:
         model.tie_weights()
     return model.to(device).eval(), AutoTokenizer.from_pretrained(main)

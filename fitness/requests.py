@@ -63,8 +63,9 @@ class _StopSequences(transformers.StoppingCriteria):
     decoded by the same tokenizer with the same defaults. As in lm-eval, generation ends when
     every sequence has produced one same stop sequence (HF ORs the criteria's scalar verdicts)."""
 
-    def __init__(self, sequences: list[str], tokenizer, start: int, batch_size: int,
-                 decoded: _Memo):  # fmt: skip
+    def __init__(
+        self, sequences: list[str], tokenizer, start: int, batch_size: int, decoded: _Memo
+    ):
         # lm-eval looks back 2 tokens more than the stop sequence's own tokenization
         self.rules = [
             (s, len(tokenizer.encode(s, add_special_tokens=False)) + 2) for s in sequences
@@ -113,15 +114,18 @@ class ReusableHFLM(HFLM):
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
-        encode = partial(super().tok_encode, string, add_special_tokens, left_truncate_len,
-                         **kwargs)  # fmt: skip
+        encode = partial(
+            super().tok_encode, string, add_special_tokens, left_truncate_len, **kwargs
+        )
         return list(self._encoded.get_or(key, encode))
 
-    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None,
-                         truncation=False):  # fmt: skip
+    def tok_batch_encode(
+        self, strings, padding_side="left", left_truncate_len=None, truncation=False
+    ):
         key = (tuple(strings), padding_side, left_truncate_len, truncation)
-        encode = partial(super().tok_batch_encode, strings, padding_side, left_truncate_len,
-                         truncation)  # fmt: skip
+        encode = partial(
+            super().tok_batch_encode, strings, padding_side, left_truncate_len, truncation
+        )
         ids, mask = self._batches.get_or(key, encode)
         return ids.clone(), mask.clone()
 
@@ -148,9 +152,13 @@ class ReusableHFLM(HFLM):
         dtype = getattr(self, "mixed_precision_dtype", None)
         with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.model.generate(
-                input_ids=context, max_length=max_length, stopping_criteria=stopping,
-                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
-            )  # fmt: skip
+                input_ids=context,
+                max_length=max_length,
+                stopping_criteria=stopping,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                **generation_kwargs,
+            )
 
 
 def task_filters(task: ConfigurableTask) -> list[FilterEnsemble]:
@@ -166,7 +174,7 @@ def task_filters(task: ConfigurableTask) -> list[FilterEnsemble]:
             [
                 (fn["function"], {k: v for k, v in fn.items() if k != "function"})
                 for fn in f["filter"]
-            ],  # fmt: skip
+            ],
         )
         for f in task.config.filter_list
     ]
@@ -182,20 +190,25 @@ class TaskRequests:
     filters: list[FilterEnsemble]
 
     @classmethod
-    def build(cls, name: str, task, doc_ids: list[int] | None, lm, seed: int,
-              apply_chat_template: bool) -> TaskRequests:  # fmt: skip
+    def build(
+        cls, name: str, task, doc_ids: list[int] | None, lm, seed: int, apply_chat_template: bool
+    ) -> TaskRequests:
         if not isinstance(task, ConfigurableTask):
-            raise EvomergeError(f"task {name!r} is a {type(task).__name__}, not a "
-                                "ConfigurableTask; define it in YAML")  # fmt: skip
+            raise EvomergeError(
+                f"task {name!r} is a {type(task).__name__}, not a "
+                "ConfigurableTask; define it in YAML"
+            )
         task.set_fewshot_seed(seed=seed)  # reseeded, so the prompts do not depend on history
         # lm-eval yields sampled documents in dataset order, numbered by position: sort to match
         doc_ids = sorted(doc_ids) if doc_ids else None
         task.build_all_requests(
-            samples=doc_ids, rank=lm.rank, world_size=lm.world_size,
+            samples=doc_ids,
+            rank=lm.rank,
+            world_size=lm.world_size,
             apply_chat_template=apply_chat_template,
             chat_template=lm.apply_chat_template if apply_chat_template else None,
             tokenizer_name=lm.tokenizer_name if apply_chat_template else "",
-        )  # fmt: skip
+        )
         by_doc: dict[int, list[Instance]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position within `doc_ids` when given
             assert inst.doc_id is not None
@@ -205,8 +218,9 @@ class TaskRequests:
         return cls(name, task, dict(by_doc), task_filters(task))
 
 
-def answer(lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None = None
-           ) -> dict[str, tuple[dict[str, float], int]]:  # fmt: skip
+def answer(
+    lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None = None
+) -> dict[str, tuple[dict[str, float], int]]:
     """Run the model on the tasks' requests (only `samples`' documents when given) and return,
     per task, its aggregated metrics ("metric,filter" -> value) and the documents scored."""
     chosen = {t.name: list(t.by_doc) if samples is None else samples[t.name] for t in tasks}
@@ -239,7 +253,9 @@ def answer(lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None =
                 for metric, value in scores.items():
                     raw[metric, key].append(value)
         aggregation = t.task.aggregation()
-        metrics = {f"{m},{key}": float(aggregation.get(m, mean)(values))
-                   for (m, key), values in raw.items()}  # fmt: skip
+        metrics = {
+            f"{m},{key}": float(aggregation.get(m, mean)(values))
+            for (m, key), values in raw.items()
+        }
         out[t.name] = (metrics, len(docs))
     return out

@@ -67,8 +67,9 @@ def combine_shards(specs: list[TaskSpec], parts: list[FitnessResult]) -> Fitness
         n = [p.counts[task] for p in parts]
         counts[task] = sum(n)
         metrics[key] = sum(p.metrics[key] * k for p, k in zip(parts, n, strict=True)) / sum(n)
-    return FitnessResult(True, objective(specs, metrics), metrics, sum(counts.values()), seconds,
-                         counts=counts)  # fmt: skip
+    return FitnessResult(
+        True, objective(specs, metrics), metrics, sum(counts.values()), seconds, counts=counts
+    )
 
 
 class Scorer:
@@ -164,8 +165,9 @@ class Scorer:
         later in-place weight changes are seen by `score`."""
         from evomerge.fitness.requests import ReusableHFLM, TaskRequests
 
-        self.lm = ReusableHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
-                               device=device)  # fmt: skip
+        self.lm = ReusableHFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=device
+        )
         # prompts depend on the tasks and the seed, and on the tokenizer only through a chat
         # template: built once unless one is applied
         if self.requests is None or self.apply_chat_template:
@@ -174,7 +176,7 @@ class Scorer:
                 self.requests = [
                     TaskRequests.build(
                         name, task, subsets.get(name), self.lm, self.seed, self.apply_chat_template
-                    )  # fmt: skip
+                    )
                     for name, task in self.loaded["tasks"].items()
                 ]
         return self
@@ -201,8 +203,9 @@ class Scorer:
                 if value is None and count == 0:
                     value = 0.0  # an empty shard: weighted by its count, 0, when combined
                 if value is None:
-                    raise KeyError(f"task {spec.name} has no metric {spec.metric!r} "
-                                   f"({list(task_metrics)})")  # fmt: skip
+                    raise KeyError(
+                        f"task {spec.name} has no metric {spec.metric!r} ({list(task_metrics)})"
+                    )
                 metrics[f"{spec.name}/{spec.metric}"] = float(value)
             counts = {name: count for name, (_, count) in results.items()}
             examples = sum(counts.values())
@@ -211,7 +214,9 @@ class Scorer:
         seconds = time.perf_counter() - start
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
-            return FitnessResult(False, math.nan, metrics, examples, seconds,
-                                 f"non-finite metric {bad[0]}")  # fmt: skip
-        return FitnessResult(True, objective(self.specs, metrics), metrics, examples, seconds,
-                             counts=counts)  # fmt: skip
+            return FitnessResult(
+                False, math.nan, metrics, examples, seconds, f"non-finite metric {bad[0]}"
+            )
+        return FitnessResult(
+            True, objective(self.specs, metrics), metrics, examples, seconds, counts=counts
+        )

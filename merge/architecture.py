@@ -16,13 +16,28 @@ from typing import Literal
 from evomerge.merge.errors import EvomergeError
 
 KNOWN_MODEL_TYPES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
     "gpt_neox",
-)  # fmt: skip
+)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_EMBED = {"embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "tok_embeddings",
-          "embed_positions"}  # fmt: skip
+_EMBED = {
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "embed_in",
+    "word_embeddings",
+    "tok_embeddings",
+    "embed_positions",
+}
 _HEAD = {"lm_head", "embed_out", "output"}
 _FINAL_NORM = {"norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f"}
 _ATTENTION = {"self_attn", "attn", "attention"}

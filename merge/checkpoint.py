@@ -19,10 +19,16 @@ from evomerge.merge.safetensors_io import TensorEntry, read_header, read_tensor
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja",
-)  # fmt: skip
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 class Checkpoint:
@@ -84,8 +90,13 @@ class Checkpoint:
             raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
         return read_tensor(self._entries[name]) if self._entries else self._loaded[name]
 
-    def copy_side_files(self, out: Path, dtype: torch.dtype, num_layers: int | None = None,
-                        layer_types: list[str] | None = None) -> None:  # fmt: skip
+    def copy_side_files(
+        self,
+        out: Path,
+        dtype: torch.dtype,
+        num_layers: int | None = None,
+        layer_types: list[str] | None = None,
+    ) -> None:
         """config.json (with the output dtype) plus generation and tokenizer files.
 
         A data-flow export passes its `num_layers` (one per hop) and, for architectures whose
@@ -98,8 +109,10 @@ class Checkpoint:
                     cfg[key] = num_layers
             if cfg.get("layer_types"):
                 if layer_types is None or len(layer_types) != num_layers:
-                    raise EvomergeError(f"{self.path}: its config lists layer_types, but not "
-                                        "every model on the path does; use one architecture")  # fmt: skip
+                    raise EvomergeError(
+                        f"{self.path}: its config lists layer_types, but not "
+                        "every model on the path does; use one architecture"
+                    )
                 cfg["layer_types"] = layer_types
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name in SIDE_FILES:

@@ -31,11 +31,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], float]] = {
     **{
         t: ("model.layers", ("self_attn.o_proj", "mlp.down_proj"), 0.0)
         for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-    },  # fmt: skip
+    },
     **{
         t: ("model.layers", ("post_attention_layernorm", "post_feedforward_layernorm"), 1.0)
         for t in ("gemma2", "gemma3_text")
-    },  # fmt: skip
+    },
     "gpt2": ("transformer.h", ("attn.c_proj", "mlp.c_proj"), 0.0),
     "gpt_neox": ("gpt_neox.layers", ("attention.dense", "mlp.dense_4h_to_h"), 0.0),
 }

@@ -111,8 +111,9 @@ def iter_merged(
         if method.is_random:
             generator = torch.Generator().manual_seed(tensor_seed(ps.seed, name))
         try:
-            merged = merge_tensor(method, base, sources, params, ps.options(group), generator,
-                                  deltas)  # fmt: skip
+            merged = merge_tensor(
+                method, base, sources, params, ps.options(group), generator, deltas
+            )
         except ValueError as e:
             raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
         if not torch.isfinite(merged).all():
@@ -149,16 +150,20 @@ def parse_size(text: str | int) -> int:
 
 
 def _write_checkpoint(
-    tmp: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]], limit: int,
+    tmp: Path,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    limit: int,
     progress: Progress | None,
-) -> None:  # fmt: skip
+) -> None:
     """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index."""
     shards = plan_shards(specs, limit)
     names = [
-        "model.safetensors" if len(shards) == 1
+        "model.safetensors"
+        if len(shards) == 1
         else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         for i in range(len(shards))
-    ]  # fmt: skip
+    ]
     shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
     writers: dict[int, ShardWriter] = {}
     for done, (name, tensor) in enumerate(tensors, start=1):
@@ -193,16 +198,19 @@ def path_plan(
     embed = ckpts[df.embed_from]
     model_type = embed.info.model_type
     family(model_type)
-    check_compatible({a: ckpts[a] for a in {df.embed_from, *(h.model for h in df.path)}},
-                     reference=df.embed_from)  # fmt: skip
+    check_compatible(
+        {a: ckpts[a] for a in {df.embed_from, *(h.model for h in df.path)}}, reference=df.embed_from
+    )
     plan = {n: (df.embed_from, n, 1.0, 0.0) for n in embed.names if classify(n).group != "layer"}
     cumulative = 1.0
     for k, hop in enumerate(df.path):
         cumulative *= hop.scale
         src = ckpts[hop.model]
         if hop.layer >= src.info.num_layers:
-            raise EvomergeError(f"data_flow.path.{k}: {hop.model} has {src.info.num_layers} "
-                                f"layers, no layer {hop.layer}")  # fmt: skip
+            raise EvomergeError(
+                f"data_flow.path.{k}: {hop.model} has {src.info.num_layers} "
+                f"layers, no layer {hop.layer}"
+            )
         for name, new, divisor, offset in folded_layer_tensors(
             src.names, hop.layer, k, cumulative, model_type
         ):
@@ -237,8 +245,9 @@ def merge_to_dir(
     return out
 
 
-def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force: bool,
-                       progress: Progress | None) -> Path:  # fmt: skip
+def _merge_path_to_dir(
+    recipe: Recipe, out: Path, device: str, limit: int, force: bool, progress: Progress | None
+) -> Path:
     from evomerge.merge.recipe import PS
 
     df = recipe.data_flow
@@ -248,16 +257,24 @@ def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force
         used = {df.embed_from, *(h.model for h in df.path)}
         ckpts: dict[str, Checkpoint] = {
             a: Checkpoint(recipe.models[a].path, f"models.{a}", recipe.allow_pickle)
-            for a in used if a != PS
-        }  # fmt: skip
+            for a in used
+            if a != PS
+        }
         if PS in used:  # stage 1, merged to disk inside the staging dir, read back lazily
             stage = tmp / ".stage1"
-            merge_to_dir(recipe.ps_only().model_copy(update={"dtype": "float32"}), stage,
-                         device, limit)  # fmt: skip
+            merge_to_dir(
+                recipe.ps_only().model_copy(update={"dtype": "float32"}), stage, device, limit
+            )
             ckpts[PS] = Checkpoint(stage, "parameter_space result")
         plan = path_plan(recipe, ckpts)
-        specs = [TensorSpec(n, out_dtype if ckpts[a].dtype(s).is_floating_point else ckpts[a].dtype(s),
-                            ckpts[a].shape(s)) for n, a, s, _, _ in plan]  # fmt: skip
+        specs = [
+            TensorSpec(
+                n,
+                out_dtype if ckpts[a].dtype(s).is_floating_point else ckpts[a].dtype(s),
+                ckpts[a].shape(s),
+            )
+            for n, a, s, _, _ in plan
+        ]
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for name, alias, src, divisor, offset in plan:
@@ -272,9 +289,11 @@ def _merge_path_to_dir(recipe: Recipe, out: Path, device: str, limit: int, force
         # each hop keeps its source layer's kind (Gemma 2/3 alternate sliding and global layers)
         types = [ckpts[h.model].info.raw.get("layer_types") or [] for h in df.path]
         ckpts[df.embed_from].copy_side_files(
-            tmp, out_dtype, num_layers=len(df.path),
+            tmp,
+            out_dtype,
+            num_layers=len(df.path),
             layer_types=[t[h.layer] for t, h in zip(types, df.path)] if all(types) else None,
-        )  # fmt: skip
+        )
         recipe.save(tmp / "evomerge_recipe.yaml")
         if PS in used:
             shutil.rmtree(tmp / ".stage1")

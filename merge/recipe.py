@@ -243,8 +243,10 @@ class Recipe(_Strict):
             ):
                 if alias not in flow_known:
                     where = "data_flow.embed_from" if i == 0 else f"data_flow.path.{i - 1}.model"
-                    raise ValueError(f"{where}: {alias!r} is not in models"
-                                     f"{' (or ps, with a parameter_space stage)' if not self.parameter_space else ' or ps'}")  # fmt: skip
+                    raise ValueError(
+                        f"{where}: {alias!r} is not in models"
+                        f"{' (or ps, with a parameter_space stage)' if not self.parameter_space else ' or ps'}"
+                    )
         if self.parameter_space is None:
             return self
         ps = self.parameter_space
@@ -277,14 +279,29 @@ class Recipe(_Strict):
         return self.model_copy(update={"data_flow": None})
 
     @classmethod
-    def single_group(cls, models: dict[str, str], base: str, method: str, num_layers: int,
-                     params: dict[str, dict], dtype: str = "float32", **ps) -> Recipe:  # fmt: skip
+    def single_group(
+        cls,
+        models: dict[str, str],
+        base: str,
+        method: str,
+        num_layers: int,
+        params: dict[str, dict],
+        dtype: str = "float32",
+        **ps,
+    ) -> Recipe:
         """One group over all layers: the merges a user tries by hand."""
-        return cls.parse({
-            "dtype": dtype, "models": {a: {"path": str(p)} for a, p in models.items()},
-            "parameter_space": {"method": method, "base": base, **ps,
-                                "groups": [{"layers": [0, num_layers], "params": params}]},
-        })  # fmt: skip
+        return cls.parse(
+            {
+                "dtype": dtype,
+                "models": {a: {"path": str(p)} for a, p in models.items()},
+                "parameter_space": {
+                    "method": method,
+                    "base": base,
+                    **ps,
+                    "groups": [{"layers": [0, num_layers], "params": params}],
+                },
+            }
+        )
 
     # -- files --------------------------------------------------------------------------------
     @classmethod

@@ -51,8 +51,9 @@ def _ta(name: str, paper: str, sparsifier: Sparsifier, consensus: bool, **kw) ->
         Sparsifier.outliers: ("density", "gamma"),
         Sparsifier.della: ("density", "epsilon"),
     }[sparsifier]
-    return Method(name, paper, "task_arithmetic", sparsifier, consensus,
-                  per_model=("weight", *extra), **kw)  # fmt: skip
+    return Method(
+        name, paper, "task_arithmetic", sparsifier, consensus, per_model=("weight", *extra), **kw
+    )
 
 
 _DARE = "Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)"
@@ -66,7 +67,7 @@ METHODS: dict[str, Method] = {
             "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
             "linear",
             default_normalize=True,
-        ),  # fmt: skip
+        ),
         Method("slerp", "Shoemake 1985, spherical linear interpolation", "slerp", per_model=()),
         Method("passthrough", "copies a single source unchanged", "passthrough", per_model=()),
         _ta(
@@ -74,18 +75,18 @@ METHODS: dict[str, Method] = {
             "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
             Sparsifier.none,
             False,
-        ),  # fmt: skip
+        ),
         _ta(
             "ties",
             "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
             Sparsifier.magnitude,
             True,
             default_normalize=True,
-        ),  # fmt: skip
+        ),
         _ta("dare_ties", _DARE, Sparsifier.random, True, default_rescale=Rescale.inverse_density),
         _ta(
             "dare_linear", _DARE, Sparsifier.random, False, default_rescale=Rescale.inverse_density
-        ),  # fmt: skip
+        ),
         _ta("breadcrumbs", _CRUMBS, Sparsifier.outliers, False),
         _ta("breadcrumbs_ties", _CRUMBS, Sparsifier.outliers, True),
         _ta(
@@ -95,10 +96,10 @@ METHODS: dict[str, Method] = {
             True,
             default_normalize=True,
             default_rescale=Rescale.inverse_density,
-        ),  # fmt: skip
+        ),
         _ta(
             "della_linear", _DELLA, Sparsifier.della, False, default_rescale=Rescale.inverse_density
-        ),  # fmt: skip
+        ),
     ]
 }
 
@@ -166,6 +167,10 @@ def merge_tensor(
         for d, p in zip(deltas, params, strict=True)
     ]
     return methods.combine_deltas(
-        base32, thinned, [p.weight for p in params], method.consensus, options.normalize,
+        base32,
+        thinned,
+        [p.weight for p in params],
+        method.consensus,
+        options.normalize,
         options.lambda_,
-    )  # fmt: skip
+    )

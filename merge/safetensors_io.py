@@ -22,10 +22,17 @@ import torch
 from evomerge.merge.errors import EvomergeError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -135,8 +142,11 @@ class ShardWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for s in specs:
-            header[s.name] = {"dtype": CODES[s.dtype], "shape": list(s.shape),
-                              "data_offsets": [offset, offset + s.nbytes]}  # fmt: skip
+            header[s.name] = {
+                "dtype": CODES[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does

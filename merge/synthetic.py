@@ -12,8 +12,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -21,8 +28,14 @@ def tiny_config(model_type: str = "llama", **overrides):
     if model_type == "gpt2":
         kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
     elif model_type == "gpt_neox":
-        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+        kw = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
     else:
         kw = dict(TINY)
         if model_type in ("gemma", "gemma2", "gemma3_text", "qwen3"):
@@ -62,9 +75,13 @@ def make_family(
     g = torch.Generator().manual_seed(seed + 1)
     for i in range(1, experts + 1):
         state = {
-            k: (v.float() + delta_scale * torch.randn(v.shape, generator=g) * v.float().std()
-                .clamp_min(1e-3)).to(dtype) if v.is_floating_point() else v
+            k: (
+                v.float()
+                + delta_scale * torch.randn(v.shape, generator=g) * v.float().std().clamp_min(1e-3)
+            ).to(dtype)
+            if v.is_floating_point()
+            else v
             for k, v in base.items()
-        }  # fmt: skip
+        }
         paths[f"expert{i}"] = save_model(state, config, out / f"expert{i}")
     return paths

@@ -58,11 +58,15 @@ def _check_genome(cfg: SearchConfig, num_layers: int) -> list[str]:
         return [f"space: {e}"]
     popsize = cfg.cma.popsize or 4 + int(3 * math.log(genome.dim))
     if cfg.cma.budget < popsize:
-        return [f"cma.budget: {cfg.cma.budget} evaluations is less than one generation "
-                f"(popsize {popsize}, genome of {genome.dim} genes); raise the budget"]  # fmt: skip
+        return [
+            f"cma.budget: {cfg.cma.budget} evaluations is less than one generation "
+            f"(popsize {popsize}, genome of {genome.dim} genes); raise the budget"
+        ]
     if genome.dim > cfg.cma.diagonal_above and cfg.cma.budget < 10 * popsize:
-        return [f"cma.budget: {cfg.cma.budget} evaluations for {genome.dim} genes is under 10 "
-                "generations; expect little progress (raise the budget or coarsen the genome)"]  # fmt: skip
+        return [
+            f"cma.budget: {cfg.cma.budget} evaluations for {genome.dim} genes is under 10 "
+            "generations; expect little progress (raise the budget or coarsen the genome)"
+        ]
     return []
 
 
@@ -92,6 +96,8 @@ def _check_workers(cfg: SearchConfig) -> list[str]:
     if wc.count and wc.address is None:
         cpus = os.cpu_count() or 1
         if wc.count * wc.cpus_per_worker > cpus:
-            return [f"workers: {wc.count} workers x {wc.cpus_per_worker} CPUs exceed this "
-                    f"machine's {cpus} CPUs; lower workers.count or cpus_per_worker"]  # fmt: skip
+            return [
+                f"workers: {wc.count} workers x {wc.cpus_per_worker} CPUs exceed this "
+                f"machine's {cpus} CPUs; lower workers.count or cpus_per_worker"
+            ]
     return []

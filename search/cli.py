@@ -54,9 +54,14 @@ def progress_bar(description: str):
     )
 
     return Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[item]}"), console=console, transient=False,
-    )  # fmt: skip
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[item]}"),
+        console=console,
+        transient=False,
+    )
 
 
 @app.command()
@@ -81,8 +86,9 @@ def merge(
         bar.update(task, completed=done, total=total, item=name)
 
     try:
-        merge_to_dir(r, out, device=device, max_shard_size=max_shard_size, force=force,
-                     progress=tick)  # fmt: skip
+        merge_to_dir(
+            r, out, device=device, max_shard_size=max_shard_size, force=force, progress=tick
+        )
     finally:
         bar.stop()
     console.print(f"wrote {out}")
@@ -155,8 +161,14 @@ def eval_cmd(
     paths = list(include) + ([zoo_dir / "tasks"] if (zoo_dir / "tasks").is_dir() else [])
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo_dir / ".hf-datasets"))
     lim = None if limit is None else (int(limit) if limit > 1 else limit)
-    scorer = Scorer(parse_task_list(tasks), include_paths=paths, limit=lim, seed=seed,
-                    num_fewshot=num_fewshot, batch_size=batch_size)  # fmt: skip
+    scorer = Scorer(
+        parse_task_list(tasks),
+        include_paths=paths,
+        limit=lim,
+        seed=seed,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+    )
     m, tok = load_model(model, device) if model else model_from_recipe(Recipe.load(recipe), device)
     result = scorer.bind(m, tok, device).score()
     if not result.ok:
@@ -184,9 +196,14 @@ def _search_progress():
 
     from evomerge.search.driver import Progress as Hooks
 
-    bar = Progress(TextColumn("[bold]gen {task.fields[gen]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
-                   TimeRemainingColumn(), console=console)  # fmt: skip
+    bar = Progress(
+        TextColumn("[bold]gen {task.fields[gen]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
     task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
 
     def start(done: int, budget: int) -> None:
@@ -232,8 +249,10 @@ def run_and_report(run) -> dict | None:
     if best is None:
         console.print("no trial completed")
     else:
-        console.print(f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
-                      f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}")  # fmt: skip
+        console.print(
+            f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
+            f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}"
+        )
     return best
 
 

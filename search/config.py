@@ -169,8 +169,10 @@ class SearchConfig(_Strict):
         if path.is_dir():
             path = path / "best" / "recipe.yaml"
         if not path.is_file():
-            raise EvomergeError(f"dfs.ps_recipe: {path} not found; finish the PS search first "
-                                "(e.g. `make demo`) or point at a recipe file")  # fmt: skip
+            raise EvomergeError(
+                f"dfs.ps_recipe: {path} not found; finish the PS search first "
+                "(e.g. `make demo`) or point at a recipe file"
+            )
         recipe = Recipe.load(path)
         if recipe.parameter_space is None:
             raise EvomergeError(f"dfs.ps_recipe: {path} has no parameter_space stage")
@@ -195,8 +197,9 @@ class SearchConfig(_Strict):
         directory name is a hash of its parameters)."""
         zoo = self.zoo_dir()
         paths = {a: Path(m.path).expanduser() for a, m in self.models.items()}
-        return {a: zoo / p if zoo is not None and not p.is_absolute() else p
-                for a, p in paths.items()}  # fmt: skip
+        return {
+            a: zoo / p if zoo is not None and not p.is_absolute() else p for a, p in paths.items()
+        }
 
     def include_paths(self) -> list[Path]:
         paths = [Path(p) for p in self.fitness.include]

@@ -25,7 +25,8 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
     rows: dict[str, object] = dict(cfg.model_paths())
     if cfg.dfs is None:
         rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
-            zoo, cfg.space.method, cfg.experts, 1.0)  # fmt: skip
+            zoo, cfg.space.method, cfg.experts, 1.0
+        )
     elif cfg.dfs.ps_recipe:
         rows["PS stage (dfs.ps_recipe)"] = cfg.ps_recipe()
     rows["evomerge best"] = Recipe.load(best_recipe)

@@ -36,14 +36,19 @@ class DFSGenome:
 
     def x0(self) -> np.ndarray:
         """The embedding model alone: its first repetition kept, the rest excluded, scales 1."""
-        first = [INDICATOR if (a == self.dfs.embed_from and r == 0) else -INDICATOR
-                 for r in range(self.dfs.repeats) for a, _ in self.units]  # fmt: skip
+        first = [
+            INDICATOR if (a == self.dfs.embed_from and r == 0) else -INDICATOR
+            for r in range(self.dfs.repeats)
+            for a, _ in self.units
+        ]
         return np.array(first + [self.dfs.scale_range.init] * self.n_scales, dtype=float)
 
     def bounds(self) -> tuple[list[float], list[float]]:
         r = self.dfs.scale_range
-        return ([-1.0] * len(self.slots) + [r.low] * self.n_scales,
-                [1.0] * len(self.slots) + [r.high] * self.n_scales)  # fmt: skip
+        return (
+            [-1.0] * len(self.slots) + [r.low] * self.n_scales,
+            [1.0] * len(self.slots) + [r.high] * self.n_scales,
+        )
 
     def labels(self) -> list[str]:
         names = [f"slot{t}:{a}.{i}" for t, (a, i) in enumerate(self.slots)]
@@ -83,8 +88,11 @@ class DFSGenome:
         for prev, hop in zip(kept, kept[1:], strict=False):
             path.append({"model": hop[0], "layer": hop[1], "scale": self._scale(g, prev, hop)})
         models = {a: {"path": p} for a, p in self.model_paths.items()}
-        data: dict = {"dtype": self.config.space.dtype, "models": models,
-                      "data_flow": {"embed_from": embed, "path": path}}  # fmt: skip
+        data: dict = {
+            "dtype": self.config.space.dtype,
+            "models": models,
+            "data_flow": {"embed_from": embed, "path": path},
+        }
         if self.ps is not None:
             ps_data = self.ps.model_dump(mode="json", by_alias=True, exclude_none=True)
             data["models"] = {**ps_data["models"], **models}

@@ -60,8 +60,14 @@ def genome_for(run: RunDir) -> GenomeSpec | DFSGenome:
 
 def new_optimizer(run: RunDir, genome: GenomeSpec | DFSGenome) -> Optimizer:
     c = run.config.cma
-    return Optimizer(genome.x0(), c.sigma0, genome.bounds(), c.seed, c.popsize,
-                     diagonal=genome.dim > c.diagonal_above)  # fmt: skip
+    return Optimizer(
+        genome.x0(),
+        c.sigma0,
+        genome.bounds(),
+        c.seed,
+        c.popsize,
+        diagonal=genome.dim > c.diagonal_above,
+    )
 
 
 def run_search(
@@ -75,8 +81,9 @@ def run_search(
     opt = Optimizer.load(snap[1]) if snap else new_optimizer(run, genome)
     state = run.trials()
     finished = [t for t in state.values() if t["status"] in (COMPLETE, FAILED)]
-    best = max((t for t in finished if t["status"] == COMPLETE), key=lambda t: t["fitness"],
-               default=None)  # fmt: skip
+    best = max(
+        (t for t in finished if t["status"] == COMPLETE), key=lambda t: t["fitness"], default=None
+    )
     done = len(finished)
     progress.on_start(done, config.cma.budget)
     executor = None
@@ -89,11 +96,18 @@ def run_search(
                 known = state.get((g, i))
                 if known is not None:
                     if not np.allclose(known["x"], x, rtol=0, atol=1e-12):
-                        raise EvomergeError(f"{run.journal_path}: trial {g}:{i} differs from what "
-                                            "the optimizer asks; the journal or snapshot was edited")  # fmt: skip
+                        raise EvomergeError(
+                            f"{run.journal_path}: trial {g}:{i} differs from what "
+                            "the optimizer asks; the journal or snapshot was edited"
+                        )
                     continue
-                record = {"generation": g, "index": i, "status": ASKED, "x": [float(v) for v in x],
-                          "time": time.time()}  # fmt: skip
+                record = {
+                    "generation": g,
+                    "index": i,
+                    "status": ASKED,
+                    "x": [float(v) for v in x],
+                    "time": time.time(),
+                }
                 try:
                     recipe = genome.decode(x, seed=trial_seed(config.cma.seed, g, i))
                     record["recipe"] = recipe.model_dump(
@@ -105,17 +119,25 @@ def run_search(
                 asked.append(record)
                 state[(g, i)] = record
             run.append(asked)  # journaled before dispatch: a crash from here on loses nothing
-            pending = [Trial(g, i, state[(g, i)]["recipe"]) for i in range(len(xs))
-                       if state[(g, i)]["status"] == ASKED]  # fmt: skip
+            pending = [
+                Trial(g, i, state[(g, i)]["recipe"])
+                for i in range(len(xs))
+                if state[(g, i)]["status"] == ASKED
+            ]
             if pending and executor is None:
                 executor = make_executor()
 
             def on_result(trial: Trial, result: TrialResult, g=g) -> None:
                 nonlocal best, done
                 fitness = result.fitness if result.status == COMPLETE else config.penalty
-                record = {"generation": trial.generation, "index": trial.index,
-                          "status": result.status, **result.as_dict(), "fitness": fitness,
-                          "time": time.time()}  # fmt: skip
+                record = {
+                    "generation": trial.generation,
+                    "index": trial.index,
+                    "status": result.status,
+                    **result.as_dict(),
+                    "fitness": fitness,
+                    "time": time.time(),
+                }
                 run.append([record])
                 state[trial.key] = {**state[trial.key], **record}
                 done += 1
@@ -146,5 +168,7 @@ def summary_line(g: int, trials: list[dict], best: dict | None, done: int, budge
     mean = sum(ok) / len(ok) if ok else math.nan
     gen_best = max(ok) if ok else math.nan
     overall = best["fitness"] if best else math.nan
-    return (f"gen {g:4d}  evals {done}/{budget}  gen best {gen_best:.4f}  gen mean {mean:.4f}  "
-            f"failed {failed}  best {overall:.4f}")  # fmt: skip
+    return (
+        f"gen {g:4d}  evals {done}/{budget}  gen best {gen_best:.4f}  gen mean {mean:.4f}  "
+        f"failed {failed}  best {overall:.4f}"
+    )

@@ -30,8 +30,10 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
         if key not in trials or trials[key]["status"] != COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
         return [trials[key]]
-    done = sorted((t for t in trials.values() if t["status"] == COMPLETE),
-                  key=lambda t: (-t["fitness"], t["generation"], t["index"]))  # fmt: skip
+    done = sorted(
+        (t for t in trials.values() if t["status"] == COMPLETE),
+        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
+    )
     if not done:
         raise EvomergeError(f"{run.path}: no COMPLETE trial to export yet")
     return done[: max(1, top_k)]
@@ -51,10 +53,12 @@ def baselines(run: RunDir) -> dict[str, Recipe]:
     out = {"linear (uniform)": one("linear", {a: {"weight": 1.0} for a in models})}
     for lam in (0.3, 0.5, 0.7, 1.0):
         out[f"task arithmetic (lambda {lam})"] = one(
-            "task_arithmetic", {e: {"weight": 1.0} for e in experts}, **{"lambda": lam})  # fmt: skip
+            "task_arithmetic", {e: {"weight": 1.0} for e in experts}, **{"lambda": lam}
+        )
     out["ties (density 0.5)"] = one("ties", {e: {"weight": 1.0, "density": 0.5} for e in experts})
     out["dare_ties (density 0.5)"] = one(
-        "dare_ties", {e: {"weight": 1.0, "density": 0.5} for e in experts}, seed=0)  # fmt: skip
+        "dare_ties", {e: {"weight": 1.0, "density": 0.5} for e in experts}, seed=0
+    )
     return out
 
 
@@ -66,12 +70,22 @@ def heldout_table(run: RunDir, chosen: list[dict]) -> list[dict]:
 
     cfg = run.config
     specs = cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout")
-    scorer = Scorer(specs, include_paths=cfg.include_paths(), num_fewshot=cfg.fitness.num_fewshot,
-                    batch_size=cfg.fitness.batch_size)  # fmt: skip
+    scorer = Scorer(
+        specs,
+        include_paths=cfg.include_paths(),
+        num_fewshot=cfg.fitness.num_fewshot,
+        batch_size=cfg.fitness.batch_size,
+    )
     sources: list[tuple[str, str, object, float | None]] = []
     for t in chosen:
-        sources.append((f"trial {t['generation']}:{t['index']}", "searched",
-                        Recipe.parse(t["recipe"]), t["fitness"]))  # fmt: skip
+        sources.append(
+            (
+                f"trial {t['generation']}:{t['index']}",
+                "searched",
+                Recipe.parse(t["recipe"]),
+                t["fitness"],
+            )
+        )
     sources += [(a, "parent", cfg.model_path(a), None) for a in cfg.models]
     sources += [(label, "untuned", r, None) for label, r in baselines(run).items()]
     rows = []
@@ -81,8 +95,12 @@ def heldout_table(run: RunDir, chosen: list[dict]) -> list[dict]:
         else:
             model, tok = load_model(Path(str(source)))
         result = scorer.bind(model, tok).score()
-        row = {"model": label, "kind": kind, "search fitness": search_fitness,
-               "heldout objective": result.fitness if result.ok else None}  # fmt: skip
+        row = {
+            "model": label,
+            "kind": kind,
+            "search fitness": search_fitness,
+            "heldout objective": result.fitness if result.ok else None,
+        }
         row |= {k.split("/")[0]: v for k, v in result.metrics.items()}
         rows.append(row)
     return rows
@@ -92,8 +110,10 @@ def table_markdown(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-                 for v in r.values()]  # fmt: skip
+        cells = [
+            f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+            for v in r.values()
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,10 +131,14 @@ def model_card(recipe: Recipe, trial: dict, rows: list[dict], run: RunDir) -> st
     assert ps is not None
     sources = "\n".join(f"- `{a}`: {m.path}" for a, m in recipe.models.items())
     genome = "\n".join(
-        f"| {g.label()} | " + ", ".join(f"{a}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in p.model_dump().items()) for a, p in g.params.items()) + " |"
+        f"| {g.label()} | "
+        + ", ".join(
+            f"{a}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.model_dump().items())
+            for a, p in g.params.items()
+        )
+        + " |"
         for g in ps.groups
-    )  # fmt: skip
+    )
     return f"""---
 tags: [merge, evomerge]
 ---
@@ -141,8 +165,15 @@ evomerge merge recipe.yaml OUT        # or: mergekit-yaml mergekit.yaml OUT (det
 """
 
 
-def export(run_dir: Path, out: Path, trial: str | None = None, top_k: int = 1,
-           max_shard_size: str = "5GB", force: bool = False, score: bool = True) -> Path:  # fmt: skip
+def export(
+    run_dir: Path,
+    out: Path,
+    trial: str | None = None,
+    top_k: int = 1,
+    max_shard_size: str = "5GB",
+    force: bool = False,
+    score: bool = True,
+) -> Path:
     run = RunDir.reopen(run_dir)
     chosen = pick_trials(run, trial, top_k)
     recipe = Recipe.parse(chosen[0]["recipe"])
@@ -160,7 +191,15 @@ def export(run_dir: Path, out: Path, trial: str | None = None, top_k: int = 1,
             write_atomic(tmp / "heldout.csv", table_csv(rows))
             write_atomic(tmp / "heldout.md", table_markdown(rows) + "\n")
         (tmp / "model" / "README.md").write_text(model_card(recipe, chosen[0], rows, run))
-        write_atomic(tmp / "trials.json", json.dumps(
-            [{k: t.get(k) for k in ("generation", "index", "fitness", "metrics")} for t in chosen],
-            indent=2) + "\n")  # fmt: skip
+        write_atomic(
+            tmp / "trials.json",
+            json.dumps(
+                [
+                    {k: t.get(k) for k in ("generation", "index", "fitness", "metrics")}
+                    for t in chosen
+                ],
+                indent=2,
+            )
+            + "\n",
+        )
     return out

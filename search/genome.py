@@ -111,8 +111,9 @@ class GenomeSpec:
             raise ValueError(f"genome has {self.dim} genes, got a vector of shape {x.shape}")
         space = self.config.space
         group_fields: list[dict] = [{} for _ in self.groups]
-        params: list[dict[str, dict]] = [{m: dict(space.fixed) for m in self.models}
-                                         for _ in self.groups]  # fmt: skip
+        params: list[dict[str, dict]] = [
+            {m: dict(space.fixed) for m in self.models} for _ in self.groups
+        ]
         for gene, xi in zip(self.genes, x, strict=True):
             value = float(self._to_value(float(xi), gene.range))
             if gene.model is None:
@@ -125,17 +126,26 @@ class GenomeSpec:
             if kind != "all":
                 group["tensors"] = kind
             per_model = params[gi] if self.models else {self.config.experts[0]: {}}
-            group["params"] = {m: {k: v for k, v in p.items() if k not in PER_GROUP_GENES}
-                               for m, p in per_model.items()}  # fmt: skip
+            group["params"] = {
+                m: {k: v for k, v in p.items() if k not in PER_GROUP_GENES}
+                for m, p in per_model.items()
+            }
             group.update(group_fields[gi])
             groups.append(group)
-        return Recipe.parse({
-            "dtype": space.dtype,
-            "models": {a: {"path": p} for a, p in self.model_paths.items()},
-            "parameter_space": {"method": space.method, "base": self.config.base,
-                                "normalize": space.normalize, "lambda": space.lambda_,
-                                "seed": seed, "groups": groups},
-        })  # fmt: skip
+        return Recipe.parse(
+            {
+                "dtype": space.dtype,
+                "models": {a: {"path": p} for a, p in self.model_paths.items()},
+                "parameter_space": {
+                    "method": space.method,
+                    "base": self.config.base,
+                    "normalize": space.normalize,
+                    "lambda": space.lambda_,
+                    "seed": seed,
+                    "groups": groups,
+                },
+            }
+        )
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         ps = recipe.parameter_space

@@ -22,10 +22,13 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
     embed_names = sorted(
         {n.rsplit(".", 1)[0] for n in tensor_names if classify(n).group == "embed"}
     )
-    head_names = sorted({n.rsplit(".", 1)[0] for n in tensor_names
-                         if classify(n).group in ("head", "final_norm")})  # fmt: skip
-    kind_filter = {k: next((f for f in fs if any(f".{f}." in n for n in tensor_names)), fs[0])
-                   for k, fs in _KIND_FILTERS.items()}  # fmt: skip
+    head_names = sorted(
+        {n.rsplit(".", 1)[0] for n in tensor_names if classify(n).group in ("head", "final_norm")}
+    )
+    kind_filter = {
+        k: next((f for f in fs if any(f".{f}." in n for n in tensor_names)), fs[0])
+        for k, fs in _KIND_FILTERS.items()
+    }
 
     ranges = sorted({g.layers for g in ps.groups if isinstance(g.layers, tuple)})
     cuts = sorted({0, num_layers, *[r[0] for r in ranges], *[r[1] for r in ranges]})
@@ -37,8 +40,9 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
             extra += [(n, table["embed", "other"]) for n in embed_names]
         if end == num_layers and ("head", "other") in table:
             extra += [(n, table["head", "other"]) for n in head_names]
-        aliases = list(dict.fromkeys(a for g in [*by_kind.values(), *(g for _, g in extra)]
-                                     for a in g.params))  # fmt: skip
+        aliases = list(
+            dict.fromkeys(a for g in [*by_kind.values(), *(g for _, g in extra)] for a in g.params)
+        )
         sources = []
         for alias in [ps.base, *[a for a in aliases if a != ps.base]] if ps.base else aliases:
             src: dict = {"model": path[alias], "layer_range": [start, end]}
@@ -59,8 +63,12 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
     global_params: dict = {"normalize": options.normalize, "lambda": ps.lambda_}
     if options.rescale.value != "none":
         global_params["rescale"] = True
-    config: dict = {"merge_method": ps.method, "slices": slices, "parameters": global_params,
-                    "dtype": recipe.dtype}  # fmt: skip
+    config: dict = {
+        "merge_method": ps.method,
+        "slices": slices,
+        "parameters": global_params,
+        "dtype": recipe.dtype,
+    }
     if ps.base:
         config["base_model"] = path[ps.base]
     return config
@@ -85,8 +93,11 @@ def _group_conditions(get, by_kind, extra, kind_filter):
 
 
 def _merge_conditions(value, by_kind, extra, kind_filter, missing):
-    conds = [{"filter": name, "value": v} for name, g in extra
-             if (v := value(g) if value(g) is not None else missing) is not None]  # fmt: skip
+    conds = [
+        {"filter": name, "value": v}
+        for name, g in extra
+        if (v := value(g) if value(g) is not None else missing) is not None
+    ]
     for kind in ("attention", "mlp"):
         v = value(by_kind[kind])
         v = missing if v is None else v

@@ -22,15 +22,30 @@ def global_randn(*shape: int) -> np.ndarray:
 
 
 class Optimizer:
-    def __init__(self, x0: np.ndarray, sigma0: float, bounds: tuple[list[float], list[float]],
-                 seed: int, popsize: int | None = None, diagonal: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        x0: np.ndarray,
+        sigma0: float,
+        bounds: tuple[list[float], list[float]],
+        seed: int,
+        popsize: int | None = None,
+        diagonal: bool = False,
+    ):
         self.seed = seed
         self.generation = 0  # generations told so far
         # The budget decides when a search ends. Discrete metrics (exact match) are often flat
         # for whole generations, which cma's tolerance stops would take for convergence.
-        opts: dict = {"randn": global_randn, "bounds": [bounds[0], bounds[1]], "verbose": -9,
-                      "CMA_diagonal": diagonal, "tolflatfitness": 10**9, "tolfun": 0,
-                      "tolfunhist": 0, "tolstagnation": 10**9, "tolx": 0}  # fmt: skip
+        opts: dict = {
+            "randn": global_randn,
+            "bounds": [bounds[0], bounds[1]],
+            "verbose": -9,
+            "CMA_diagonal": diagonal,
+            "tolflatfitness": 10**9,
+            "tolfun": 0,
+            "tolfunhist": 0,
+            "tolstagnation": 10**9,
+            "tolx": 0,
+        }
         if popsize:
             opts["popsize"] = popsize
         np.random.seed(self._generation_seed(0))

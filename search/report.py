@@ -17,9 +17,25 @@ from evomerge.search.rundir import RunDir
 
 
 def trials_frame(run: RunDir) -> pd.DataFrame:
-    rows = [{"generation": g, "index": i, **{k: t.get(k) for k in (
-        "status", "fitness", "merge_seconds", "eval_seconds", "worker", "error", "time")}}
-        for (g, i), t in sorted(run.trials().items())]  # fmt: skip
+    rows = [
+        {
+            "generation": g,
+            "index": i,
+            **{
+                k: t.get(k)
+                for k in (
+                    "status",
+                    "fitness",
+                    "merge_seconds",
+                    "eval_seconds",
+                    "worker",
+                    "error",
+                    "time",
+                )
+            },
+        }
+        for (g, i), t in sorted(run.trials().items())
+    ]
     return pd.DataFrame(rows)
 
 
@@ -33,10 +49,15 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     wall = (max(times) - min(times)) if len(times) > 1 else 0.0
     merge = float(df["merge_seconds"].fillna(0).sum())
     evaluate = float(df["eval_seconds"].fillna(0).sum())
-    split = pd.DataFrame({"seconds": [merge, evaluate, wall]},
-                         index=["materialize (all workers)", "evaluate (all workers)", "wall clock"])  # fmt: skip
-    return {"trials by status": by_status, "fitness per generation": per_gen.round(4),
-            "time": split.round(2)}  # fmt: skip
+    split = pd.DataFrame(
+        {"seconds": [merge, evaluate, wall]},
+        index=["materialize (all workers)", "evaluate (all workers)", "wall clock"],
+    )
+    return {
+        "trials by status": by_status,
+        "fitness per generation": per_gen.round(4),
+        "time": split.round(2),
+    }
 
 
 def _pyplot():
@@ -88,8 +109,10 @@ def plot_genome(recipe: Recipe, path: Path) -> None:
         1, 2, figsize=(max(6, 0.6 * len(labels) + 3) * 2 / 1.5, 0.5 * len(models) + 2)
     )
     for ax, field in zip(axes, fields, strict=True):
-        grid = [[getattr(g.params[m], field) if m in g.params else float("nan") for g in ps.groups]
-                for m in models]  # fmt: skip
+        grid = [
+            [getattr(g.params[m], field) if m in g.params else float("nan") for g in ps.groups]
+            for m in models
+        ]
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(models)), models)
@@ -110,8 +133,14 @@ def plot_path(recipe: Recipe, path: Path) -> None:
         ax.scatter([k for k, _ in hops], [h.layer for _, h in hops], color=color, label=m, s=60)
         for k, h in hops:
             if abs(h.scale - 1) > 1e-3:
-                ax.annotate(f"x{h.scale:.2f}", (k, h.layer), textcoords="offset points",
-                            xytext=(0, 7), ha="center", fontsize=7)  # fmt: skip
+                ax.annotate(
+                    f"x{h.scale:.2f}",
+                    (k, h.layer),
+                    textcoords="offset points",
+                    xytext=(0, 7),
+                    ha="center",
+                    fontsize=7,
+                )
     ax.plot(range(len(df.path)), [h.layer for h in df.path], color="grey", alpha=0.4, zorder=0)
     ax.set_xlabel("hop")
     ax.set_ylabel("source layer")
@@ -136,8 +165,10 @@ def write_report(run_dir: Path) -> Path:
         if recipe.data_flow is not None:
             plot_path(recipe, out / "path.png")
             images.append("path.png")
-    parts = [f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
-             f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>"]  # fmt: skip
+    parts = [
+        f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
+        f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>",
+    ]
     for title, table in tables.items():
         parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html()}")
         write_atomic(out / f"{title.replace(' ', '_')}.csv", table.to_csv())

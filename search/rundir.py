@@ -39,8 +39,12 @@ class RunDir:
                 "or choose another --run-dir"
             )
         (path / "optimizer").mkdir(parents=True, exist_ok=True)
-        meta = {"format": RUN_FORMAT, "config_hash": config.digest(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config.dump()}  # fmt: skip
+        meta = {
+            "format": RUN_FORMAT,
+            "config_hash": config.digest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "config": config.dump(),
+        }
         write_atomic(path / "run.yaml", yaml.safe_dump(meta, sort_keys=False))
         return cls(path, config)
 

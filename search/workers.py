@@ -40,8 +40,13 @@ def _ray_node() -> str:
 
 
 class TrialWorker:
-    def __init__(self, config_data: dict, device: str = "cpu", threads: int | None = None,
-                 faults: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config_data: dict,
+        device: str = "cpu",
+        threads: int | None = None,
+        faults: dict[str, str] | None = None,
+    ):
         os.environ.update(OFFLINE_ENV)
         if threads:
             torch.set_num_threads(threads)
@@ -58,9 +63,15 @@ class TrialWorker:
         else:
             tokenizer = self._init_parameter_space(config, device)
         fc = config.fitness
-        self.scorer = Scorer(fc.tasks, include_paths=config.include_paths(), limit=fc.limit,
-                             seed=config.cma.seed, num_fewshot=fc.num_fewshot,
-                             batch_size=fc.batch_size, apply_chat_template=fc.apply_chat_template)  # fmt: skip
+        self.scorer = Scorer(
+            fc.tasks,
+            include_paths=config.include_paths(),
+            limit=fc.limit,
+            seed=config.cma.seed,
+            num_fewshot=fc.num_fewshot,
+            batch_size=fc.batch_size,
+            apply_chat_template=fc.apply_chat_template,
+        )
         self.scorer.bind(self.model, tokenizer, device)
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
@@ -126,14 +137,21 @@ class TrialWorker:
             self._materialize(Recipe.parse(trial.recipe))
         except Exception as e:  # noqa: BLE001 - any failure of one candidate is data
             self._recover()
-            return TrialResult.failed(f"merge: {type(e).__name__}: {e}", self.name,
-                                      merge_seconds=time.perf_counter() - start)  # fmt: skip
+            return TrialResult.failed(
+                f"merge: {type(e).__name__}: {e}",
+                self.name,
+                merge_seconds=time.perf_counter() - start,
+            )
         merged = time.perf_counter()
         result = self.scorer.score(self.scorer.shard(*trial.shard) if trial.shard else None)
         fitness = math.nan if fault == "nan" else result.fitness
-        common: dict = dict(metrics=result.metrics, merge_seconds=merged - start,
-                            eval_seconds=result.seconds, examples=result.examples,
-                            counts=result.counts)  # fmt: skip
+        common: dict = dict(
+            metrics=result.metrics,
+            merge_seconds=merged - start,
+            eval_seconds=result.seconds,
+            examples=result.examples,
+            counts=result.counts,
+        )
         if not result.ok:
             self._recover()
             return TrialResult.failed(f"eval: {result.error}", self.name, **common)
@@ -181,8 +199,12 @@ class RayExecutor:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             env = {**OFFLINE_ENV, **{k: v for k, v in os.environ.items() if k.startswith("HF_")}}
-            kwargs: dict = dict(include_dashboard=False, log_to_driver=False,
-                                runtime_env={"env_vars": env}, logging_level="ERROR")  # fmt: skip
+            kwargs: dict = dict(
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+                logging_level="ERROR",
+            )
             if wc.address:
                 kwargs["address"] = wc.address
             else:
@@ -305,15 +327,35 @@ def combine_trial(config: SearchConfig, parts: list[TrialResult]) -> TrialResult
     from evomerge.fitness.scorer import FitnessResult, combine_shards
 
     workers = ",".join(sorted({p.worker for p in parts}))
-    busy: dict = dict(merge_seconds=sum(p.merge_seconds for p in parts),
-                      eval_seconds=sum(p.eval_seconds for p in parts))  # fmt: skip
+    busy: dict = dict(
+        merge_seconds=sum(p.merge_seconds for p in parts),
+        eval_seconds=sum(p.eval_seconds for p in parts),
+    )
     failed = next((p for p in parts if p.status != "COMPLETE"), None)
     if failed is not None:
         return TrialResult.failed(failed.error or "a shard failed", workers, **busy)
-    specs = [s.model_copy(update={"metric": s.metric or next(
-        k.split("/")[1] for k in parts[0].metrics if k.startswith(s.name + "/"))})
-        for s in config.fitness.tasks]  # fmt: skip
-    whole = combine_shards(specs, [FitnessResult(True, p.fitness, p.metrics, p.examples,
-                                                 p.eval_seconds, counts=p.counts) for p in parts])  # fmt: skip
-    return TrialResult("COMPLETE", whole.fitness, whole.metrics, examples=whole.examples,
-                       worker=workers, counts=whole.counts, **busy)  # fmt: skip
+    specs = [
+        s.model_copy(
+            update={
+                "metric": s.metric
+                or next(k.split("/")[1] for k in parts[0].metrics if k.startswith(s.name + "/"))
+            }
+        )
+        for s in config.fitness.tasks
+    ]
+    whole = combine_shards(
+        specs,
+        [
+            FitnessResult(True, p.fitness, p.metrics, p.examples, p.eval_seconds, counts=p.counts)
+            for p in parts
+        ],
+    )
+    return TrialResult(
+        "COMPLETE",
+        whole.fitness,
+        whole.metrics,
+        examples=whole.examples,
+        worker=workers,
+        counts=whole.counts,
+        **busy,
+    )

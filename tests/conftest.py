@@ -47,9 +47,14 @@ def recipe_dict(paths, method="ties", layers=2, **ps):
     return {
         "dtype": "float32",
         "models": {a: {"path": str(p)} for a, p in paths.items()},
-        "parameter_space": {"method": method, "base": "base", "seed": 7,
-                            "groups": [{"layers": [0, layers], "params": params}], **ps},
-    }  # fmt: skip
+        "parameter_space": {
+            "method": method,
+            "base": "base",
+            "seed": 7,
+            "groups": [{"layers": [0, layers], "params": params}],
+            **ps,
+        },
+    }
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,18 @@ from evomerge.merge.architecture import KNOWN_MODEL_TYPES, ModelInfo, Slot, clas
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.synthetic import make_family, tiny_config
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-            "gpt2", "gpt_neox"]  # fmt: skip
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

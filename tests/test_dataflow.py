@@ -17,18 +17,25 @@ from evomerge.merge.synthetic import make_family
 # families use eps 1e-12 so the test measures the fold itself.
 # Gemma 2/3 fold into their post-sublayer norms' (1 + w) gains; their sliding-window layers
 # alternate with global ones, so a path mixes both.
-TINY_EPS = {"llama": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
-            "qwen2": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
-            "gemma2": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
-            "gemma3_text": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
-            "gpt2": dict(n_layer=3, layer_norm_epsilon=1e-12),
-            "gpt_neox": dict(num_hidden_layers=3, layer_norm_eps=1e-12)}  # fmt: skip
+TINY_EPS = {
+    "llama": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
+    "qwen2": dict(num_hidden_layers=3, rms_norm_eps=1e-12),
+    "gemma2": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
+    "gemma3_text": dict(num_hidden_layers=3, rms_norm_eps=1e-12, sliding_window=8),
+    "gpt2": dict(n_layer=3, layer_norm_epsilon=1e-12),
+    "gpt_neox": dict(num_hidden_layers=3, layer_norm_eps=1e-12),
+}
 
 PATHS = {
-    "crossing, repeated layer, scales": [("base", 0, 1.0), ("expert1", 1, 0.7), ("expert1", 1, 1.3),
-                                         ("expert2", 2, 0.9), ("base", 2, 1.2)],
+    "crossing, repeated layer, scales": [
+        ("base", 0, 1.0),
+        ("expert1", 1, 0.7),
+        ("expert1", 1, 1.3),
+        ("expert2", 2, 0.9),
+        ("base", 2, 1.2),
+    ],
     "single hop of another model": [("expert1", 1, 0.8)],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module", params=list(TINY_EPS))
@@ -40,11 +47,17 @@ def family(request, tmp_path_factory):
 
 
 def _recipe(fam, path, **extra):
-    return Recipe.parse({
-        "dtype": "float32", "models": {a: {"path": str(p)} for a, p in fam.items()},
-        "data_flow": {"embed_from": "base",
-                      "path": [{"model": m, "layer": i, "scale": s} for m, i, s in path]}, **extra,
-    })  # fmt: skip
+    return Recipe.parse(
+        {
+            "dtype": "float32",
+            "models": {a: {"path": str(p)} for a, p in fam.items()},
+            "data_flow": {
+                "embed_from": "base",
+                "path": [{"model": m, "layer": i, "scale": s} for m, i, s in path],
+            },
+            **extra,
+        }
+    )
 
 
 def _path_model(fam, path):
@@ -74,8 +87,9 @@ def test_generation_with_kv_cache_equals_without(family):
         cached = model.generate(
             ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0
         )
-        uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False,
-                                  pad_token_id=0)  # fmt: skip
+        uncached = model.generate(
+            ids, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0
+        )
     assert torch.equal(cached, uncached)
 
 
@@ -96,8 +110,13 @@ def test_path_model_shares_weights_and_leaves_sources_intact(tmp_path):
 
 def test_ps_then_dfs_recipe_rebuilds(tmp_path):
     fam = make_family(tmp_path / "f", "llama", experts=2, delta_scale=0.3, **TINY_EPS["llama"])
-    ps = {"method": "task_arithmetic", "base": "base",
-          "groups": [{"layers": [0, 3], "params": {"expert1": {"weight": 0.5}, "expert2": {"weight": 0.5}}}]}  # fmt: skip
+    ps = {
+        "method": "task_arithmetic",
+        "base": "base",
+        "groups": [
+            {"layers": [0, 3], "params": {"expert1": {"weight": 0.5}, "expert2": {"weight": 0.5}}}
+        ],
+    }
     recipe = _recipe(fam, [("ps", 0, 1.0), ("expert2", 1, 0.9), ("ps", 2, 1.1)], parameter_space=ps)
     recipe = recipe.model_copy(
         update={"data_flow": recipe.data_flow.model_copy(update={"embed_from": "ps"})}
@@ -107,8 +126,11 @@ def test_ps_then_dfs_recipe_rebuilds(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     sources = {a: AutoModelForCausalLM.from_pretrained(p).eval() for a, p in fam.items()}
     sources["ps"] = AutoModelForCausalLM.from_pretrained(tmp_path / "ps").eval()
-    in_memory = PathModel(sources["ps"], sources).set_path(
-        [(h.model, h.layer, h.scale) for h in recipe.data_flow.path]).eval()  # fmt: skip
+    in_memory = (
+        PathModel(sources["ps"], sources)
+        .set_path([(h.model, h.layer, h.scale) for h in recipe.data_flow.path])
+        .eval()
+    )
     ids = torch.randint(0, 128, (2, 11))
     with torch.no_grad():
         assert (exported(ids).logits - in_memory(ids).logits).abs().max() <= 1e-4
@@ -127,8 +149,9 @@ def test_gemma_post_norm_fold_is_not_a_plain_division(tmp_path):
     for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
         w = src[f"model.layers.1.{norm}.weight"]
         assert torch.allclose(1 + out[f"model.layers.1.{norm}.weight"], (1 + w) / 0.5)
-    assert torch.equal(out["model.layers.1.input_layernorm.weight"],
-                       src["model.layers.1.input_layernorm.weight"])  # fmt: skip
+    assert torch.equal(
+        out["model.layers.1.input_layernorm.weight"], src["model.layers.1.input_layernorm.weight"]
+    )
 
 
 def test_unfoldable_architecture_is_refused(tmp_path):

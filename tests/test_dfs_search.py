@@ -16,8 +16,11 @@ from tests.conftest import search_config
 
 
 def _dfs_config(zoo, **dfs):
-    return search_config(zoo, dfs={"models": ["add", "caps"], "embed_from": "add", "repeats": 2,
-                                   **dfs}, cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5})  # fmt: skip
+    return search_config(
+        zoo,
+        dfs={"models": ["add", "caps"], "embed_from": "add", "repeats": 2, **dfs},
+        cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5},
+    )
 
 
 def test_genome_layout_and_initial_point(tiny_zoo):
@@ -62,9 +65,16 @@ def test_ps_then_dfs_search(tiny_zoo, tmp_path):
     ps_cfg = search_config(tiny_zoo)
     ps_run = RunDir.create(tmp_path / "ps", ps_cfg)
     run_search(ps_run, lambda: SerialExecutor(ps_cfg), Progress())
-    cfg = search_config(tiny_zoo, dfs={"models": ["ps", "caps"], "embed_from": "ps",
-                                       "ps_recipe": str(tmp_path / "ps"), "repeats": 1},
-                        cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        dfs={
+            "models": ["ps", "caps"],
+            "embed_from": "ps",
+            "ps_recipe": str(tmp_path / "ps"),
+            "repeats": 1,
+        },
+        cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5},
+    )
     run = RunDir.create(tmp_path / "r", cfg)
     run_search(run, lambda: SerialExecutor(cfg), Progress())
     recipe = Recipe.load(tmp_path / "r" / "best" / "recipe.yaml")
@@ -78,7 +88,8 @@ def test_ps_then_dfs_search(tiny_zoo, tmp_path):
 
 
 def test_ps_recipe_missing_is_one_clear_error(tiny_zoo, tmp_path):
-    cfg = search_config(tiny_zoo, dfs={"models": ["ps"], "embed_from": "ps",
-                                       "ps_recipe": str(tmp_path / "nope")})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo, dfs={"models": ["ps"], "embed_from": "ps", "ps_recipe": str(tmp_path / "nope")}
+    )
     with pytest.raises(EvomergeError, match="dfs.ps_recipe: .*not found; finish the PS search"):
         cfg.ps_recipe()

@@ -36,8 +36,13 @@ def _mergekit(config: dict, out):
 
 @pytest.fixture(scope="module")
 def family3(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("fam3"), "llama", experts=2, num_hidden_layers=3,
-                       tie_word_embeddings=False)  # fmt: skip
+    return make_family(
+        tmp_path_factory.mktemp("fam3"),
+        "llama",
+        experts=2,
+        num_hidden_layers=3,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear", "breadcrumbs_ties"])
@@ -47,18 +52,30 @@ def test_mergekit_yaml_rebuilds_the_same_merge(tmp_path, family3, method):
 
     groups = [
         {"layers": "embed", "params": {"expert1": p(0.3, 0.5), "expert2": p(0.9, 0.7)}},
-        {"layers": [0, 2], "tensors": "attention", "params": {"expert1": p(0.6, 0.4), "expert2": p(0.2, 0.9)}},
-        {"layers": [0, 2], "tensors": "mlp", "params": {"expert1": p(0.5, 0.5), "expert2": p(0.5, 0.6)}},
+        {
+            "layers": [0, 2],
+            "tensors": "attention",
+            "params": {"expert1": p(0.6, 0.4), "expert2": p(0.2, 0.9)},
+        },
+        {
+            "layers": [0, 2],
+            "tensors": "mlp",
+            "params": {"expert1": p(0.5, 0.5), "expert2": p(0.5, 0.6)},
+        },
         {"layers": [0, 2], "tensors": "other", "params": {"expert1": p(0.1, 0.8)}},
         {"layers": [2, 3], "params": {"expert1": p(0.7, 0.3), "expert2": p(0.4, 0.8)}},
         {"layers": "head", "params": {"expert1": p(0.2, 0.6), "expert2": p(1.1, 0.5)}},
-    ]  # fmt: skip
+    ]
     if method == "linear":
         for g in groups:
             g["params"]["base"] = {"weight": 0.5}
-    recipe = Recipe.parse({"dtype": "float32",
-                           "models": {a: {"path": str(x)} for a, x in family3.items()},
-                           "parameter_space": {"method": method, "base": "base", "groups": groups}})  # fmt: skip
+    recipe = Recipe.parse(
+        {
+            "dtype": "float32",
+            "models": {a: {"path": str(x)} for a, x in family3.items()},
+            "parameter_space": {"method": method, "base": "base", "groups": groups},
+        }
+    )
     merge_to_dir(recipe, tmp_path / "ours")
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     ck = Checkpoint(family3["base"])
@@ -78,8 +95,15 @@ def test_export_of_a_search(tiny_zoo, tmp_path):
     run = RunDir.create(tmp_path / "run", cfg)
     run_search(run, lambda: SerialExecutor(cfg), Progress())
     out = export(tmp_path / "run", tmp_path / "exp", top_k=2)
-    for f in ("recipe.yaml", "mergekit.yaml", "heldout.csv", "heldout.md", "model/README.md",
-              "model/model.safetensors", "model/tokenizer.json"):  # fmt: skip
+    for f in (
+        "recipe.yaml",
+        "mergekit.yaml",
+        "heldout.csv",
+        "heldout.md",
+        "model/README.md",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ):
         assert (out / f).is_file(), f
     rows = list(csv.DictReader(open(out / "heldout.csv")))
     kinds = [r["kind"] for r in rows]

@@ -19,8 +19,11 @@ MC = "zoo_caps_mc_search"
 
 @pytest.fixture(scope="session")
 def scorer(tiny_zoo):
-    return Scorer([TaskSpec(name=GEN), TaskSpec(name=MC, weight=2.0)],
-                  include_paths=[tiny_zoo / "tasks"], batch_size=32)  # fmt: skip
+    return Scorer(
+        [TaskSpec(name=GEN), TaskSpec(name=MC, weight=2.0)],
+        include_paths=[tiny_zoo / "tasks"],
+        batch_size=32,
+    )
 
 
 def _model(path):
@@ -30,14 +33,18 @@ def _model(path):
 
 
 def test_zoo_layout_and_disjoint_splits(tiny_zoo):
-    for family, names in {"llama": ["base", "add", "caps", "next", "joint"],
-                          "qwen2": ["base", "add", "caps"]}.items():  # fmt: skip
+    for family, names in {
+        "llama": ["base", "add", "caps", "next", "joint"],
+        "qwen2": ["base", "add", "caps"],
+    }.items():
         for n in names:
             assert (tiny_zoo / family / n / "model.safetensors").is_file()
             assert (tiny_zoo / family / n / "tokenizer.json").is_file()
     for skill in ("add", "caps", "next"):
-        rows = {split: [json.loads(x) for x in open(tiny_zoo / "data" / f"{skill}_{split}.jsonl")]
-                for split in ("search", "heldout")}  # fmt: skip
+        rows = {
+            split: [json.loads(x) for x in open(tiny_zoo / "data" / f"{skill}_{split}.jsonl")]
+            for split in ("search", "heldout")
+        }
         assert len(rows["search"]) == len(rows["heldout"]) == 40
         assert not {r["prompt"] for r in rows["search"]} & {r["prompt"] for r in rows["heldout"]}
         assert all(r["choices"][r["label"]] == r["answer"] for r in rows["search"])
@@ -75,9 +82,12 @@ def test_scorer_matches_simple_evaluate(tiny_zoo, scorer):
     assert ours.ok, ours.error
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=32, device="cpu")
     ref = lm_eval.simple_evaluate(
-        model=lm, tasks=[GEN, MC], bootstrap_iters=0, log_samples=False,
+        model=lm,
+        tasks=[GEN, MC],
+        bootstrap_iters=0,
+        log_samples=False,
         task_manager=TaskManager(include_path=str(tiny_zoo / "tasks"), include_defaults=False),
-    )["results"]  # fmt: skip
+    )["results"]
     assert ours.metrics[f"{GEN}/exact_match"] == ref[GEN]["exact_match,none"]
     assert ours.metrics[f"{MC}/acc"] == ref[MC]["acc,none"]
     assert ours.examples == 80
@@ -138,5 +148,6 @@ def test_objective_and_task_specs():
     assert specs[0] == TaskSpec(name="a", metric="acc", weight=3.0)
     specs.append(TaskSpec(name="c", metric="loss", direction="minimize"))
     assert objective(specs, {"a/acc": 1.0, "b/exact_match": 0.5, "c/loss": 2.0}) == pytest.approx(
-        (3 + 0.5 - 2) / 5)  # fmt: skip
+        (3 + 0.5 - 2) / 5
+    )
     assert [s.name for s in to_split([TaskSpec(name=GEN)], "heldout")] == ["zoo_add_gen_heldout"]

@@ -103,7 +103,8 @@ def test_sharded_streaming_merge_equals_in_memory_merge(tmp_path, llama_family):
     sharded = {}
     for alias, path in llama_family.items():
         AutoModelForCausalLM.from_pretrained(path).save_pretrained(
-            tmp_path / alias, max_shard_size="30KB")  # fmt: skip
+            tmp_path / alias, max_shard_size="30KB"
+        )
         shutil.copy(path / "config.json", tmp_path / alias / "config.json")
         sharded[alias] = tmp_path / alias
     data = recipe_dict(sharded, "ties")
@@ -118,9 +119,13 @@ def test_sharded_streaming_merge_equals_in_memory_merge(tmp_path, llama_family):
     ps = recipe.parameter_space
     params = [p.to_model_params() for p in ps.groups[0].params.values()]
     for name in states["base"]:
-        want = merge_tensor(get_method("ties"), states["base"][name],
-                            [states["expert1"][name], states["expert2"][name]], params,
-                            ps.options(ps.groups[0]))  # fmt: skip
+        want = merge_tensor(
+            get_method("ties"),
+            states["base"][name],
+            [states["expert1"][name], states["expert2"][name]],
+            params,
+            ps.options(ps.groups[0]),
+        )
         assert torch.equal(streamed.get(name), want), name
 
 
@@ -146,28 +151,41 @@ def test_per_kind_groups_and_embed_head_groups(tmp_path, llama_family):
     recipe = Recipe.parse(data)
     merged = dict(iter_merged(recipe, open_sources(recipe)))
     src = {a: load_file(p / "model.safetensors") for a, p in llama_family.items()}
-    for name, want in [("model.layers.1.self_attn.q_proj.weight", "base"),
-                       ("model.layers.1.mlp.down_proj.weight", "expert1"),
-                       ("model.layers.0.input_layernorm.weight", "expert2"),
-                       ("model.embed_tokens.weight", "expert1"), ("model.norm.weight", "base"),
-                       ("lm_head.weight", "base")]:  # fmt: skip
+    for name, want in [
+        ("model.layers.1.self_attn.q_proj.weight", "base"),
+        ("model.layers.1.mlp.down_proj.weight", "expert1"),
+        ("model.layers.0.input_layernorm.weight", "expert2"),
+        ("model.embed_tokens.weight", "expert1"),
+        ("model.norm.weight", "base"),
+        ("lm_head.weight", "base"),
+    ]:
         assert torch.equal(merged[name], src[want][name]), name
 
 
 @settings(max_examples=25, deadline=None)
-@given(w=st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=2),
-       d=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2),
-       method=st.sampled_from(["ties", "dare_ties", "task_arithmetic", "breadcrumbs"]),
-       split=st.integers(1, 3), lam=st.floats(0.1, 2))  # fmt: skip
+@given(
+    w=st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=2),
+    d=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2),
+    method=st.sampled_from(["ties", "dare_ties", "task_arithmetic", "breadcrumbs"]),
+    split=st.integers(1, 3),
+    lam=st.floats(0.1, 2),
+)
 def test_recipe_round_trip_is_exact(w, d, method, split, lam):
     params = {"m1": {"weight": w[0], "density": d[0]}, "m2": {"weight": w[1], "density": d[1]}}
     data = {
         "models": {"b": {"path": "/x/b"}, "m1": {"path": "/x/m1"}, "m2": {"path": "/x/m2"}},
-        "parameter_space": {"method": method, "base": "b", "normalize": False, "lambda": lam,
-                            "groups": [{"layers": [0, split], "params": params},
-                                       {"layers": [split, 4], "params": params},
-                                       {"layers": "embed", "params": params}]},
-    }  # fmt: skip
+        "parameter_space": {
+            "method": method,
+            "base": "b",
+            "normalize": False,
+            "lambda": lam,
+            "groups": [
+                {"layers": [0, split], "params": params},
+                {"layers": [split, 4], "params": params},
+                {"layers": "embed", "params": params},
+            ],
+        },
+    }
     r = Recipe.parse(data)
     again = Recipe.parse(yaml.safe_load(r.to_yaml()))
     assert again == r and again.to_yaml() == r.to_yaml()
@@ -187,18 +205,35 @@ def _cases(fam):
 
     return {
         "unknown method": (lambda d: ps(d).update(method="tie"), "did you mean 'ties'"),
-        "missing path": (lambda d: d["models"]["expert1"].update(path="/nope"),
-                         "models.expert1: model path /nope does not exist"),
-        "density": (lambda d: group(d)["params"]["expert1"].update(density=1.5),
-                    "params.expert1.density: must be in (0, 1], got 1.5"),
-        "zero weights": (lambda d: (ps(d).update(normalize=True), group(d)["params"].update(
-            expert1={"weight": 1.0}, expert2={"weight": -1.0})), "weights sum to zero"),
-        "overlap": (lambda d: ps(d)["groups"].append({"layers": [1, 2], "params": {}}),
-                    "overlap at layer 1"),
-        "uncovered": (lambda d: group(d).update(layers=[0, 1]), "layer 1 (attention tensors) is in no group"),
-        "unknown field": (lambda d: ps(d).update(densty=0.5), "parameter_space.densty: unknown field"),
+        "missing path": (
+            lambda d: d["models"]["expert1"].update(path="/nope"),
+            "models.expert1: model path /nope does not exist",
+        ),
+        "density": (
+            lambda d: group(d)["params"]["expert1"].update(density=1.5),
+            "params.expert1.density: must be in (0, 1], got 1.5",
+        ),
+        "zero weights": (
+            lambda d: (
+                ps(d).update(normalize=True),
+                group(d)["params"].update(expert1={"weight": 1.0}, expert2={"weight": -1.0}),
+            ),
+            "weights sum to zero",
+        ),
+        "overlap": (
+            lambda d: ps(d)["groups"].append({"layers": [1, 2], "params": {}}),
+            "overlap at layer 1",
+        ),
+        "uncovered": (
+            lambda d: group(d).update(layers=[0, 1]),
+            "layer 1 (attention tensors) is in no group",
+        ),
+        "unknown field": (
+            lambda d: ps(d).update(densty=0.5),
+            "parameter_space.densty: unknown field",
+        ),
         "unknown alias": (lambda d: group(d)["params"].update(mth={}), "'mth' is not in models"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -285,7 +320,8 @@ def test_existing_output_needs_force(tmp_path, llama_family):
     )
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
-    result = runner.invoke(app, ["merge", str(_write(tmp_path, recipe_dict(llama_family))), str(out),
-                                 "--force"])  # fmt: skip
+    result = runner.invoke(
+        app, ["merge", str(_write(tmp_path, recipe_dict(llama_family))), str(out), "--force"]
+    )
     assert result.exit_code == 0 and (out / "model.safetensors").is_file()
     assert not (out / "keep.txt").exists()

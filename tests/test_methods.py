@@ -22,8 +22,11 @@ def _gen(seed=0):
 
 def _run(name, base, sources, params, **opts):
     m = get_method(name)
-    options = TensorOptions(normalize=opts.pop("normalize", m.default_normalize),
-                            rescale=opts.pop("rescale", m.default_rescale), **opts)  # fmt: skip
+    options = TensorOptions(
+        normalize=opts.pop("normalize", m.default_normalize),
+        rescale=opts.pop("rescale", m.default_rescale),
+        **opts,
+    )
     return merge_tensor(m, base, sources, params, options, _gen(1))
 
 
@@ -135,14 +138,23 @@ def test_equal_inputs_give_the_input_back(name, shape, seed):
     n = 1 if name in ("slerp", "passthrough") else 2
     m = get_method(name)
     params = [ModelParams(0.7, 0.9, 0.01, 0.05)] * n if m.per_model else []
-    out = _run(name, x.clone() if m.needs_base else None, [x.clone() for _ in range(n)], params,
-               normalize=True)  # fmt: skip
+    out = _run(
+        name,
+        x.clone() if m.needs_base else None,
+        [x.clone() for _ in range(n)],
+        params,
+        normalize=True,
+    )
     assert torch.allclose(out, x, atol=1e-6)
 
 
 @settings(max_examples=30, deadline=None)
-@given(name=st.sampled_from(["linear", *DETERMINISTIC_TA]), shape=shapes, seed=st.integers(0, 10**6),
-       w=st.lists(weights, min_size=3, max_size=3))  # fmt: skip
+@given(
+    name=st.sampled_from(["linear", *DETERMINISTIC_TA]),
+    shape=shapes,
+    seed=st.integers(0, 10**6),
+    w=st.lists(weights, min_size=3, max_size=3),
+)
 def test_permuting_models_with_their_params_changes_nothing(name, shape, seed, w):
     base, *xs = _tensors(shape, 4, seed)
     params = [ModelParams(wi, 0.6, 0.1) for wi in w]
@@ -168,8 +180,11 @@ def test_ties_at_density_one_without_consensus_is_task_arithmetic(shape, seed, w
     ta = get_method("task_arithmetic")
     no_consensus = type(ties)(**{**ties.__dict__, "consensus": False})
     opts = TensorOptions(normalize=False)
-    assert torch.allclose(merge_tensor(no_consensus, base, xs, params, opts),
-                          merge_tensor(ta, base, xs, params, opts), atol=1e-6)  # fmt: skip
+    assert torch.allclose(
+        merge_tensor(no_consensus, base, xs, params, opts),
+        merge_tensor(ta, base, xs, params, opts),
+        atol=1e-6,
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -206,21 +221,38 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
     w, dens = [0.6, 0.3, 0.5], [0.4, 0.7, 0.9]
     m = get_method(name)
     if name == "slerp":
-        ref = merge_tensors([base, xs[0]], "slerp", parameters={"t": 0.3}, base_index=0,
-                            dtype=torch.float32, out_dtype=out_dtype)  # fmt: skip
+        ref = merge_tensors(
+            [base, xs[0]],
+            "slerp",
+            parameters={"t": 0.3},
+            base_index=0,
+            dtype=torch.float32,
+            out_dtype=out_dtype,
+        )
         ours = _run("slerp", base, [xs[0]], [], t=0.3)
     elif name == "linear":
-        ref = merge_tensors(xs, "linear", parameters={"weight": w, "normalize": normalize},
-                            dtype=torch.float32, out_dtype=out_dtype)  # fmt: skip
+        ref = merge_tensors(
+            xs,
+            "linear",
+            parameters={"weight": w, "normalize": normalize},
+            dtype=torch.float32,
+            out_dtype=out_dtype,
+        )
         ours = _run("linear", None, xs, [ModelParams(wi) for wi in w], normalize=normalize)
     else:
         ids = [0, 1, 2, 3]
         per = {"weight": dict(zip(ids[1:], w)), "density": dict(zip(ids[1:], dens))}
         if "breadcrumbs" in name:
             per["gamma"] = dict.fromkeys(ids[1:], 0.05)
-        ref = merge_tensors([base, *xs], name, ids=ids, base_index=0, dtype=torch.float32,
-                            out_dtype=out_dtype, parameters={**per, "normalize": normalize,
-                                                             "lambda": 0.8})  # fmt: skip
+        ref = merge_tensors(
+            [base, *xs],
+            name,
+            ids=ids,
+            base_index=0,
+            dtype=torch.float32,
+            out_dtype=out_dtype,
+            parameters={**per, "normalize": normalize, "lambda": 0.8},
+        )
         params = [ModelParams(wi, di, 0.05) for wi, di in zip(w, dens)]
         ours = _run(name, base, xs, params, normalize=normalize, lambda_=0.8)
     assert m.name == name
@@ -228,8 +260,10 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([0.0, 1e-30, 0.5, 0.5, 1.0, 3.0, 1e30]), min_size=1, max_size=300),
-       st.data())  # fmt: skip
+@given(
+    st.lists(st.sampled_from([0.0, 1e-30, 0.5, 0.5, 1.0, 3.0, 1e30]), min_size=1, max_size=300),
+    st.data(),
+)
 def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
     from evomerge.merge.sparsify import _kth_smallest
 

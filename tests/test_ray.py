@@ -24,8 +24,11 @@ def ray_shutdown():
 
 
 def test_two_local_workers_survive_dead_and_hung_workers(tiny_zoo, tmp_path, ray_shutdown):
-    cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1, "trial_timeout": 20},
-                        cma={"popsize": 4, "budget": 8, "seed": 3, "sigma0": 0.3})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        workers={"count": 2, "cpus_per_worker": 1, "trial_timeout": 20},
+        cma={"popsize": 4, "budget": 8, "seed": 3, "sigma0": 0.3},
+    )
     faults = {"1:1": "die", "1:2": "hang", "2:0": "raise"}
     run = RunDir.create(tmp_path / "r", cfg)
     best = run_search(run, lambda: RayExecutor(cfg, faults), Progress())
@@ -48,8 +51,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_zoo, tmp_path, ray_shut
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
-        cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1,
-                                               "address": cluster.address})  # fmt: skip
+        cfg = search_config(
+            tiny_zoo, workers={"count": 2, "cpus_per_worker": 1, "address": cluster.address}
+        )
         run = RunDir.create(tmp_path / "r", cfg)
         run_search(run, lambda: RayExecutor(cfg), Progress())
         trials = run.trials()
@@ -68,8 +72,15 @@ def test_removing_a_worker_node_mid_search_loses_no_trial(tiny_zoo, tmp_path, ra
     spare = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
     removed: list[str] = []
     try:
-        cfg = search_config(tiny_zoo, workers={"count": 2, "cpus_per_worker": 1,
-                                               "address": cluster.address, "trial_timeout": 60})  # fmt: skip
+        cfg = search_config(
+            tiny_zoo,
+            workers={
+                "count": 2,
+                "cpus_per_worker": 1,
+                "address": cluster.address,
+                "trial_timeout": 60,
+            },
+        )
         run = RunDir.create(tmp_path / "r", cfg)
 
         def remove_a_busy_node(done, record, best):

@@ -20,11 +20,12 @@ def _filtered_task(tiny_zoo, tmp_path) -> str:
     """The add generation task with a two-step filter pipeline (regex, then take_first)."""
     text = (tiny_zoo / "tasks" / "zoo_add_gen_search.yaml").read_text()
     (tmp_path / "filtered.yaml").write_text(
-        text.replace("task: zoo_add_gen_search", "task: zoo_add_filtered")
-        .replace("include: _zoo_gen.yaml", f"include: {tiny_zoo / 'tasks' / '_zoo_gen.yaml'}")
+        text.replace("task: zoo_add_gen_search", "task: zoo_add_filtered").replace(
+            "include: _zoo_gen.yaml", f"include: {tiny_zoo / 'tasks' / '_zoo_gen.yaml'}"
+        )
         + "filter_list:\n  - name: first_char\n    filter:\n"
         "      - function: regex\n        regex_pattern: '(.)'\n      - function: take_first\n"
-    )  # fmt: skip
+    )
     return "zoo_add_filtered"
 
 
@@ -44,10 +45,14 @@ def test_prompts_outputs_and_metrics_equal_simple_evaluate(tiny_zoo, tmp_path):
     assert ours.ok, ours.error
     ref = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu"),
-        tasks=[gen, MC], samples=scorer.samples, num_fewshot=2, fewshot_random_seed=3,
-        bootstrap_iters=0, log_samples=True,
+        tasks=[gen, MC],
+        samples=scorer.samples,
+        num_fewshot=2,
+        fewshot_random_seed=3,
+        bootstrap_iters=0,
+        log_samples=True,
         task_manager=TaskManager(include_path=[str(p) for p in paths], include_defaults=False),
-    )  # fmt: skip
+    )
     assert (
         ours.metrics[f"{gen}/exact_match,first_char"]
         == ref["results"][gen]["exact_match,first_char"]
@@ -65,8 +70,13 @@ def test_prompts_outputs_and_metrics_equal_simple_evaluate(tiny_zoo, tmp_path):
 
 
 def test_few_shot_prompts_are_fixed_across_calls_and_shards(tiny_zoo):
-    scorer = Scorer([TaskSpec(name="zoo_add_gen_search"), TaskSpec(name=MC)],
-                    include_paths=[tiny_zoo / "tasks"], limit=20, num_fewshot=3, batch_size=8)  # fmt: skip
+    scorer = Scorer(
+        [TaskSpec(name="zoo_add_gen_search"), TaskSpec(name=MC)],
+        include_paths=[tiny_zoo / "tasks"],
+        limit=20,
+        num_fewshot=3,
+        batch_size=8,
+    )
     model, tok = load_model(tiny_zoo / "llama" / "caps")
     whole = scorer.bind(model, tok).score()
     parts = [scorer.score(scorer.shard(i, 3)) for i in range(3)]
@@ -79,8 +89,9 @@ def test_few_shot_prompts_are_fixed_across_calls_and_shards(tiny_zoo):
 
 
 def test_empty_shard_counts_zero(tiny_zoo):
-    scorer = Scorer([TaskSpec(name="zoo_add_gen_search")], include_paths=[tiny_zoo / "tasks"],
-                    limit=2)  # fmt: skip
+    scorer = Scorer(
+        [TaskSpec(name="zoo_add_gen_search")], include_paths=[tiny_zoo / "tasks"], limit=2
+    )
     scorer.bind(*load_model(tiny_zoo / "llama" / "base"))
     parts = [scorer.score(scorer.shard(i, 3)) for i in range(3)]
     assert [p.examples for p in parts] == [1, 1, 0] and all(p.ok for p in parts)
@@ -110,14 +121,29 @@ def test_stop_rule_decides_as_lm_eval(tokenizer, data):
 
     from evomerge.fitness.requests import _Memo, _StopSequences
 
-    stops = data.draw(st.lists(st.sampled_from(["\n", "ab", "=?", "c", "\n\n", "s>a"]), min_size=1,
-                               max_size=3, unique=True))  # fmt: skip
-    batch, prompt, length = data.draw(st.tuples(st.integers(1, 4), st.integers(1, 4),
-                                                st.integers(1, 12)))  # fmt: skip
+    stops = data.draw(
+        st.lists(
+            st.sampled_from(["\n", "ab", "=?", "c", "\n\n", "s>a"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
+    batch, prompt, length = data.draw(
+        st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 12))
+    )
     vocab = [tokenizer.convert_tokens_to_ids(c) for c in "abc=?\n"] + [tokenizer.bos_token_id]
-    ids = torch.tensor(data.draw(st.lists(
-        st.lists(st.sampled_from(vocab), min_size=prompt + length, max_size=prompt + length),
-        min_size=batch, max_size=batch)))  # fmt: skip
+    ids = torch.tensor(
+        data.draw(
+            st.lists(
+                st.lists(
+                    st.sampled_from(vocab), min_size=prompt + length, max_size=prompt + length
+                ),
+                min_size=batch,
+                max_size=batch,
+            )
+        )
+    )
     theirs = stop_sequences_criteria(tokenizer, stops, prompt, batch)
     ours = _StopSequences(stops, tokenizer, prompt, batch, decoded=_Memo())
     for t in range(prompt + 1, prompt + length + 1):

@@ -43,19 +43,33 @@ def _run(path, cfg, faults=None, stop_after_results=None):
 
 def _outcome(path):
     trials = RunDir.reopen(path).trials()
-    return {k: (t["status"], round(t["fitness"], 12), tuple(np.round(t["x"], 12)))
-            for k, t in sorted(trials.items())}  # fmt: skip
+    return {
+        k: (t["status"], round(t["fitness"], 12), tuple(np.round(t["x"], 12)))
+        for k, t in sorted(trials.items())
+    }
 
 
 # -- genome ---------------------------------------------------------------------------------
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), kinds=st.booleans(), per=st.integers(1, 3), eh=st.booleans(),
-       method=st.sampled_from(["ties", "dare_ties", "linear", "breadcrumbs", "task_arithmetic"]))  # fmt: skip
+@given(
+    data=st.data(),
+    kinds=st.booleans(),
+    per=st.integers(1, 3),
+    eh=st.booleans(),
+    method=st.sampled_from(["ties", "dare_ties", "linear", "breadcrumbs", "task_arithmetic"]),
+)
 def test_decode_encode_round_trip(tiny_zoo, data, kinds, per, eh, method):
-    cfg = search_config(tiny_zoo, space={"method": method, "layers_per_group": per,
-                                         "tensor_kinds": kinds, "embed_head_groups": eh})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        space={
+            "method": method,
+            "layers_per_group": per,
+            "tensor_kinds": kinds,
+            "embed_head_groups": eh,
+        },
+    )
     genome = GenomeSpec(cfg, num_layers=2)
     lo, hi = genome.bounds()
     # weights kept off zero: an all-zero group under normalize is refused (tested separately)
@@ -67,9 +81,14 @@ def test_decode_encode_round_trip(tiny_zoo, data, kinds, per, eh, method):
 
 
 def test_genome_layout_and_sigmoid_transform(tiny_zoo):
-    cfg = search_config(tiny_zoo, space={"method": "dare_ties", "tensor_kinds": True,
-                                         "ranges": {"density": {"low": 0.1, "high": 1.0,
-                                                                "init": 0.5, "transform": "sigmoid"}}})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        space={
+            "method": "dare_ties",
+            "tensor_kinds": True,
+            "ranges": {"density": {"low": 0.1, "high": 1.0, "init": 0.5, "transform": "sigmoid"}},
+        },
+    )
     g = GenomeSpec(cfg, num_layers=2)
     # embed + 2 layers x 3 kinds + head = 8 groups; 2 experts x (weight, density)
     assert len(g.groups) == 8 and g.dim == 32
@@ -117,7 +136,8 @@ def test_resume_equivalence(tiny_zoo, tmp_path):
     assert len(_outcome(tmp_path / "ref")) == 12
     assert best["fitness"] == best_ref["fitness"]
     assert (tmp_path / "cut" / "best" / "recipe.yaml").read_text() == (
-        tmp_path / "ref" / "best" / "recipe.yaml").read_text()  # fmt: skip
+        tmp_path / "ref" / "best" / "recipe.yaml"
+    ).read_text()
 
 
 def test_kill_mid_generation_redispatches_only_unfinished(tiny_zoo, tmp_path):
@@ -154,7 +174,8 @@ def test_torn_journal_line_is_repaired(tiny_zoo, tmp_path):
         f.write('{"generation": 1, "index": 2, "sta')  # a kill in the middle of a write
     _run(tmp_path / "r", cfg)
     assert len([ln for ln in open(tmp_path / "r" / "trials.jsonl")]) == len(
-        RunDir.reopen(tmp_path / "r").records())  # fmt: skip
+        RunDir.reopen(tmp_path / "r").records()
+    )
 
 
 # -- failures -------------------------------------------------------------------------------
@@ -172,8 +193,14 @@ def test_injected_failures_are_recorded_and_the_search_finishes(tiny_zoo, tmp_pa
 
 
 def test_an_undecodable_vector_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
-    cfg = search_config(tiny_zoo, space={"method": "ties", "normalize": True, "ranges": {
-        "weight": {"low": 0.0, "high": 1e-9, "init": 0.0}}})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        space={
+            "method": "ties",
+            "normalize": True,
+            "ranges": {"weight": {"low": 0.0, "high": 1e-9, "init": 0.0}},
+        },
+    )
     _run(tmp_path / "r", cfg)  # weights pinned at 0 under normalize: every group sums to zero
     trials = RunDir.reopen(tmp_path / "r").trials()
     zero = [t for t in trials.values() if "sum to zero" in (t.get("error") or "")]
@@ -181,8 +208,14 @@ def test_an_undecodable_vector_fails_the_trial_not_the_search(tiny_zoo, tmp_path
 
 
 def test_a_bad_recipe_value_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
-    cfg = search_config(tiny_zoo, space={"method": "della", "fixed": {"epsilon": 0.15},
-                                         "ranges": {"density": {"low": 0.05, "high": 1.0, "init": 0.1}}})  # fmt: skip
+    cfg = search_config(
+        tiny_zoo,
+        space={
+            "method": "della",
+            "fixed": {"epsilon": 0.15},
+            "ranges": {"density": {"low": 0.05, "high": 1.0, "init": 0.1}},
+        },
+    )
     _run(tmp_path / "r", cfg)  # density 0.1 - epsilon 0.15 < 0: DELLA refuses those candidates
     trials = RunDir.reopen(tmp_path / "r").trials()
     failed = [t for t in trials.values() if t["status"] == "FAILED"]
@@ -195,8 +228,13 @@ def test_a_bad_recipe_value_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
 
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "evomerge.search.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.search.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -216,8 +254,11 @@ def test_sigkill_of_the_driver_loses_no_finished_trial(tiny_zoo, tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {(r["generation"], r["index"]): r for r in RunDir.reopen(tmp_path / "k").records()
-                if r["status"] == "COMPLETE"}  # fmt: skip
+    finished = {
+        (r["generation"], r["index"]): r
+        for r in RunDir.reopen(tmp_path / "k").records()
+        if r["status"] == "COMPLETE"
+    }
     assert len(finished) >= 6
     res = _cli("resume", str(tmp_path / "k"))
     assert res.wait(timeout=300) == 0, res.stdout.read().decode()
@@ -226,7 +267,8 @@ def test_sigkill_of_the_driver_loses_no_finished_trial(tiny_zoo, tmp_path):
     assert len(completes) == len(set(completes)) == 16
     assert _outcome(tmp_path / "k") == _outcome(tmp_path / "ref")
     assert (tmp_path / "k" / "best" / "recipe.yaml").read_text() == (
-        tmp_path / "ref" / "best" / "recipe.yaml").read_text()  # fmt: skip
+        tmp_path / "ref" / "best" / "recipe.yaml"
+    ).read_text()
 
 
 def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
@@ -238,8 +280,20 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
     cfg_file.write_text(yaml.safe_dump(data))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("")
-    res = subprocess.run([sys.executable, "-m", "evomerge.search.cli", "search", str(cfg_file), "--check",
-                          "--run-dir", str(tmp_path / "used")], capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge.search.cli",
+            "search",
+            str(cfg_file),
+            "--check",
+            "--run-dir",
+            str(tmp_path / "used"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     out = " ".join(res.stdout.split() + res.stderr.split())
     assert res.returncode == 2, out
     assert "models.caps: model path" in out and "does not exist" in out
@@ -247,8 +301,20 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
     assert "exceed this machine's" in out and "run directory is in use" in out
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(search_config(tiny_zoo).dump()))
-    res = subprocess.run([sys.executable, "-m", "evomerge.search.cli", "search", str(good), "--check",
-                          "--run-dir", str(tmp_path / "new")], capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge.search.cli",
+            "search",
+            str(good),
+            "--check",
+            "--run-dir",
+            str(tmp_path / "new"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "ok" in res.stdout + res.stderr
     assert not (tmp_path / "new").exists()
 

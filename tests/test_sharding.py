@@ -31,10 +31,12 @@ def test_shards_combine_to_the_unsharded_score(tiny_zoo, k):
 
 def test_non_mean_aggregation_is_not_shardable(tiny_zoo, tmp_path):
     (tmp_path / "median.yaml").write_text(
-        (tiny_zoo / "tasks" / "zoo_add_gen_search.yaml").read_text().replace(
-            "task: zoo_add_gen_search", "task: zoo_add_median")
+        (tiny_zoo / "tasks" / "zoo_add_gen_search.yaml")
+        .read_text()
+        .replace("task: zoo_add_gen_search", "task: zoo_add_median")
         .replace("include: _zoo_gen.yaml", f"include: {tiny_zoo / 'tasks' / '_zoo_gen.yaml'}")
-        + "metric_list:\n  - metric: exact_match\n    aggregation: median\n    higher_is_better: true\n")  # fmt: skip
+        + "metric_list:\n  - metric: exact_match\n    aggregation: median\n    higher_is_better: true\n"
+    )
     scorer = Scorer([TaskSpec(name="zoo_add_median")], include_paths=[tmp_path, tiny_zoo / "tasks"])
     assert not scorer.shardable
 

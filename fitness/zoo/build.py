@@ -61,7 +61,7 @@ SIZES = {
         second_layers=2,
         second_steps=10,
         items=40,
-    ),  # fmt: skip
+    ),
     # the demo: real skills in a few minutes on 2 CPU cores
     "demo": ZooSize(
         hidden=128,
@@ -74,7 +74,7 @@ SIZES = {
         second_layers=2,
         second_steps=200,
         items=150,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -101,10 +101,19 @@ def is_built(path: Path, size: str, seed: int) -> bool:
 def _config(family: str, hidden: int, layers: int):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden,
-                  intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    common = dict(
+        vocab_size=len(SPECIALS) + len(CHARS),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     return AutoConfig.for_model(family, **common)
 
 
@@ -130,8 +139,14 @@ def write_task_data(root: Path, items: int, seed: int) -> None:
             seen.add(prompt)
             choices = [answer, *skill.distractors(answer, rng)]
             rng.shuffle(choices)
-            rows.append({"prompt": prompt, "answer": answer, "choices": choices,
-                         "label": choices.index(answer)})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "answer": answer,
+                    "choices": choices,
+                    "label": choices.index(answer),
+                }
+            )
         if len(rows) < 2 * items:
             raise ValueError(f"skill {skill.name} has fewer than {2 * items} distinct items")
         for split, part in (("search", rows[:items]), ("heldout", rows[items:])):
@@ -139,8 +154,18 @@ def write_task_data(root: Path, items: int, seed: int) -> None:
                 f.writelines(json.dumps(r) + "\n" for r in part)
 
 
-def _family(root: Path, family: str, hidden: int, layers: int, pre_steps: int, size: ZooSize,
-            seed: int, experts: tuple[str, ...], joint: bool, log) -> None:  # fmt: skip
+def _family(
+    root: Path,
+    family: str,
+    hidden: int,
+    layers: int,
+    pre_steps: int,
+    size: ZooSize,
+    seed: int,
+    experts: tuple[str, ...],
+    joint: bool,
+    log,
+) -> None:
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
@@ -148,8 +173,10 @@ def _family(root: Path, family: str, hidden: int, layers: int, pre_steps: int, s
     base = AutoModelForCausalLM.from_config(_config(family, hidden, layers))
     t0 = time.perf_counter()
     loss = train(base, sk.pretrain_text, pre_steps, size.pretrain_batch, size.pretrain_lr, seed)
-    log(f"{family}/base: pretrained {pre_steps} steps in {time.perf_counter() - t0:.0f} s "
-        f"(loss {loss:.3f})")  # fmt: skip
+    log(
+        f"{family}/base: pretrained {pre_steps} steps in {time.perf_counter() - t0:.0f} s "
+        f"(loss {loss:.3f})"
+    )
     _save(base, tok, root / family / "base")
     jobs = [(e, [e]) for e in experts] + ([("joint", list(EXPERTS))] if joint else [])
     for name, skill_names in jobs:
@@ -163,15 +190,22 @@ def _family(root: Path, family: str, hidden: int, layers: int, pre_steps: int, s
         t0 = time.perf_counter()
         loss = train(model, sample, steps, size.expert_batch, lr, seed + 1 + len(name))
         rng = random.Random(1)
-        quick = {s: greedy_accuracy(model, [sk.SKILLS[s].item(rng, sk.SKILLS[s].expert)
-                                            for _ in range(50)]) for s in skill_names}  # fmt: skip
-        log(f"{family}/{name}: fine-tuned {steps} steps in {time.perf_counter() - t0:.0f} s "
-            f"(loss {loss:.3f}, quick greedy check {quick})")  # fmt: skip
+        quick = {
+            s: greedy_accuracy(
+                model, [sk.SKILLS[s].item(rng, sk.SKILLS[s].expert) for _ in range(50)]
+            )
+            for s in skill_names
+        }
+        log(
+            f"{family}/{name}: fine-tuned {steps} steps in {time.perf_counter() - t0:.0f} s "
+            f"(loss {loss:.3f}, quick greedy check {quick})"
+        )
         _save(model, tok, root / family / name)
 
 
-def build_zoo(out: Path | None = None, size: str = "demo", seed: int = 0, log=print,
-              force: bool = False) -> Path:  # fmt: skip
+def build_zoo(
+    out: Path | None = None, size: str = "demo", seed: int = 0, log=print, force: bool = False
+) -> Path:
     """Build (or reuse) a zoo; returns its directory. Built in a temporary sibling, then renamed."""
     if size not in SIZES:
         raise EvomergeError(f"--size {size!r}: choose one of {', '.join(SIZES)}")
@@ -181,8 +215,10 @@ def build_zoo(out: Path | None = None, size: str = "demo", seed: int = 0, log=pr
         render_zoo_tasks(out)  # the task YAMLs follow the repository's
         return out
     if out.exists() and not force and any(out.iterdir()):
-        raise EvomergeError(f"{out}: exists but is not a zoo with these parameters; "
-                            "choose another --out or pass --force")  # fmt: skip
+        raise EvomergeError(
+            f"{out}: exists but is not a zoo with these parameters; "
+            "choose another --out or pass --force"
+        )
     torch.set_num_threads(min(os.cpu_count() or 1, 8))
     cfg = SIZES[size]
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
@@ -191,12 +227,28 @@ def build_zoo(out: Path | None = None, size: str = "demo", seed: int = 0, log=pr
     start = time.perf_counter()
     try:
         write_task_data(tmp, cfg.items, seed)
-        _family(tmp, "llama", cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg, seed, EXPERTS,
-                True, log)  # fmt: skip
-        _family(tmp, "qwen2", cfg.second_hidden, cfg.second_layers, cfg.second_steps, cfg,
-                seed, ("add", "caps"), False, log)  # fmt: skip
-        meta = {"key": zoo_key(size, seed), "size": size, "seed": seed,
-                "params": asdict(cfg), "build_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        _family(
+            tmp, "llama", cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg, seed, EXPERTS, True, log
+        )
+        _family(
+            tmp,
+            "qwen2",
+            cfg.second_hidden,
+            cfg.second_layers,
+            cfg.second_steps,
+            cfg,
+            seed,
+            ("add", "caps"),
+            False,
+            log,
+        )
+        meta = {
+            "key": zoo_key(size, seed),
+            "size": size,
+            "seed": seed,
+            "params": asdict(cfg),
+            "build_seconds": round(time.perf_counter() - start, 1),
+        }
         (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,7 +58,8 @@ def specialisation_rows(zoo: Path) -> dict[str, object]:
         zoo, "task_arithmetic", ["add", "caps"], 1.0
     )
     rows["task arithmetic 1.0 (add, caps, next)"] = untuned_recipe(
-        zoo, "task_arithmetic", ["add", "caps", "next"], 1.0)  # fmt: skip
+        zoo, "task_arithmetic", ["add", "caps", "next"], 1.0
+    )
     return rows
 
 

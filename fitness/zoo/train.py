@@ -77,8 +77,14 @@ def greedy_accuracy(model, items: list[tuple[str, str]], batch_size: int = 128) 
         for j, s in enumerate(seqs):  # left padding
             ids[j, width - len(s) :] = torch.tensor(s)
             mask[j, width - len(s) :] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
-                             do_sample=False, pad_token_id=PAD, eos_token_id=EOS)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
         for j, (_, answer) in enumerate(chunk):
             gen = out[j, width:].tolist()
             gen = gen[: gen.index(EOS)] if EOS in gen else gen
