@@ -5,6 +5,14 @@ consensus (see `merge.methods`). All functions take and return fp32 tensors.
 
 Randomness comes from a CPU `torch.Generator` on purpose: the same recipe seed then gives the
 same masks on any device, so a merge scored on a GPU during search is the merge rebuilt on a CPU.
+
+Magnitude rankings (TIES, breadcrumbs, DELLA) follow one total order, the same on any device:
+larger magnitude first and, among equal magnitudes, the lower flat (row-major) index first. A
+density then keeps exactly its count of entries, k = int(density * n) (TIES: at least one), even
+where many entries tie at the cut, which bf16 checkpoints make common (few distinct values).
+mergekit also keeps exactly k, but picks among the tied entries through torch's unstable sort,
+an order that is neither the index order nor reproducible across devices or torch versions, so
+no implementation can promise its choice there; ours is deterministic. Elsewhere the two agree.
 """
 
 from __future__ import annotations
@@ -53,6 +61,48 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return _kth_smallest(values, values.numel() - k + 1)
 
 
+def _top_k(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly the `k` first entries of the ranking: larger first, ties by lower index.
+
+    The cut value v comes from `_kth_smallest` (one selection, as before); every entry above v is
+    kept and, of the entries equal to v, the lowest flat indices until k are kept. The tie-break
+    costs one count of the entries >= v and, where some tie at v beyond k, one pass gathering the
+    tied positions. On a CPU that runs in NumPy, whose boolean passes are faster than torch's.
+    """
+    n = magnitudes.numel()
+    if k <= 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    flat = magnitudes.reshape(-1).float()
+    v = _kth_largest(flat, k)
+    if flat.device.type == "cpu":
+        keep = torch.from_numpy(_first_k_numpy(flat.contiguous().numpy(), np.float32(v), k))
+    else:
+        keep = _first_k_torch(flat, v.to(flat.device), k)
+    return keep.reshape(magnitudes.shape)
+
+
+def _first_k_numpy(flat: np.ndarray, v: np.float32, k: int) -> np.ndarray:
+    """Entries >= v, less the highest-index ones equal to v beyond the first k."""
+    keep = flat >= v
+    excess = int(np.count_nonzero(keep)) - k
+    if excess > 0:
+        tied = np.flatnonzero(flat == v)  # ascending indices
+        keep[tied[tied.size - excess :]] = False
+    return keep
+
+
+def _first_k_torch(flat: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+    """`_first_k_numpy` on any device."""
+    keep = flat >= v
+    excess = int(torch.count_nonzero(keep)) - k
+    if excess > 0:
+        tied = torch.nonzero(flat == v).squeeze(1)  # ascending indices
+        keep[tied[tied.numel() - excess :]] = False
+    return keep
+
+
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) -> torch.Tensor:
     masked = delta * mask
     if rescale is Rescale.inverse_density:
@@ -66,12 +116,16 @@ def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) ->
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.none) -> torch.Tensor:
-    """Keep the `density` fraction of entries largest in magnitude over the whole tensor (TIES)."""
+    """Keep the k = max(1, int(density * n)) entries largest in magnitude over the tensor (TIES).
+
+    Exactly k, as mergekit: among entries tied in magnitude at the cut, the lowest flat indices
+    are kept (mergekit's choice there comes from an unstable sort and cannot be reproduced; this
+    rule gives the same mask on any device).
+    """
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))
-    magnitudes = delta.abs()
-    keep = magnitudes >= _kth_largest(magnitudes.reshape(-1), k).to(magnitudes.device)
+    keep = _top_k(delta.abs(), k)
     if rescale is Rescale.none:
         return torch.where(keep, delta, 0.0)  # one pass instead of a float mask and a product
     return _apply_mask(delta, keep.to(delta.dtype), rescale, density)
@@ -82,7 +136,12 @@ def magnitude_outliers(
 ) -> torch.Tensor:
     """Drop the `gamma` fraction of largest entries, then the smallest, keeping `density` (breadcrumbs).
 
+    Keeps exactly int(density * n) entries (none when that is 0, as mergekit): in the ranking
+    larger-magnitude-first, the int(gamma * n) first are dropped as outliers, the next ones kept.
     Outlier removal shrinks when it would leave fewer than `density` entries (as in mergekit).
+    Ties at either cut follow the ranking: the lower flat index ranks first, so at the outlier cut
+    it is dropped, at the bottom cut kept (mergekit's choice among ties comes from an unstable
+    sort and cannot be reproduced; this rule gives the same mask on any device).
     """
     if density >= 1:
         return delta
@@ -93,11 +152,10 @@ def magnitude_outliers(
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)
     magnitudes = delta.abs()
-    flat = magnitudes.reshape(-1)
-    # kept: ascending ranks n_bottom .. n_bottom + keep - 1
-    mask = magnitudes <= _kth_smallest(flat, n_bottom + keep).to(delta.device)
-    if n_bottom > 0:
-        mask &= magnitudes >= _kth_smallest(flat, n_bottom + 1).to(delta.device)
+    first = n - n_bottom - keep  # outliers dropped: ranks 0 .. first - 1; kept: the next `keep`
+    mask = _top_k(magnitudes, first + keep)
+    if first > 0:
+        mask &= ~_top_k(magnitudes, first)
     return _apply_mask(delta, mask.to(delta.dtype), rescale, density)
 
 
@@ -125,6 +183,9 @@ def della_magprune(
 
     Deep et al. 2024: p ranges linearly from density - epsilon (smallest) to density + epsilon
     (largest) within each row; kept entries are divided by their own p under inverse_density.
+    Ranks come from a stable sort: among equal magnitudes the lower index ranks as the larger
+    (the order TIES and breadcrumbs use), the same on any device, where mergekit's unstable
+    argsort leaves ties in an unspecified order.
     """
     if density >= 1:
         return delta
@@ -133,8 +194,8 @@ def della_magprune(
             f"epsilon {epsilon} with density {density}: need 0 < density ± epsilon < 1"
         )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    order = rows.abs().argsort(dim=1)
-    positions = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device)
+    order = torch.sort(-rows.abs(), dim=1, stable=True).indices  # largest first, ties by index
+    positions = torch.arange(rows.shape[1] - 1, -1, -1, dtype=torch.float32, device=rows.device)
     ranks = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))  # 0 = smallest
     width = max(rows.shape[1] - 1, 1)
     probs = (density - epsilon) + (ranks / width) * 2 * epsilon
