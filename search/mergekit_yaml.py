@@ -67,7 +67,8 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
         "merge_method": ps.method,
         "slices": slices,
         "parameters": global_params,
-        "dtype": recipe.dtype,
+        "dtype": "float32",  # mergekit computes in `dtype`; evomerge merges in fp32
+        "out_dtype": recipe.dtype,
     }
     if ps.base:
         config["base_model"] = path[ps.base]
