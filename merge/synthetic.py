@@ -6,6 +6,7 @@ family, with no training. The trained zoo with real skills lives in `fitness.zoo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,10 +47,22 @@ def tiny_config(model_type: str = "llama", **overrides):
     return AutoConfig.for_model(model_type, **kw)
 
 
-def save_model(state: dict[str, torch.Tensor], config, out: Path) -> Path:
+def save_model(state: dict[str, torch.Tensor], config, out: Path, shards: int = 1) -> Path:
+    """A model directory; with `shards` > 1 the tensors are dealt round-robin (a layer's tensors
+    land in different files) over `model-0000i-of-0000n.safetensors`, with the index json."""
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if shards <= 1:
+        save_file(state, out / "model.safetensors")
+        return out
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {name: files[i % shards] for i, name in enumerate(state)}
+    for f in files:
+        save_file({k: v for k, v in state.items() if weight_map[k] == f}, out / f)
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 
 
@@ -60,9 +73,13 @@ def make_family(
     delta_scale: float = 0.02,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    shards: int = 1,
     **config_overrides,
 ) -> dict[str, Path]:
-    """Write `base` and `expert1..N` under `out`; returns alias -> directory."""
+    """Write `base` and `expert1..N` under `out`; returns alias -> directory.
+
+    In bf16 the experts are base + task vector rounded to bf16, so their task vectors take few
+    distinct values (many exact ties in magnitude), as real bf16 fine-tunes do."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, **config_overrides)
     model = AutoModelForCausalLM.from_config(config)
@@ -71,7 +88,7 @@ def make_family(
     base = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         base = {k: v for k, v in base.items() if k != "lm_head.weight"}
-    paths = {"base": save_model(base, config, out / "base")}
+    paths = {"base": save_model(base, config, out / "base", shards)}
     g = torch.Generator().manual_seed(seed + 1)
     for i in range(1, experts + 1):
         state = {
@@ -83,5 +100,5 @@ def make_family(
             else v
             for k, v in base.items()
         }
-        paths[f"expert{i}"] = save_model(state, config, out / f"expert{i}")
+        paths[f"expert{i}"] = save_model(state, config, out / f"expert{i}", shards)
     return paths
