@@ -32,7 +32,7 @@ def main() -> None:
     from evomerge.search.config import SearchConfig
     from evomerge.search.demo import DEMO_CONFIG
     from evomerge.search.driver import run_search
-    from evomerge.search.export import baselines
+    from evomerge.search.space import space_for
     from evomerge.search.rundir import RunDir
     from evomerge.search.workers import make_executor
 
@@ -87,7 +87,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for alias in base_cfg.models:
         rows[f"parent: {alias}"] = [score(base_cfg.model_path(alias))]
-    for label, recipe in baselines(any_run).items():
+    for label, recipe in space_for(any_run.config).baselines().items():
         rows[f"untuned: {label}"] = [score(recipe)]
     labels = {
         "ps": "PS search (TIES, per-layer genes)",

@@ -9,9 +9,16 @@ import torch
 from evomerge.merge.errors import EvomergeError
 
 
+def load_tokenizer(path: Path | str):
+    """A model directory's tokenizer; a tokenizer that needs the folder's own code is refused."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
 def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a local HF directory; safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -19,7 +26,7 @@ def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
     )
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)  # type: ignore[arg-type]
+    return model.to(device).eval(), load_tokenizer(path)  # type: ignore[arg-type]
 
 
 def model_from_recipe(recipe, device: str = "cpu"):
@@ -28,13 +35,13 @@ def model_from_recipe(recipe, device: str = "cpu"):
     A data-flow recipe gives a path model over the loaded source models' layers (shared)."""
     if recipe.data_flow is not None:
         return _path_model(recipe, device)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from evomerge.merge.engine import iter_merged, open_sources
 
     ckpts = open_sources(recipe)
     main = ckpts[recipe.main_alias].path
-    config = AutoConfig.from_pretrained(main)
+    config = AutoConfig.from_pretrained(main, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
     state = dict(iter_merged(recipe, ckpts, device))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -45,7 +52,7 @@ def model_from_recipe(recipe, device: str = "cpu"):
         )
     if tied:
         model.tie_weights()
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(main)
+    return model.to(device).eval(), load_tokenizer(main)
 
 
 def load_sources(paths: dict, ps_recipe, device: str, dtype: str) -> tuple[dict, dict]:

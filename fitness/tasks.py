@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from evomerge.merge.recipe import write_atomic
+from evomerge.merge.files import write_atomic
 
 
 def shipped_configs() -> Path:
@@ -33,7 +33,7 @@ PLACEHOLDER = "ZOO_DIR"
 class TaskSpec(BaseModel):
     """One lm-eval task in an objective: which metric, with what weight and direction."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     metric: str | None = None  # None: the task's first metric (exact_match, acc, ...)

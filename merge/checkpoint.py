@@ -1,13 +1,10 @@
-"""A model directory on disk: its config, its tensors (read lazily), and staged output dirs."""
+"""A model directory on disk: its config and its tensors, read lazily."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -118,30 +115,3 @@ class Checkpoint:
         for name in SIDE_FILES:
             if (self.path / name).is_file():
                 shutil.copy2(self.path / name, out / name)
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`, renamed into place only if the block completes.
-
-    A failure or an interrupt leaves any previous `out` untouched and no half-written directory.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -7,18 +7,38 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from evomerge.merge.architecture import classify
-from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.files import guard_output, staged_dir, write_marker
 from evomerge.merge.recipe import ParameterSpace, Recipe
-from evomerge.merge.registry import get_method, merge_tensor
+from evomerge.merge.registry import TensorInputs, merge_tensor
 from evomerge.merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
+from evomerge.merge.sources import DeltaSource, TensorSource
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+
+
+MERGE_MARKER = "merge"
+
+
+def check_device(device: str) -> None:
+    """`cpu`, `cuda` or `cuda:N` on a machine that has it; anything else is one clear line."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise EvomergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device {device}: CUDA is not available here; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EvomergeError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -73,47 +93,49 @@ def check_compatible(ckpts: dict[str, Checkpoint], reference: str) -> None:
 
 
 def iter_merged(
-    recipe: Recipe, ckpts: Mapping[str, Any], device: str = "cpu", to_cpu: bool = True
+    recipe: Recipe, ckpts: Mapping[str, TensorSource], device: str = "cpu", to_cpu: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the recipe dtype), in the reference's order.
 
-    `ckpts` are Checkpoints, or anything with their interface (`names`, `info`, `dtype`, `get`):
-    the search's resident sources, which may also offer task vectors through `delta(name)`.
+    `ckpts` are Checkpoints, or the search's resident sources, which may also keep task vectors
+    (`DeltaSource`): methods that work on task vectors then skip the subtraction.
     """
     ps = recipe.parameter_space
-    assert ps is not None
+    if ps is None:
+        raise EvomergeError("recipe: no parameter_space stage to merge")
     ref = ckpts[recipe.main_alias]
     num_layers = ref.info.num_layers
     table = ps.layout(num_layers)
-    method = get_method(ps.method)
+    method = ps.merge_method
     out_dtype = getattr(torch, recipe.dtype)
     for name in ref.names:
         if not ref.dtype(name).is_floating_point:  # integer buffers are copied, never averaged
             yield name, ref.get(name)
             continue
         group = ParameterSpace.group_for(table, classify(name), num_layers)
-        if method.family == "linear":
-            aliases = list(group.params)
-        else:
-            aliases = [a for a in group.params if a != ps.base]
+        aliases = ps.merged_models(group)
         base = ckpts[ps.base].get(name).to(device) if ps.base and method.needs_base else None
-        if method.family == "passthrough" and not aliases:
-            aliases = [ps.base] if ps.base else []
+        resident = [ckpts[a] for a in aliases]
         deltas = None
-        if method.family == "task_arithmetic" and all(
-            getattr(ckpts[a], "has_deltas", False) for a in aliases
-        ):
-            deltas, sources = [ckpts[a].delta(name) for a in aliases], []
+        if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
+            deltas, sources = [s.delta(name) for s in resident], []  # type: ignore[attr-defined]
         else:
-            sources = [ckpts[a].get(name).to(device) for a in aliases]
-        params = [group.params[a].to_model_params() for a in aliases if a in group.params]
+            sources = [s.get(name).to(device) for s in resident]
         generator = None
-        if method.is_random:
+        if method.random:
             generator = torch.Generator().manual_seed(tensor_seed(ps.seed, name))
+        inputs = TensorInputs(
+            base=base,
+            sources=sources,
+            params=[ps.model_values(group, a) for a in aliases],
+            group=ps.group_values(group),
+            normalize=ps.options_normalize,
+            rescale=ps.options_rescale,
+            generator=generator,
+            deltas=deltas,
+        )
         try:
-            merged = merge_tensor(
-                method, base, sources, params, ps.options(group), generator, deltas
-            )
+            merged = merge_tensor(method, inputs)
         except ValueError as e:
             raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
         if not torch.isfinite(merged).all():
@@ -225,14 +247,17 @@ def merge_to_dir(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: Progress | None = None,
+    inputs: list[Path] | None = None,
 ) -> Path:
-    """Merge to a model directory that transformers loads; nothing appears until it is complete."""
+    """Merge to a model directory that transformers loads; nothing appears until it is complete.
+
+    An existing `out` is replaced only with `force`, and only if `evomerge merge` wrote it;
+    `inputs` (beyond the recipe's models: e.g. the recipe file) must not be inside `out`."""
     out = Path(out)
     limit = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: CUDA is not available here; use --device cpu")
+    sources = [Path(m.path) for m in recipe.models.values()]
+    guard_output(out, [*sources, *(inputs or [])], MERGE_MARKER, force)
+    check_device(device)
     if recipe.data_flow is not None:
         return _merge_path_to_dir(recipe, out, device, limit, force, progress)
     ckpts = open_sources(recipe)
@@ -242,6 +267,7 @@ def merge_to_dir(
         _write_checkpoint(tmp, specs, iter_merged(recipe, ckpts, device), limit, progress)
         ref.copy_side_files(tmp, getattr(torch, recipe.dtype))
         recipe.save(tmp / "evomerge_recipe.yaml")
+        write_marker(tmp, MERGE_MARKER)
     return out
 
 
@@ -295,6 +321,7 @@ def _merge_path_to_dir(
             layer_types=[t[h.layer] for t, h in zip(types, df.path)] if all(types) else None,
         )
         recipe.save(tmp / "evomerge_recipe.yaml")
+        write_marker(tmp, MERGE_MARKER)
         if PS in used:
             shutil.rmtree(tmp / ".stage1")
     return out

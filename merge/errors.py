@@ -1,8 +1,28 @@
-"""The one exception type a user sees: a single line naming the culprit and the fix."""
+"""The one exception type a user sees: one line per problem, naming the culprit and the fix."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class EvomergeError(Exception):
     """Wrong input or an unusable environment. The CLI prints the message alone and exits 2.
 
-    Messages name the file, field or tensor at fault and say what to do about it.
+    Messages name the file, field or tensor at fault and say what to do about it; a message
+    with several problems has one line each.
     """
+
+
+def schema_problems(err: ValidationError, source: str) -> str:
+    """Every problem pydantic found, one line each: the file, the field path, what is wrong."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(dict.fromkeys(lines))

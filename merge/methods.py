@@ -9,32 +9,10 @@ operations follow mergekit 0.1.5, so results agree with it to one unit in the la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from evomerge.merge import sparsify
-from evomerge.merge.sparsify import Rescale
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    """Parameters one source model contributes to one tensor."""
-
-    weight: float = 1.0
-    density: float = 1.0
-    gamma: float = 0.01  # breadcrumbs: fraction of largest entries dropped
-    epsilon: float = 0.15  # DELLA: half-width of the keep-probability range
-
-
-@dataclass(frozen=True)
-class TensorOptions:
-    """Parameters shared by all models for one tensor."""
-
-    normalize: bool
-    rescale: Rescale = Rescale.none
-    lambda_: float = 1.0
-    t: float = 0.5  # slerp only
 
 
 def linear(

@@ -1,4 +1,4 @@
-"""The recipe: the product's contract between search and merge (format in DESIGN.md).
+"""The recipe: the product's contract between search and merge (docs/ARCHITECTURE.md).
 
 A recipe knows nothing of the search. It names source models by alias, and says per layer group
 (and optionally per kind of tensor: attention / mlp / other) how each model contributes.
@@ -21,14 +21,13 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from evomerge.merge.architecture import KINDS, Slot
-from evomerge.merge.errors import EvomergeError
-from evomerge.merge.methods import ModelParams, TensorOptions
-from evomerge.merge.registry import get_method
+from evomerge.merge.errors import EvomergeError, schema_problems
+from evomerge.merge.files import read_yaml, write_atomic
+from evomerge.merge.registry import Method, get_method, values
 from evomerge.merge.sparsify import Rescale
 
 FORMAT: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
@@ -49,63 +48,30 @@ MethodName = Annotated[str, AfterValidator(known_method)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ModelRef(_Strict):
     path: str
 
 
-class Params(_Strict):
-    """One model's parameters in one group."""
-
-    weight: float = 1.0
-    density: float = 1.0
-    gamma: float = 0.01
-    epsilon: float = 0.15
-
-    @field_validator("weight")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-    @field_validator("density")
-    @classmethod
-    def _density(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("gamma")
-    @classmethod
-    def _gamma(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"must be in [0, 1), got {v}")
-        return v
-
-    @model_serializer(mode="wrap")
-    def _compact(self, handler):
-        """Omit density / gamma / epsilon at their defaults: a TIES recipe shows no gamma."""
-        data = handler(self)
-        for name in ("density", "gamma", "epsilon"):
-            if data.get(name) == type(self).model_fields[name].default:
-                data.pop(name)
-        return data
-
-    def to_model_params(self) -> ModelParams:
-        return ModelParams(self.weight, self.density, self.gamma, self.epsilon)
+Values = dict[str, float]  # parameter name -> value
 
 
-class Group(_Strict):
-    """Parameters for a range of layers (or the embed / head group) and a kind of tensor."""
+class Group(BaseModel):
+    """Parameters for a range of layers (or the embed / head group) and a kind of tensor.
+
+    `params` holds each model's parameters; the method's per-group parameters (slerp's `t`,
+    the task-vector family's `lambda`) sit on the group itself, as in mergekit's slices. Which
+    names are allowed is the method's declaration (checked by ParameterSpace)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     layers: tuple[int, int] | Literal["embed", "head"]
     tensors: Literal["all", "attention", "mlp", "other"] = "all"
-    params: dict[str, Params] = Field(default_factory=dict)
-    t: float | None = None  # slerp
-    lambda_: float | None = Field(default=None, alias="lambda")
+    params: dict[str, Values] = Field(default_factory=dict)
 
     @field_validator("layers")
     @classmethod
@@ -114,50 +80,83 @@ class Group(_Strict):
             raise ValueError(f"need 0 <= start < end (half-open range), got {list(v)}")
         return v
 
+    @property
+    def values(self) -> Values:
+        """The per-group parameters set on this group."""
+        return dict(self.model_extra or {})
+
     def label(self) -> str:
         where = self.layers if isinstance(self.layers, str) else f"layers {list(self.layers)}"
         return where if self.tensors == "all" else f"{where} ({self.tensors})"
 
 
-class ParameterSpace(_Strict):
+class ParameterSpace(BaseModel):
+    """The parameter-space stage. Per-group parameters given here (e.g. `lambda: 0.5`) are the
+    default of every group that does not set its own."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
     method: MethodName
     base: str | None = None
     normalize: bool | None = None  # None: the method's default
-    lambda_: float = Field(default=1.0, alias="lambda")
     rescale: Rescale | None = None  # None: the method's default
     seed: int = 0
-    groups: list[Group]
+    groups: list[Group] = Field(min_length=1)
+
+    @property
+    def merge_method(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def defaults(self) -> Values:
+        """Per-group parameters set for every group."""
+        return dict(self.model_extra or {})
 
     @model_validator(mode="after")
-    def _per_group(self) -> ParameterSpace:
-        method = get_method(self.method)
+    def _declared(self) -> ParameterSpace:
+        """Every parameter is one the method declares, with a valid value; group sizes fit."""
+        method = self.merge_method
         if method.needs_base and self.base is None:
             raise ValueError(f"method {self.method} needs a base model: set parameter_space.base")
-        normalize = self.normalize if self.normalize is not None else method.default_normalize
+        group_params = {p.name: p for p in method.group_params}
+        model_params = {p.name: p for p in method.model_params}
+        _check_values("", self.defaults, group_params, self.method, "group")
         for i, g in enumerate(self.groups):
-            sources = [a for a in g.params if a != self.base]
-            if method.family == "slerp" and len(sources) != 1:
-                raise ValueError(f"groups.{i}: slerp needs exactly one model besides the base")
-            if method.family == "passthrough" and len(g.params) != 1:
-                raise ValueError(f"groups.{i}: passthrough takes exactly one model")
-            weights = [g.params[a].weight for a in sources]
-            if method.family == "linear":
-                weights = [p.weight for p in g.params.values()]
-            if normalize and weights and abs(sum(weights)) < 1e-8:
-                raise ValueError(
-                    f"groups.{i}: weights sum to zero under normalize; "
-                    "change a weight or set normalize: false"
-                )
+            where = f"groups.{i}"
+            _check_values(where, g.values, group_params, self.method, "group")
+            for alias, given in g.params.items():
+                _check_values(f"{where}.params.{alias}", given, model_params, self.method, "model")
+            merged = self.merged_models(g)
+            if (problem := method.models_problem(len(merged))) is not None:
+                raise ValueError(f"{where}: {problem}")
+            if self.options_normalize and "weight" in model_params and merged:
+                total = sum(g.params[a].get("weight", 1.0) for a in merged)
+                if abs(total) < 1e-8:
+                    raise ValueError(
+                        f"{where}: weights sum to zero under normalize; "
+                        "change a weight or set normalize: false"
+                    )
         return self
 
-    def options(self, group: Group) -> TensorOptions:
-        method = get_method(self.method)
-        return TensorOptions(
-            normalize=self.normalize if self.normalize is not None else method.default_normalize,
-            rescale=self.rescale if self.rescale is not None else method.default_rescale,
-            lambda_=group.lambda_ if group.lambda_ is not None else self.lambda_,
-            t=group.t if group.t is not None else 0.5,
-        )
+    @property
+    def options_normalize(self) -> bool:
+        return self.normalize if self.normalize is not None else self.merge_method.default_normalize
+
+    @property
+    def options_rescale(self) -> Rescale:
+        return self.rescale if self.rescale is not None else self.merge_method.default_rescale
+
+    def merged_models(self, group: Group) -> list[str]:
+        """The models a group merges: its listed models, less the base when the method takes the
+        base as an input of its own."""
+        method = self.merge_method
+        return [a for a in group.params if not (method.needs_base and a == self.base)]
+
+    def model_values(self, group: Group, alias: str) -> Values:
+        return values(self.merge_method.model_params, group.params.get(alias, {}))
+
+    def group_values(self, group: Group) -> Values:
+        return values(self.merge_method.group_params, {**self.defaults, **group.values})
 
     def layout(self, num_layers: int) -> dict[tuple[int | str, str], Group]:
         """(layer index or "embed"/"head", tensor kind) -> its group; every layer covered once."""
@@ -196,6 +195,20 @@ class ParameterSpace(_Strict):
         if slot.group == "embed":
             return table.get(("embed", "other")) or table[0, "other"]
         return table.get(("head", "other")) or table[num_layers - 1, "other"]
+
+
+def _check_values(where: str, given: dict, declared: dict, method: str, scope: str) -> None:
+    """Each given parameter is declared by the method (at this scope) with a valid value."""
+    for name, value in given.items():
+        field = f"{where}.{name}" if where else name
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise ValueError(
+                f"{field}: unknown field; remove it or check its spelling ({method}'s per-{scope} "
+                f"parameters: {known})"
+            )
+        if (problem := declared[name].problem(value)) is not None:
+            raise ValueError(f"{field}: {problem}")
 
 
 class PathHop(_Strict):
@@ -313,7 +326,7 @@ class Recipe(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise EvomergeError(one_line(e, source)) from None
+            raise EvomergeError(schema_problems(e, source)) from None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -321,36 +334,3 @@ class Recipe(_Strict):
 
     def save(self, path: Path | str) -> None:
         write_atomic(Path(path), self.to_yaml())
-
-
-def read_yaml(path: Path, what: str) -> object:
-    if not path.is_file():
-        raise EvomergeError(f"{path}: {what} file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-
-
-def one_line(err: ValidationError, source: str) -> str:
-    """A pydantic error as one line: the file, the field path and what is wrong."""
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field; remove it or check its spelling"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {where}: {msg}{more}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a mix."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

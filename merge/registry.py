@@ -1,107 +1,129 @@
-"""The registry of merge methods: what each needs and how one tensor is merged with it."""
+"""Merge methods that describe themselves, and the registry that holds them.
+
+A method is its tensor math (a function of one tensor's sources and parameters) plus a
+declaration: its per-model and per-group parameters (defaults, valid ranges, default search
+ranges), whether it needs a base, how many models it merges, and whether it is random. The
+recipe schema (which parameters a recipe may set, and their checks), the search's default genes
+and the mergekit export are all derived from the declarations, so adding a method is one
+`register(Method(...))` call (README, "Adding a merge method").
+
+TIES, DARE, breadcrumbs and DELLA are compositions of two primitives, a sparsifier and TIES
+sign consensus, over task vectors (`task_vector_method`).
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from evomerge.merge import methods, sparsify
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.methods import ModelParams, TensorOptions
 from evomerge.merge.sparsify import Rescale
 
 
-class Sparsifier(str, Enum):
-    none = "none"
-    magnitude = "magnitude"  # TIES
-    random = "random"  # DARE
-    outliers = "outliers"  # breadcrumbs
-    della = "della"  # DELLA
+@dataclass(frozen=True)
+class Param:
+    """A parameter a method reads, per merged model or per layer group."""
+
+    name: str
+    default: float
+    low: float = -math.inf  # valid range; `open_low` / `open_high` exclude the end itself
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    search: tuple[float, float, float] | None = None  # default gene range: (low, high, init)
+    searched_by_default: bool = True  # a gene unless the search config says otherwise
+    doc: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is not a valid value of this parameter, or None."""
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return f"must be a finite number, got {value!r}"
+        below = value <= self.low if self.open_low else value < self.low
+        above = value >= self.high if self.open_high else value > self.high
+        if below or above:
+            return f"must be in {self.interval()}, got {value}"
+        return None
+
+    def interval(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees to merge one tensor (all tensors fp32, on one device)."""
+
+    base: torch.Tensor | None
+    sources: Sequence[
+        torch.Tensor
+    ]  # one per merged model (the base excluded if the method needs one)
+    params: Sequence[dict[str, float]]  # per merged model: every declared model parameter
+    group: dict[str, float]  # every declared group parameter
+    normalize: bool = False
+    rescale: Rescale = Rescale.none
+    generator: torch.Generator | None = None  # seeded, for random methods
+    deltas: Sequence[torch.Tensor] | None = None  # sources - base, when a caller keeps them
+
+
+MergeFn = Callable[[TensorInputs], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     paper: str
-    family: str  # "linear" | "slerp" | "task_arithmetic" | "passthrough"
-    sparsifier: Sparsifier = Sparsifier.none
-    consensus: bool = False
+    merge: MergeFn
+    model_params: tuple[Param, ...] = ()
+    group_params: tuple[Param, ...] = ()
+    needs_base: bool = False  # the base is an input of its own, never one of the merged models
+    min_models: int = 1  # merged models per group (besides a needed base)
+    max_models: int | None = None
+    random: bool = False  # needs a seeded generator (masks); results reproducible from the seed
+    uses_deltas: bool = False  # works on task vectors: resident sources may keep them instead
     default_normalize: bool = False
     default_rescale: Rescale = Rescale.none
-    per_model: tuple[str, ...] = ("weight",)  # parameters read per source model
+    mergekit: bool = True  # mergekit has it under this name, with the same parameter names
+
+    def param(self, name: str) -> Param:
+        for p in (*self.model_params, *self.group_params):
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
     @property
-    def needs_base(self) -> bool:
-        return self.family in ("slerp", "task_arithmetic")
+    def param_names(self) -> list[str]:
+        return [p.name for p in (*self.group_params, *self.model_params)]
 
-    @property
-    def is_random(self) -> bool:
-        return self.sparsifier in (Sparsifier.random, Sparsifier.della)
-
-
-def _ta(name: str, paper: str, sparsifier: Sparsifier, consensus: bool, **kw) -> Method:
-    extra = {
-        Sparsifier.none: (),
-        Sparsifier.magnitude: ("density",),
-        Sparsifier.random: ("density",),
-        Sparsifier.outliers: ("density", "gamma"),
-        Sparsifier.della: ("density", "epsilon"),
-    }[sparsifier]
-    return Method(
-        name, paper, "task_arithmetic", sparsifier, consensus, per_model=("weight", *extra), **kw
-    )
+    def models_problem(self, n: int) -> str | None:
+        """Why `n` merged models do not suit this method, or None."""
+        lo, hi = self.min_models, self.max_models
+        if lo <= n and (hi is None or n <= hi):
+            return None
+        count = f"exactly {lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        besides = " besides the base" if self.needs_base else ""
+        return f"{self.name} merges {count} model(s){besides}; the group has {n}"
 
 
-_DARE = "Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)"
-_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
-_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method(
-            "linear",
-            "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-            "linear",
-            default_normalize=True,
-        ),
-        Method("slerp", "Shoemake 1985, spherical linear interpolation", "slerp", per_model=()),
-        Method("passthrough", "copies a single source unchanged", "passthrough", per_model=()),
-        _ta(
-            "task_arithmetic",
-            "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
-            Sparsifier.none,
-            False,
-        ),
-        _ta(
-            "ties",
-            "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
-            Sparsifier.magnitude,
-            True,
-            default_normalize=True,
-        ),
-        _ta("dare_ties", _DARE, Sparsifier.random, True, default_rescale=Rescale.inverse_density),
-        _ta(
-            "dare_linear", _DARE, Sparsifier.random, False, default_rescale=Rescale.inverse_density
-        ),
-        _ta("breadcrumbs", _CRUMBS, Sparsifier.outliers, False),
-        _ta("breadcrumbs_ties", _CRUMBS, Sparsifier.outliers, True),
-        _ta(
-            "della",
-            _DELLA,
-            Sparsifier.della,
-            True,
-            default_normalize=True,
-            default_rescale=Rescale.inverse_density,
-        ),
-        _ta(
-            "della_linear", _DELLA, Sparsifier.della, False, default_rescale=Rescale.inverse_density
-        ),
-    ]
-}
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry; a name is registered once."""
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    names = [p.name for p in (*method.model_params, *method.group_params)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"merge method {method.name!r} declares a parameter twice: {names}")
+    METHODS[method.name] = method
+    return method
 
 
 def get_method(name: str) -> Method:
@@ -113,64 +135,161 @@ def get_method(name: str) -> Method:
     raise EvomergeError(f"unknown merge method {name!r}: {hint}known: {', '.join(METHODS)}")
 
 
-def sparsify_delta(
-    method: Method,
-    delta: torch.Tensor,
-    params: ModelParams,
-    rescale: Rescale,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Thin one task vector the way `method` does."""
-    s = method.sparsifier
-    if s is Sparsifier.magnitude:
-        return sparsify.magnitude(delta, params.density, rescale)
-    if s is Sparsifier.outliers:
-        return sparsify.magnitude_outliers(delta, params.density, params.gamma, rescale)
-    if s in (Sparsifier.random, Sparsifier.della):
-        if generator is None:
-            raise ValueError(f"{method.name} is random and needs a seeded generator")
-        if s is Sparsifier.random:
-            return sparsify.random(delta, params.density, generator, rescale)
-        return sparsify.della_magprune(delta, params.density, params.epsilon, generator, rescale)
-    return delta
+def merge_tensor(method: Method, inputs: TensorInputs) -> torch.Tensor:
+    """Merge one tensor in fp32."""
+    if method.random and inputs.generator is None:
+        raise ValueError(f"{method.name} is random and needs a seeded generator")
+    return method.merge(inputs)
 
 
-def merge_tensor(
-    method: Method,
-    base: torch.Tensor | None,
-    sources: Sequence[torch.Tensor],
-    params: Sequence[ModelParams],
-    options: TensorOptions,
-    generator: torch.Generator | None = None,
-    deltas: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Merge one tensor in fp32. `sources` exclude the base; `params` go with `sources`.
+# -- the parameters ---------------------------------------------------------------------------
 
-    `deltas` (sources - base, fp32), when a caller keeps them resident, spare the subtraction.
-    """
-    if method.family == "passthrough":
-        return (sources[0] if sources else base).float()  # type: ignore[union-attr]
-    if method.family == "linear":
-        return methods.linear(
-            [x.float() for x in sources], [p.weight for p in params], options.normalize
+WEIGHT = Param("weight", 1.0, search=(0.0, 1.5, 0.5), doc="the model's coefficient")
+DENSITY = Param(
+    "density", 1.0, 0.0, 1.0, open_low=True, search=(0.05, 1.0, 1.0), doc="fraction kept"
+)
+GAMMA = Param(
+    "gamma", 0.01, 0.0, 1.0, open_high=True, search=(0.0, 0.2, 0.01), doc="outliers dropped"
+)
+EPSILON = Param(
+    "epsilon", 0.15, 0.0, 1.0, open_high=True, search=(0.0, 0.2, 0.1), doc="DELLA's spread"
+)
+LAMBDA = Param(
+    "lambda", 1.0, search=(0.0, 2.0, 1.0), searched_by_default=False, doc="task-vector scale"
+)
+T = Param("t", 0.5, 0.0, 1.0, search=(0.0, 1.0, 0.5), doc="0: the base, 1: the other model")
+
+
+# -- the task-vector family -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """Thins one task vector: the first primitive of the task-vector family."""
+
+    params: tuple[Param, ...]
+    thin: Callable[[torch.Tensor, dict[str, float], Rescale, torch.Generator | None], torch.Tensor]
+    random: bool = False
+
+
+MAGNITUDE = Sparsifier((DENSITY,), lambda d, p, r, g: sparsify.magnitude(d, p["density"], r))
+RANDOM = Sparsifier(
+    (DENSITY,), lambda d, p, r, g: sparsify.random(d, p["density"], g, r), random=True
+)
+OUTLIERS = Sparsifier(
+    (DENSITY, GAMMA),
+    lambda d, p, r, g: sparsify.magnitude_outliers(d, p["density"], p["gamma"], r),
+)
+DELLA = Sparsifier(
+    (DENSITY, EPSILON),
+    lambda d, p, r, g: sparsify.della_magprune(d, p["density"], p["epsilon"], g, r),
+    random=True,
+)
+
+
+def task_vector_method(
+    name: str,
+    paper: str,
+    sparsifier: Sparsifier | None = None,
+    consensus: bool = False,
+    default_normalize: bool = False,
+    default_rescale: Rescale = Rescale.none,
+) -> Method:
+    """base + lambda * mix(weight_i * thin(x_i - base)), with optional TIES sign consensus."""
+
+    def merge(x: TensorInputs) -> torch.Tensor:
+        assert x.base is not None
+        base = x.base.float()
+        deltas = x.deltas if x.deltas is not None else [s.float() - base for s in x.sources]
+        if not deltas:
+            return base
+        if sparsifier is not None:
+            deltas = [
+                sparsifier.thin(d, p, x.rescale, x.generator) for d, p in zip(deltas, x.params)
+            ]
+        weights = [p["weight"] for p in x.params]
+        return methods.combine_deltas(
+            base, deltas, weights, consensus, x.normalize, x.group["lambda"]
         )
-    assert base is not None, f"{method.name} needs a base model"
-    if method.family == "slerp":
-        return methods.slerp(base, sources[0], options.t)
-    base32 = base.float()
-    if deltas is None:
-        deltas = [x.float() - base32 for x in sources]
-    if not deltas:
-        return base32
-    thinned = [
-        sparsify_delta(method, d, p, options.rescale, generator)
-        for d, p in zip(deltas, params, strict=True)
-    ]
-    return methods.combine_deltas(
-        base32,
-        thinned,
-        [p.weight for p in params],
-        method.consensus,
-        options.normalize,
-        options.lambda_,
+
+    return Method(
+        name,
+        paper,
+        merge,
+        model_params=(WEIGHT, *(sparsifier.params if sparsifier else ())),
+        group_params=(LAMBDA,),
+        needs_base=True,
+        min_models=0,  # a group of the base alone keeps the base
+        random=bool(sparsifier and sparsifier.random),
+        uses_deltas=True,
+        default_normalize=default_normalize,
+        default_rescale=default_rescale,
     )
+
+
+# -- the built-in methods ---------------------------------------------------------------------
+
+
+def _linear(x: TensorInputs) -> torch.Tensor:
+    return methods.linear(
+        [s.float() for s in x.sources], [p["weight"] for p in x.params], x.normalize
+    )
+
+
+def _slerp(x: TensorInputs) -> torch.Tensor:
+    assert x.base is not None
+    return methods.slerp(x.base, x.sources[0], x.group["t"])
+
+
+def _passthrough(x: TensorInputs) -> torch.Tensor:
+    return x.sources[0].float()
+
+
+_DARE = "Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)"
+_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
+_DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+_INVERSE = Rescale.inverse_density
+
+for _method in [
+    Method(
+        "linear",
+        "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+        _linear,
+        model_params=(WEIGHT,),
+        default_normalize=True,
+    ),
+    Method(
+        "slerp",
+        "Shoemake 1985, spherical linear interpolation",
+        _slerp,
+        group_params=(T,),
+        needs_base=True,
+        max_models=1,
+    ),
+    Method("passthrough", "copies a single source unchanged", _passthrough, max_models=1),
+    task_vector_method(
+        "task_arithmetic",
+        "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+    ),
+    task_vector_method(
+        "ties",
+        "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+        MAGNITUDE,
+        consensus=True,
+        default_normalize=True,
+    ),
+    task_vector_method("dare_ties", _DARE, RANDOM, consensus=True, default_rescale=_INVERSE),
+    task_vector_method("dare_linear", _DARE, RANDOM, default_rescale=_INVERSE),
+    task_vector_method("breadcrumbs", _CRUMBS, OUTLIERS),
+    task_vector_method("breadcrumbs_ties", _CRUMBS, OUTLIERS, consensus=True),
+    task_vector_method(
+        "della", _DELLA, DELLA, consensus=True, default_normalize=True, default_rescale=_INVERSE
+    ),
+    task_vector_method("della_linear", _DELLA, DELLA, default_rescale=_INVERSE),
+]:
+    register(_method)
+
+
+def values(declared: Sequence[Param], given: dict[str, float]) -> dict[str, float]:
+    """Every declared parameter's value: the given one, else its default."""
+    return {p.name: float(given.get(p.name, p.default)) for p in declared}

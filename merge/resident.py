@@ -20,7 +20,7 @@ from evomerge.merge.recipe import Recipe
 
 
 class ResidentModel:
-    """One source model's tensors on a device (fp32), with the Checkpoint read interface."""
+    """One source model's tensors on a device (fp32): a TensorSource."""
 
     def __init__(self, ckpt: Checkpoint, device: str):
         self.info: ModelInfo = ckpt.info
@@ -31,7 +31,6 @@ class ResidentModel:
             n: ckpt.get(n).to(device, torch.float32 if ckpt.dtype(n).is_floating_point else None)
             for n in self.names
         }
-        self._deltas: dict[str, torch.Tensor] | None = None
 
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
@@ -39,21 +38,28 @@ class ResidentModel:
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
-    def keep_deltas(self, base: ResidentModel) -> None:
-        """Hold the task vector (self - base) and drop the raw tensors it replaces."""
+
+class ResidentTaskVector(ResidentModel):
+    """A resident source kept as its task vector (source - base): a DeltaSource. Its raw float
+    tensors are dropped, so it costs no more memory than the model itself."""
+
+    def __init__(self, model: ResidentModel, base: ResidentModel):
+        self.info, self.path, self.names, self._dtypes = (
+            model.info,
+            model.path,
+            model.names,
+            model._dtypes,
+        )
         self._deltas = {
-            n: t - base.tensors[n] for n, t in self.tensors.items() if t.is_floating_point()
+            n: t - base.tensors[n] for n, t in model.tensors.items() if t.is_floating_point()
         }
-        self.tensors = {n: t for n, t in self.tensors.items() if not t.is_floating_point()}
+        self.tensors = {n: t for n, t in model.tensors.items() if not t.is_floating_point()}
+
+    def get(self, name: str) -> torch.Tensor:
+        raise RuntimeError(f"{self.path}: kept as a task vector; ask for delta({name!r})")
 
     def delta(self, name: str) -> torch.Tensor:
-        if self._deltas is None:
-            raise RuntimeError(f"{self.path}: task vectors were not kept")
         return self._deltas[name]
-
-    @property
-    def has_deltas(self) -> bool:
-        return self._deltas is not None
 
 
 class ResidentSources:
@@ -64,11 +70,13 @@ class ResidentSources:
         check_compatible(ckpts, reference=base)
         self.base = base
         self.device = device
-        self.models = {a: ResidentModel(c, device) for a, c in ckpts.items()}
+        self.models: dict[str, ResidentModel] = {
+            a: ResidentModel(c, device) for a, c in ckpts.items()
+        }
         if task_vectors:
             for alias, m in self.models.items():
                 if alias != base:
-                    m.keep_deltas(self.models[base])
+                    self.models[alias] = ResidentTaskVector(m, self.models[base])
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, model: torch.nn.Module) -> None:

@@ -87,7 +87,13 @@ def merge(
 
     try:
         merge_to_dir(
-            r, out, device=device, max_shard_size=max_shard_size, force=force, progress=tick
+            r,
+            out,
+            device=device,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=tick,
+            inputs=[recipe],
         )
     finally:
         bar.stop()
@@ -206,9 +212,9 @@ def _search_progress():
     )
     task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
 
-    def start(done: int, budget: int) -> None:
+    def start(done: int, budget: int, best: float) -> None:
         bar.start()
-        bar.update(task, completed=done, total=budget)
+        bar.update(task, completed=done, total=budget, best=best)
 
     def result(done: int, record: dict, best: float) -> None:
         bar.update(

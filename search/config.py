@@ -14,13 +14,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.fitness.tasks import TaskSpec
-from evomerge.merge.errors import EvomergeError
-from evomerge.merge.recipe import DType, MethodName, ModelRef, one_line, read_yaml
-from evomerge.merge.registry import get_method
+from evomerge.merge.errors import EvomergeError, schema_problems
+from evomerge.merge.files import read_yaml
+from evomerge.merge.recipe import DType, MethodName, ModelRef
+from evomerge.merge.registry import METHODS, get_method
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # NaN or inf is never a meaningful setting (a NaN penalty would poison the optimizer)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class GeneRange(_Strict):
@@ -40,47 +44,93 @@ class GeneRange(_Strict):
         return self
 
 
-DEFAULT_GENES = {
-    "weight": GeneRange(low=0.0, high=1.5, init=0.5),
-    "density": GeneRange(low=0.05, high=1.0, init=1.0),
-    "gamma": GeneRange(low=0.0, high=0.2, init=0.01),
-    "epsilon": GeneRange(low=0.0, high=0.2, init=0.1),
-    "t": GeneRange(low=0.0, high=1.0, init=0.5),
-    "lambda": GeneRange(low=0.0, high=2.0, init=1.0),
-}
-PER_GROUP_GENES = ("t", "lambda")
-
-
 class MergeSpace(_Strict):
-    """The parameter space being searched."""
+    """The parameter space being searched. Which parameters exist, their valid values and their
+    default gene ranges come from the merge method's declaration (merge.registry)."""
 
     method: MethodName = "ties"
     layers_per_group: int = Field(1, ge=1)  # genes per group of N consecutive layers
     embed_head_groups: bool = True  # embeddings and head get genes of their own
     tensor_kinds: bool = False  # attention / mlp / other get separate genes
-    genes: list[str] | None = None  # default: every per-model parameter the method reads
-    ranges: dict[str, GeneRange] = Field(default_factory=dict)  # overrides of DEFAULT_GENES
-    fixed: dict[str, float] = Field(default_factory=dict)  # non-gene parameters, e.g. gamma
+    genes: list[str] | None = None  # default: the parameters the method searches by default
+    ranges: dict[str, GeneRange] = Field(default_factory=dict)  # overrides of the default ranges
+    init: dict[str, dict[str, float]] = Field(
+        default_factory=dict
+    )  # per model, e.g. {next: {weight: 0}}
+    fixed: dict[str, float] = Field(default_factory=dict)  # parameters that are not genes
     normalize: bool | None = None
-    lambda_: float = Field(1.0, alias="lambda")
     dtype: DType = "float32"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_lambda(cls, data: object) -> object:
+        """`lambda: x` (run directories before 0.2 store it) is `fixed: {lambda: x}`."""
+        if isinstance(data, dict) and "lambda" in data:
+            data = dict(data)
+            value = data.pop("lambda")
+            method = data.get("method", "ties")
+            if method in METHODS and "lambda" in METHODS[method].param_names:
+                data["fixed"] = {"lambda": value, **(data.get("fixed") or {})}
+        return data
+
     @model_validator(mode="after")
-    def _genes(self) -> MergeSpace:
-        for name in [*(self.genes or []), *self.ranges, *self.fixed]:
-            if name not in DEFAULT_GENES:
-                raise ValueError(f"unknown gene {name!r}; known: {', '.join(DEFAULT_GENES)}")
+    def _declared(self) -> MergeSpace:
+        method = get_method(self.method)
+        named = [
+            *(("genes", g) for g in self.genes or []),
+            *((f"ranges.{g}", g) for g in self.ranges),
+            *((f"fixed.{g}", g) for g in self.fixed),
+            *((f"init.{m}.{g}", g) for m, values in self.init.items() for g in values),
+        ]
+        for where, name in named:
+            if name not in method.param_names:
+                raise ValueError(
+                    f"{where}: {name!r} is not a parameter of {self.method} "
+                    f"(its parameters: {', '.join(method.param_names) or 'none'})"
+                )
+        for name, value in self.fixed.items():
+            if (problem := method.param(name).problem(value)) is not None:
+                raise ValueError(f"fixed.{name}: {problem}")
+        for name in self.gene_names():
+            if name in self.fixed:
+                raise ValueError(f"genes: {name!r} is also fixed; drop it from one of them")
+            param = method.param(name)
+            if name not in self.ranges and param.search is None:
+                raise ValueError(f"genes: {name!r} has no default range; set ranges.{name}")
+            r = self.range(name)
+            for end in (r.low, r.high):
+                if r.transform == "clip" and (problem := param.problem(end)) is not None:
+                    raise ValueError(f"ranges.{name}: {name} {problem} (a gene stays valid)")
+        for model, values in self.init.items():
+            for name, value in values.items():
+                r = self.range(name) if name in self.gene_names() else None
+                if r is None:
+                    raise ValueError(f"init.{model}.{name}: {name!r} is not a gene")
+                if not r.low <= value <= r.high:
+                    raise ValueError(f"init.{model}.{name}: {value} is outside [{r.low}, {r.high}]")
         return self
 
     def gene_names(self) -> list[str]:
-        m = get_method(self.method)
-        default = [g for g in m.per_model if g not in self.fixed]
-        if m.family == "slerp":
-            default = ["t"]
-        return self.genes if self.genes is not None else default
+        if self.genes is not None:
+            return self.genes
+        method = get_method(self.method)
+        return [
+            p.name
+            for p in (*method.group_params, *method.model_params)
+            if p.search is not None and p.searched_by_default and p.name not in self.fixed
+        ]
 
     def range(self, gene: str) -> GeneRange:
-        return self.ranges.get(gene, DEFAULT_GENES[gene])
+        if gene in self.ranges:
+            return self.ranges[gene]
+        search = get_method(self.method).param(gene).search
+        assert search is not None, gene
+        low, high, init = search
+        return GeneRange(low=low, high=high, init=init)
+
+    def start(self, model: str | None, gene: str) -> float:
+        """A gene's initial value: the model's `init` when given, else its range's."""
+        return self.init.get(model or "", {}).get(gene, self.range(gene).init)
 
 
 class DFSConfig(_Strict):
@@ -104,17 +154,31 @@ class DFSConfig(_Strict):
 
 
 class FitnessConfig(_Strict):
-    tasks: list[TaskSpec]
+    tasks: list[TaskSpec] = Field(min_length=1)
     include: list[str] = Field(default_factory=list)  # extra lm-eval task directories
     limit: int | float | None = None  # items per task: a count, or a fraction <= 1
-    num_fewshot: int | None = None
-    batch_size: int = 64
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(64, ge=1)
     apply_chat_template: bool = False
     # held-out tasks; default: the search tasks with _search -> _heldout
     heldout_tasks: list[TaskSpec] | None = None
     # split a candidate's examples over idle workers: auto (when workers outnumber candidates
     # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded
     shards: Literal["auto", "off"] | int = "auto"
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        if v is not None and not (v >= 1 if isinstance(v, int) else 0 < v <= 1):
+            raise ValueError(f"must be a count >= 1 or a fraction in (0, 1], got {v}")
+        return v
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be auto, off or a count >= 1, got {v}")
+        return v
 
 
 class CMAConfig(_Strict):
@@ -152,12 +216,14 @@ class SearchConfig(_Strict):
             raise ValueError(f"base {self.base!r} is not in models ({', '.join(self.models)})")
         if len(self.models) < 2 and self.dfs is None:
             raise ValueError("models: need a base and at least one model to merge")
+        for alias in self.space.init:
+            if alias not in self.models:
+                raise ValueError(f"space.init: {alias!r} is not in models")
         if self.dfs is not None:
-            allowed = set(self.models) | ({"ps"} if self.dfs.ps_recipe else set())
+            # "ps": the parameter-space stage, fixed (dfs.ps_recipe) or searched with the path
             for alias in [*self.dfs.models, self.dfs.embed_from]:
-                if alias not in allowed:
-                    hint = "" if self.dfs.ps_recipe else ' ("ps" needs dfs.ps_recipe)'
-                    raise ValueError(f"dfs: {alias!r} is not in models{hint}")
+                if alias not in {*self.models, "ps"}:
+                    raise ValueError(f"dfs: {alias!r} is not in models (or ps)")
         return self
 
     def ps_recipe(self):
@@ -201,6 +267,12 @@ class SearchConfig(_Strict):
             a: zoo / p if zoo is not None and not p.is_absolute() else p for a, p in paths.items()
         }
 
+    def heldout_specs(self) -> list[TaskSpec]:
+        """The held-out objective: fitness.heldout_tasks, else the search tasks' _heldout split."""
+        from evomerge.fitness.tasks import to_split
+
+        return self.fitness.heldout_tasks or to_split(self.fitness.tasks, "heldout")
+
     def include_paths(self) -> list[Path]:
         paths = [Path(p) for p in self.fitness.include]
         zoo = self.zoo_dir()
@@ -226,7 +298,7 @@ class SearchConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise EvomergeError(one_line(e, source)) from None
+            raise EvomergeError(schema_problems(e, source)) from None
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

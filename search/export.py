@@ -1,5 +1,6 @@
-"""`evomerge export`: the winning recipe as a recipe, a mergekit config, a model with its card,
-and a held-out comparison with the parents and the merges a user would try by hand."""
+"""`evomerge export`: the winning recipe as a recipe, a mergekit config where mergekit can express
+it, a model with its card, and a held-out comparison with the parents and the merges a user
+would try by hand."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.merge.architecture import ModelInfo
-from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.fitness.tables import markdown_table
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.recipe import Recipe, write_atomic
-from evomerge.search.mergekit_yaml import to_mergekit
-from evomerge.search.rundir import COMPLETE, RunDir
+from evomerge.merge.files import guard_output, staged_dir, write_atomic
+from evomerge.merge.recipe import Recipe
+from evomerge.search.rundir import RunDir
+from evomerge.search.space import SearchSpace, space_for
+from evomerge.search.trial import Status
+
+EXPORT_MARKER = "export"
 
 
 def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
@@ -24,14 +28,14 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
     trials = run.trials()
     if trial:
         try:
-            key = tuple(int(p) for p in trial.split(":"))
+            g, i = (int(p) for p in trial.split(":"))
         except ValueError:
             raise EvomergeError(f"--trial {trial!r}: use GENERATION:INDEX, e.g. 12:3") from None
-        if key not in trials or trials[key]["status"] != COMPLETE:
+        if (g, i) not in trials or trials[g, i]["status"] != Status.COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
-        return [trials[key]]
+        return [trials[g, i]]
     done = sorted(
-        (t for t in trials.values() if t["status"] == COMPLETE),
+        (t for t in trials.values() if t["status"] == Status.COMPLETE),
         key=lambda t: (-t["fitness"], t["generation"], t["index"]),
     )
     if not done:
@@ -39,83 +43,47 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
     return done[: max(1, top_k)]
 
 
-def baselines(run: RunDir) -> dict[str, Recipe]:
-    """Untuned merges: uniform linear, task arithmetic at several lambdas, TIES, DARE-TIES."""
-    cfg = run.config
-    models = {a: str(p) for a, p in cfg.model_paths().items()}
-    layers = ModelInfo.from_dir(cfg.model_path(cfg.base)).num_layers
-    experts = cfg.experts
-    dtype = cfg.space.dtype
-
-    def one(method: str, params: dict, **ps) -> Recipe:
-        return Recipe.single_group(models, cfg.base, method, layers, params, dtype=dtype, **ps)
-
-    out = {"linear (uniform)": one("linear", {a: {"weight": 1.0} for a in models})}
-    for lam in (0.3, 0.5, 0.7, 1.0):
-        out[f"task arithmetic (lambda {lam})"] = one(
-            "task_arithmetic", {e: {"weight": 1.0} for e in experts}, **{"lambda": lam}
-        )
-    out["ties (density 0.5)"] = one("ties", {e: {"weight": 1.0, "density": 0.5} for e in experts})
-    out["dare_ties (density 0.5)"] = one(
-        "dare_ties", {e: {"weight": 1.0, "density": 0.5} for e in experts}, seed=0
-    )
-    return out
-
-
-def heldout_table(run: RunDir, chosen: list[dict]) -> list[dict]:
-    """Rows: label, kind, search fitness (where known), held-out metrics and their objective."""
+def heldout_rows(
+    run: RunDir, searched: dict[str, tuple[Recipe, float | None]], references: dict | None = None
+) -> list[dict]:
+    """The held-out table: the searched recipes (label -> recipe, search fitness), the parents,
+    the untuned merges of the search space and any `references` (label -> model directory).
+    Columns: model, kind, search fitness, held-out objective, then each task's metric."""
     from evomerge.fitness.models import load_model, model_from_recipe
     from evomerge.fitness.scorer import Scorer
-    from evomerge.fitness.tasks import to_split
 
     cfg = run.config
-    specs = cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout")
     scorer = Scorer(
-        specs,
+        cfg.heldout_specs(),
         include_paths=cfg.include_paths(),
         num_fewshot=cfg.fitness.num_fewshot,
         batch_size=cfg.fitness.batch_size,
     )
-    sources: list[tuple[str, str, object, float | None]] = []
-    for t in chosen:
-        sources.append(
-            (
-                f"trial {t['generation']}:{t['index']}",
-                "searched",
-                Recipe.parse(t["recipe"]),
-                t["fitness"],
-            )
-        )
+    space = space_for(cfg)
+    sources: list[tuple[str, str, Recipe | Path, float | None]] = [
+        (label, "searched", recipe, fitness) for label, (recipe, fitness) in searched.items()
+    ]
     sources += [(a, "parent", cfg.model_path(a), None) for a in cfg.models]
-    sources += [(label, "untuned", r, None) for label, r in baselines(run).items()]
+    sources += [(label, "untuned", r, None) for label, r in space.baselines().items()]
+    sources += [(label, "reference", Path(p), None) for label, p in (references or {}).items()]
     rows = []
     for label, kind, source, search_fitness in sources:
         if isinstance(source, Recipe):
             model, tok = model_from_recipe(source)
         else:
-            model, tok = load_model(Path(str(source)))
+            model, tok = load_model(source)
         result = scorer.bind(model, tok).score()
+        if not result.ok:
+            raise EvomergeError(f"held-out scoring of {label} failed: {result.error}")
         row = {
             "model": label,
             "kind": kind,
             "search fitness": search_fitness,
-            "heldout objective": result.fitness if result.ok else None,
+            "heldout objective": result.fitness,
         }
         row |= {k.split("/")[0]: v for k, v in result.metrics.items()}
         rows.append(row)
     return rows
-
-
-def table_markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [
-            f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-            for v in r.values()
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -126,41 +94,32 @@ def table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def model_card(recipe: Recipe, trial: dict, rows: list[dict], run: RunDir) -> str:
-    ps = recipe.parameter_space
-    assert ps is not None
+def model_card(
+    space: SearchSpace, recipe: Recipe, trial: dict, rows: list[dict], run: RunDir, mergekit: bool
+) -> str:
     sources = "\n".join(f"- `{a}`: {m.path}" for a, m in recipe.models.items())
-    genome = "\n".join(
-        f"| {g.label()} | "
-        + ", ".join(
-            f"{a}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.model_dump().items())
-            for a, p in g.params.items()
-        )
-        + " |"
-        for g in ps.groups
-    )
+    rebuild = "evomerge merge recipe.yaml OUT"
+    if mergekit:
+        rebuild += "        # or: mergekit-yaml mergekit.yaml OUT (deterministic methods)"
     return f"""---
 tags: [merge, evomerge]
 ---
 # Merged with evomerge
 
-Method **{ps.method}** over base `{ps.base}`, found by an evolutionary search (CMA-ES) in
-`{run.path}` (trial {trial["generation"]}:{trial["index"]}, search fitness {trial["fitness"]:.4f}).
+Found by an evolutionary search (CMA-ES) in `{run.path}` (trial
+{trial["generation"]}:{trial["index"]}, search fitness {trial["fitness"]:.4f}).
 
 ## Sources
 {sources}
 
-## Genome (per layer group)
-| group | parameters |
-|---|---|
-{genome}
-
+## Genome
+{space.card(recipe)}
 ## Scores (held-out split, never seen by the search)
-{table_markdown(rows)}
+{markdown_table(rows) if rows else "(not scored)"}
 
 ## Rebuild
 ```bash
-evomerge merge recipe.yaml OUT        # or: mergekit-yaml mergekit.yaml OUT (deterministic methods)
+{rebuild}
 ```
 """
 
@@ -172,34 +131,32 @@ def export(
     top_k: int = 1,
     max_shard_size: str = "5GB",
     force: bool = False,
-    score: bool = True,
 ) -> Path:
     run = RunDir.reopen(run_dir)
     chosen = pick_trials(run, trial, top_k)
     recipe = Recipe.parse(chosen[0]["recipe"])
-    if out.exists() and not force:
-        raise EvomergeError(f"{out}: output directory exists; pass --force to replace it")
-    rows = heldout_table(run, chosen) if score else []
-    base = Checkpoint(run.config.model_path(run.config.base))
-    with staged_dir(out, force) as tmp:
+    inputs = [run.path, *(Path(m.path) for m in recipe.models.values())]
+    guard_output(out, inputs, EXPORT_MARKER, force)
+    space = space_for(run.config)
+    searched = {
+        f"trial {t['generation']}:{t['index']}": (Recipe.parse(t["recipe"]), t["fitness"])
+        for t in chosen
+    }
+    rows = heldout_rows(run, searched)
+    mergekit = space.mergekit(recipe)
+    with staged_dir(out, replace=force) as tmp:
         recipe.save(tmp / "recipe.yaml")
-        mk = to_mergekit(recipe, base.names, base.info.num_layers)
-        header = "# mergekit config of the evomerge recipe (exact for deterministic methods)\n"
-        write_atomic(tmp / "mergekit.yaml", header + yaml.safe_dump(mk, sort_keys=False))
+        if mergekit is not None:
+            header = "# mergekit config of the evomerge recipe (exact for deterministic methods)\n"
+            write_atomic(tmp / "mergekit.yaml", header + yaml.safe_dump(mergekit, sort_keys=False))
         merge_to_dir(recipe, tmp / "model", max_shard_size=max_shard_size)
-        if rows:
-            write_atomic(tmp / "heldout.csv", table_csv(rows))
-            write_atomic(tmp / "heldout.md", table_markdown(rows) + "\n")
-        (tmp / "model" / "README.md").write_text(model_card(recipe, chosen[0], rows, run))
-        write_atomic(
-            tmp / "trials.json",
-            json.dumps(
-                [
-                    {k: t.get(k) for k in ("generation", "index", "fitness", "metrics")}
-                    for t in chosen
-                ],
-                indent=2,
-            )
-            + "\n",
-        )
+        write_atomic(tmp / "heldout.csv", table_csv(rows))
+        write_atomic(tmp / "heldout.md", markdown_table(rows) + "\n")
+        card = model_card(space, recipe, chosen[0], rows, run, mergekit is not None)
+        write_atomic(tmp / "model" / "README.md", card)
+        summary = [
+            {k: t.get(k) for k in ("generation", "index", "fitness", "metrics")} for t in chosen
+        ]
+        write_atomic(tmp / "trials.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(tmp / ".evomerge", json.dumps({"written_by": EXPORT_MARKER}) + "\n")
     return out

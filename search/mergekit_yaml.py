@@ -16,7 +16,9 @@ _KIND_FILTERS = {"attention": ("self_attn", "attention", "attn"), "mlp": ("mlp",
 
 def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dict:
     ps = recipe.parameter_space
-    assert ps is not None
+    if ps is None:
+        raise ValueError("a recipe without a parameter_space stage has no mergekit form")
+    method = ps.merge_method
     table = ps.layout(num_layers)
     path = {a: m.path for a, m in recipe.models.items()}
     embed_names = sorted(
@@ -47,21 +49,27 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
         for alias in [ps.base, *[a for a in aliases if a != ps.base]] if ps.base else aliases:
             src: dict = {"model": path[alias], "layer_range": [start, end]}
             params = {}
-            for field in ("weight", "density", "gamma", "epsilon"):
-                cond = _conditions(alias, field, by_kind, extra, kind_filter)
+            for field in (p.name for p in method.model_params):
+                cond = _conditions(ps, alias, field, by_kind, extra, kind_filter)
                 if cond is not None:
                     params[field] = cond
             if params:
                 src["parameters"] = params
             sources.append(src)
         slice_: dict = {"sources": sources}
-        t_cond = _group_conditions(lambda g: g.t, by_kind, extra, kind_filter)
-        if t_cond is not None:
-            slice_["parameters"] = {"t": t_cond}
+        slice_params = {}
+        for param in method.group_params:
+            resolved = ps.defaults.get(param.name, param.default)
+            cond = _group_conditions(
+                lambda g, name=param.name: g.values.get(name), by_kind, extra, kind_filter, resolved
+            )
+            if cond is not None:
+                slice_params[param.name] = cond
+        if slice_params:
+            slice_["parameters"] = slice_params
         slices.append(slice_)
-    options = ps.options(ps.groups[0])
-    global_params: dict = {"normalize": options.normalize, "lambda": ps.lambda_}
-    if options.rescale.value != "none":
+    global_params: dict = {"normalize": ps.options_normalize, **ps.defaults}
+    if ps.options_rescale.value != "none":
         global_params["rescale"] = True
     config: dict = {
         "merge_method": ps.method,
@@ -75,10 +83,9 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
     return config
 
 
-def _conditions(alias, field, by_kind, extra, kind_filter):
+def _conditions(ps, alias, field, by_kind, extra, kind_filter):
     def value(g: Group):
-        p = g.params.get(alias)
-        return None if p is None else getattr(p, field)
+        return ps.model_values(g, alias)[field] if alias in g.params else None
 
     if all(value(g) is None for g in [*by_kind.values(), *(g for _, g in extra)]):
         return None
@@ -87,10 +94,11 @@ def _conditions(alias, field, by_kind, extra, kind_filter):
     )
 
 
-def _group_conditions(get, by_kind, extra, kind_filter):
+def _group_conditions(get, by_kind, extra, kind_filter, missing):
+    """A per-group parameter, where some group sets its own (others take `missing`)."""
     if all(get(g) is None for g in [*by_kind.values(), *(g for _, g in extra)]):
         return None
-    return _merge_conditions(get, by_kind, extra, kind_filter, missing=0.5)
+    return _merge_conditions(get, by_kind, extra, kind_filter, missing=missing)
 
 
 def _merge_conditions(value, by_kind, extra, kind_filter, missing):

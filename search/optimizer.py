@@ -1,17 +1,14 @@
-"""CMA-ES ask/tell over `cma.CMAEvolutionStrategy`, maximizing fitness, with exact save/load.
+"""CMA-ES ask/tell over `cma.CMAEvolutionStrategy`, maximizing fitness, reproducibly.
 
-cma samples through its `randn` option. Its default, the bound method `np.random.randn`, pickles
-together with a private copy of the generator, so a restored strategy would sample from a stale
-copy. We pass a module-level function instead (pickled by name, always the global generator) and
-seed that generator from (run seed, generation) before every `ask`: a strategy restored from its
-snapshot asks exactly what the uninterrupted one would have asked.
+Every `ask` draws from numpy's global generator seeded from (run seed, generation), through a
+module-level `randn` (cma's default is a bound method that carries a private copy of the
+generator). So a strategy is a pure function of its construction and the fitness values it is
+told: the driver rebuilds it after a crash by replaying the journal, and it asks exactly what
+the uninterrupted one would have asked. No optimizer state is ever saved, so none is ever
+loaded (a pickled snapshot could run code).
 """
 
 from __future__ import annotations
-
-import os
-import pickle
-from pathlib import Path
 
 import cma
 import numpy as np
@@ -69,20 +66,3 @@ class Optimizer:
 
     def stop(self) -> dict:
         return dict(self.es.stop())
-
-    def save(self, path: Path) -> None:
-        """Atomically: a temporary file, fsync'd, then renamed into place."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            pickle.dump(self, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    @staticmethod
-    def load(path: Path) -> Optimizer:
-        with open(path, "rb") as f:
-            opt = pickle.load(f)
-        if not isinstance(opt, Optimizer):
-            raise ValueError(f"{path} is not an optimizer snapshot")
-        return opt

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from evomerge.merge.recipe import Recipe, write_atomic
+from evomerge.merge.files import write_atomic
+from evomerge.merge.recipe import Recipe
 from evomerge.search.rundir import RunDir
+from evomerge.search.space import space_for
+from evomerge.search.trial import Status
 
 
 def trials_frame(run: RunDir) -> pd.DataFrame:
@@ -41,7 +44,7 @@ def trials_frame(run: RunDir) -> pd.DataFrame:
 
 def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     by_status = df.groupby("status").size().rename("trials").to_frame()
-    done = df[df.status == "COMPLETE"]
+    done = df[df.status == Status.COMPLETE]
     per_gen = done.groupby("generation")["fitness"].agg(["max", "mean", "min", "count"])
     per_gen["best so far"] = per_gen["max"].cummax()
     records = run.records()
@@ -78,13 +81,13 @@ def _save(fig, path: Path) -> None:
 
 def plot_fitness(df: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
-    done = df[df.status == "COMPLETE"].reset_index(drop=True)
+    done = df[df.status == Status.COMPLETE].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(done):
         evals = df.reset_index(drop=True).index + 1
         order = df.reset_index(drop=True)
         ax.scatter(
-            evals[order.status == "COMPLETE"], done["fitness"], s=8, alpha=0.4, label="trial"
+            evals[order.status == Status.COMPLETE], done["fitness"], s=8, alpha=0.4, label="trial"
         )
         gen = done.groupby("generation")["fitness"]
         ends = order.groupby("generation").apply(lambda g: g.index.max() + 1, include_groups=False)
@@ -99,18 +102,25 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
 
 
 def plot_genome(recipe: Recipe, path: Path) -> None:
+    """One heat map per model parameter of the method: models x layer groups."""
     plt = _pyplot()
     ps = recipe.parameter_space
     assert ps is not None
     labels = [g.label() for g in ps.groups]
-    models = list(dict.fromkeys(a for g in ps.groups for a in g.params))
-    fields = ["weight", "density"]
+    models = list(dict.fromkeys(a for g in ps.groups for a in ps.merged_models(g)))
+    fields = [p.name for p in ps.merge_method.model_params] or ["weight"]
     fig, axes = plt.subplots(
-        1, 2, figsize=(max(6, 0.6 * len(labels) + 3) * 2 / 1.5, 0.5 * len(models) + 2)
+        1,
+        len(fields),
+        figsize=(max(6, 0.6 * len(labels) + 3) * len(fields) / 1.5, 0.5 * len(models) + 2),
+        squeeze=False,
     )
-    for ax, field in zip(axes, fields, strict=True):
+    for ax, field in zip(axes[0], fields, strict=True):
         grid = [
-            [getattr(g.params[m], field) if m in g.params else float("nan") for g in ps.groups]
+            [
+                ps.model_values(g, m).get(field, float("nan")) if m in g.params else float("nan")
+                for g in ps.groups
+            ]
             for m in models
         ]
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
@@ -158,13 +168,7 @@ def write_report(run_dir: Path) -> Path:
     images = ["fitness.png"]
     best = run.path / "best" / "recipe.yaml"
     if best.exists():
-        recipe = Recipe.load(best)
-        if recipe.parameter_space is not None and recipe.data_flow is None:
-            plot_genome(recipe, out / "genome.png")
-            images.append("genome.png")
-        if recipe.data_flow is not None:
-            plot_path(recipe, out / "path.png")
-            images.append("path.png")
+        images += space_for(run.config).plots(Recipe.load(best), out)
     parts = [
         f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
         f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>",
@@ -173,7 +177,7 @@ def write_report(run_dir: Path) -> Path:
         parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html()}")
         write_atomic(out / f"{title.replace(' ', '_')}.csv", table.to_csv())
     parts += [f'<h2>{name[:-4]}</h2><img src="{name}">' for name in images]
-    failed = df[df.status == "FAILED"][["generation", "index", "error"]]
+    failed = df[df.status == Status.FAILED][["generation", "index", "error"]]
     if len(failed):
         parts.append(f"<h2>failed trials</h2>{failed.to_html(index=False)}")
     write_atomic(out / "index.html", "<html><body>" + "\n".join(parts) + "</body></html>\n")

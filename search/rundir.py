@@ -1,44 +1,99 @@
-"""The run directory: the truth about a search (layout in DESIGN.md).
+"""The run directory: the truth about a search.
 
-run.yaml                 resolved config, format version, config hash
-trials.jsonl             append-only journal, one fsync'd JSON line per trial state change
-optimizer/gen_NNNN.pkl   optimizer state after tell() of generation NNNN
-best/recipe.yaml         the best trial's recipe, replaced atomically on improvement
-search.log               one summary line per generation
+    run.yaml                 resolved config, format version, config hash
+    trials.jsonl             append-only journal, one fsync'd JSON line per trial state change
+    trials.quarantine.jsonl  lines of the journal that could not be read, moved aside on resume
+    best/recipe.yaml         the best trial's recipe, replaced atomically on improvement
+    search.log               one summary line per generation
+    run.lock                 held by the process running the search (pid and host inside)
+
+The journal is the one source of truth: the optimizer's state is rebuilt by replaying it (see
+search.driver), so the directory holds no executable state (nothing is ever unpickled).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.recipe import Recipe, write_atomic
+from evomerge.merge.files import read_yaml, write_atomic
+from evomerge.merge.recipe import Recipe
 from evomerge.search.config import SearchConfig, changed_fields
+from evomerge.search.trial import Status
 
 RUN_FORMAT = "evomerge-run/1"
-ASKED, COMPLETE, FAILED = "ASKED", "COMPLETE", "FAILED"
+JOURNAL = "trials.jsonl"
+QUARANTINE = "trials.quarantine.jsonl"
+LOCK = "run.lock"
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "run.yaml").is_file()
+
+
+def parse_record(line: bytes) -> tuple[dict | None, str | None]:
+    """(record, None) for a valid journal line, else (None, why)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "not JSON"
+    if not isinstance(record, dict):
+        return None, "not a record (a JSON object)"
+    g, i, status = record.get("generation"), record.get("index"), record.get("status")
+    if not (type(g) is int and type(i) is int and g >= 1 and i >= 0):
+        return None, "no valid generation and index"
+    if status not in {s.value for s in Status}:
+        return None, f"unknown status {status!r}"
+    return record, None
+
+
+def read_journal(path: Path) -> tuple[list[dict], list[tuple[int, str, bytes]]]:
+    """Every valid record, in order, and the bad lines as (line number, why, raw bytes).
+
+    A bad line is skipped, never a reason to stop reading: every valid record after it counts.
+    A complete last record that only lacks its newline (a kill between write and newline) is
+    valid."""
+    if not path.exists():
+        return [], []
+    records, bad = [], []
+    for n, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record, why = parse_record(line)
+        if record is None:
+            bad.append((n, str(why), line))
+        else:
+            records.append(record)
+    return records, bad
 
 
 class RunDir:
     def __init__(self, path: Path, config: SearchConfig):
         self.path = Path(path)
         self.config = config
+        self.warnings: list[str] = []  # what reading the journal skipped, for the user
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, config: SearchConfig) -> RunDir:
         path = Path(path)
-        if (path / "run.yaml").exists() or (path.exists() and any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise EvomergeError(f"{path}: is a file; choose another --run-dir")
+        if path.exists() and any(path.iterdir()):
             raise EvomergeError(
                 f"{path}: run directory is in use; resume it with `evomerge resume {path}` "
                 "or choose another --run-dir"
             )
-        (path / "optimizer").mkdir(parents=True, exist_ok=True)
         meta = {
             "format": RUN_FORMAT,
             "config_hash": config.digest(),
@@ -50,64 +105,112 @@ class RunDir:
 
     @classmethod
     def reopen(cls, path: Path, config: SearchConfig | None = None) -> RunDir:
-        """Resume: the stored config, unless `config` is given and differs (then refuse)."""
+        """The stored config, unless `config` is given and differs (then refuse)."""
         path = Path(path)
         meta_path = path / "run.yaml"
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "does not exist"
+            raise EvomergeError(f"{path}: {what}; give a run directory made by evomerge search")
         if not meta_path.is_file():
             raise EvomergeError(
                 f"{path}: not a run directory (no run.yaml); start it with evomerge search"
             )
-        meta = yaml.safe_load(meta_path.read_text())
-        if meta.get("format") != RUN_FORMAT:
-            raise EvomergeError(
-                f"{meta_path}: format {meta.get('format')!r}, expected {RUN_FORMAT}"
-            )
-        stored = SearchConfig.parse(meta["config"], str(meta_path))
+        meta = read_yaml(meta_path, "run")
+        if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise EvomergeError(f"{meta_path}: format {found!r}, expected {RUN_FORMAT}")
+        stored = SearchConfig.parse(meta.get("config"), f"{meta_path} (config)")
         if config is not None and config.digest() != stored.digest():
             fields = changed_fields(stored.decisions(), config.decisions())
             raise EvomergeError(
                 f"{path}: the config changed since the run started ({', '.join(fields)}); "
                 "resume with the original config or start a new run directory"
             )
-        run = cls(path, config or stored)
-        run._repair_journal()
-        return run
+        return cls(path, config or stored)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for this process: a second search or resume on it is refused, naming
+        the holder. The OS releases the lock when the process dies, however it dies."""
+        path = self.path / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise EvomergeError(
+                    f"{self.path}: in use by {holder}; wait for it to finish or stop it first"
+                ) from None
+            os.ftruncate(fd, 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.pwrite(
+                fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0
+            )
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def is_locked(self) -> bool:
+        """True while some process holds the run (a running search)."""
+        path = self.path / LOCK
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
 
     # -- journal ------------------------------------------------------------------------------
     @property
     def journal_path(self) -> Path:
-        return self.path / "trials.jsonl"
+        return self.path / JOURNAL
 
-    def _repair_journal(self) -> None:
-        """Drop a last line cut short by a kill, so appends start on a clean line."""
-        if not self.journal_path.exists():
+    def repair_journal(self) -> None:
+        """Before appending (resume): move unreadable lines to the quarantine file, with their
+        line numbers, and rewrite the journal with the valid records only (atomically), so new
+        records follow a clean line. Nothing valid is dropped."""
+        records, bad = read_journal(self.journal_path)
+        data = self.journal_path.read_bytes() if self.journal_path.exists() else b""
+        if not bad and (not data or data.endswith(b"\n")):
             return
-        data = self.journal_path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with open(self.journal_path, "r+b") as f:
-                f.truncate(end)
+        if bad:
+            with open(self.path / QUARANTINE, "ab") as f:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+                for n, why, raw in bad:
+                    note = {"quarantined": stamp, "line": n, "why": why}
+                    f.write(json.dumps(note).encode() + b"\n" + raw + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
+            self.warnings.append(
+                f"{self.journal_path}: moved {len(bad)} unreadable line(s) "
+                f"({', '.join(str(n) for n, _, _ in bad[:5])}{'...' if len(bad) > 5 else ''}) "
+                f"to {QUARANTINE}"
+            )
+        write_atomic(self.journal_path, b"".join(_line(r) for r in records))
 
     def append(self, records: list[dict]) -> None:
         """Append records and make them durable before returning."""
-        with open(self.journal_path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        with open(self.journal_path, "ab") as f:
+            f.write(b"".join(_line(r) for r in records))
             f.flush()
             os.fsync(f.fileno())
 
     def records(self) -> list[dict]:
-        if not self.journal_path.exists():
-            return []
-        out = []
-        for line in self.journal_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line: everything before it is intact
-        return out
+        records, bad = read_journal(self.journal_path)
+        if bad:
+            lines = ", ".join(f"{n} ({why})" for n, why, _ in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            warning = f"{self.journal_path}: skipped unreadable line(s) {lines}{more}"
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        return records
 
     def trials(self) -> dict[tuple[int, int], dict]:
         """(generation, index) -> the trial's latest state, fields merged over its records."""
@@ -117,20 +220,9 @@ class RunDir:
             state[key] = {**state.get(key, {}), **r}
         return state
 
-    # -- optimizer snapshots ------------------------------------------------------------------
-    def snapshot_path(self, generation: int) -> Path:
-        return self.path / "optimizer" / f"gen_{generation:04d}.pkl"
-
-    def latest_snapshot(self) -> tuple[int, Path] | None:
-        snaps = sorted((self.path / "optimizer").glob("gen_*.pkl"))
-        if not snaps:
-            return None
-        return int(snaps[-1].stem.split("_")[1]), snaps[-1]
-
     # -- best and log -------------------------------------------------------------------------
     def write_best(self, trial: dict) -> None:
         best = self.path / "best"
-        best.mkdir(exist_ok=True)
         Recipe.parse(trial["recipe"]).save(best / "recipe.yaml")
         summary = {k: trial.get(k) for k in ("generation", "index", "fitness", "metrics", "x")}
         write_atomic(best / "trial.json", json.dumps(summary, indent=2) + "\n")
@@ -138,3 +230,7 @@ class RunDir:
     def log(self, line: str) -> None:
         with open(self.path / "search.log", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+def _line(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"

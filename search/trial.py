@@ -1,9 +1,27 @@
-"""What travels between driver and workers: a trial to run and its typed result."""
+"""What travels between driver and workers: a trial to run, its typed result, and the executor
+that runs trials."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+class Status(str, Enum):
+    """A trial's state in the journal: ASKED before dispatch, then COMPLETE or FAILED."""
+
+    ASKED = "ASKED"
+    COMPLETE = "COMPLETE"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (Status.COMPLETE, Status.FAILED)
 
 
 @dataclass(frozen=True)
@@ -20,7 +38,7 @@ class Trial:
 
 @dataclass(frozen=True)
 class TrialResult:
-    status: str  # COMPLETE | FAILED
+    status: Status  # COMPLETE or FAILED
     fitness: float  # the objective when COMPLETE, NaN when FAILED (the driver applies the penalty)
     metrics: dict[str, float] = field(default_factory=dict)
     merge_seconds: float = 0.0
@@ -32,7 +50,20 @@ class TrialResult:
 
     @classmethod
     def failed(cls, error: str, worker: str = "", **kw) -> TrialResult:
-        return cls(status="FAILED", fitness=math.nan, error=error, worker=worker, **kw)
+        return cls(status=Status.FAILED, fitness=math.nan, error=error, worker=worker, **kw)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "status": self.status.value}
+
+
+OnResult = Callable[[Trial, TrialResult], None]
+
+
+class Executor(Protocol):
+    """Runs trials somewhere (in-process, Ray actors) and reports each result as it arrives."""
+
+    workers: int
+
+    def run(self, trials: list[Trial], on_result: OnResult) -> None: ...
+
+    def shutdown(self) -> None: ...

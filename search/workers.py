@@ -15,16 +15,12 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from evomerge.search.config import SearchConfig
 from evomerge.search.env import OFFLINE_ENV
-from evomerge.search.trial import Trial, TrialResult
-
-OnResult = Callable[[Trial, TrialResult], None]
+from evomerge.search.trial import Executor, OnResult, Status, Trial, TrialResult
 
 
 def _ray_node() -> str:
@@ -51,17 +47,13 @@ class TrialWorker:
         if threads:
             torch.set_num_threads(threads)
         from evomerge.fitness.scorer import Scorer
+        from evomerge.search.space import space_for
 
         config = SearchConfig.parse(config_data)
-        self.sources: Any = None  # parameter space: ResidentSources
-        self.path: Any = None  # data-flow space: PathModel
         self.device = device
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
         self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
-        if config.dfs is not None:
-            tokenizer = self._init_data_flow(config, device)
-        else:
-            tokenizer = self._init_parameter_space(config, device)
+        self.candidate = space_for(config).candidate(device)
         fc = config.fitness
         self.scorer = Scorer(
             fc.tasks,
@@ -72,49 +64,10 @@ class TrialWorker:
             batch_size=fc.batch_size,
             apply_chat_template=fc.apply_chat_template,
         )
-        self.scorer.bind(self.model, tokenizer, device)
+        self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
         gc.freeze()
-
-    def _init_parameter_space(self, config: SearchConfig, device: str):
-        """Sources (and task vectors) resident; one eval model that candidates are written into."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from evomerge.merge.registry import get_method
-        from evomerge.merge.resident import ResidentSources
-
-        paths = config.model_paths()
-        ta = get_method(config.space.method).family == "task_arithmetic"
-        self.sources = ResidentSources(paths, config.base, device, task_vectors=ta)
-        hf_config = AutoConfig.from_pretrained(paths[config.base])
-        dtype = getattr(torch, config.space.dtype)
-        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
-        return AutoTokenizer.from_pretrained(paths[config.base])
-
-    def _init_data_flow(self, config: SearchConfig, device: str):
-        """Source models resident; one path model whose hops are rewired per candidate."""
-        from evomerge.fitness.models import load_sources
-        from evomerge.merge.dataflow import PathModel
-        from evomerge.merge.recipe import PS
-
-        dfs = config.dfs
-        assert dfs is not None
-        used = {*dfs.models, dfs.embed_from}
-        paths = {a: None if a == PS else config.model_path(a) for a in used}
-        ps_recipe = config.ps_recipe() if PS in used else None
-        models, tokenizers = load_sources(paths, ps_recipe, device, config.space.dtype)
-        self.path = PathModel(models[dfs.embed_from], models)
-        n = models[dfs.embed_from].config.num_hidden_layers
-        self.model = self.path.set_path([(dfs.embed_from, i, 1.0) for i in range(n)])
-        return tokenizers[dfs.embed_from]
-
-    def _materialize(self, recipe) -> None:
-        if self.path is not None:
-            df = recipe.data_flow
-            self.path.set_path([(h.model, h.layer, h.scale) for h in df.path])
-        else:
-            self.sources.materialize(recipe, self.model)
 
     def ping(self) -> str:
         return self.name
@@ -134,7 +87,7 @@ class TrialWorker:
         try:
             if fault == "raise":
                 raise RuntimeError("injected fault")
-            self._materialize(Recipe.parse(trial.recipe))
+            self.candidate.materialize(Recipe.parse(trial.recipe))
         except Exception as e:  # noqa: BLE001 - any failure of one candidate is data
             self._recover()
             return TrialResult.failed(
@@ -157,7 +110,7 @@ class TrialWorker:
             return TrialResult.failed(f"eval: {result.error}", self.name, **common)
         if not math.isfinite(fitness):
             return TrialResult.failed(f"non-finite fitness {fitness}", self.name, **common)
-        return TrialResult("COMPLETE", fitness, worker=self.name, **common)
+        return TrialResult(Status.COMPLETE, fitness, worker=self.name, **common)
 
     def _recover(self) -> None:
         if self.device.startswith("cuda"):
@@ -316,7 +269,7 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(config: SearchConfig, faults: dict[str, str] | None = None):
+def make_executor(config: SearchConfig, faults: dict[str, str] | None = None) -> Executor:
     if config.workers.count == 0:
         return SerialExecutor(config, faults)
     return RayExecutor(config, faults)
@@ -331,7 +284,7 @@ def combine_trial(config: SearchConfig, parts: list[TrialResult]) -> TrialResult
         merge_seconds=sum(p.merge_seconds for p in parts),
         eval_seconds=sum(p.eval_seconds for p in parts),
     )
-    failed = next((p for p in parts if p.status != "COMPLETE"), None)
+    failed = next((p for p in parts if p.status != Status.COMPLETE), None)
     if failed is not None:
         return TrialResult.failed(failed.error or "a shard failed", workers, **busy)
     specs = [
@@ -351,7 +304,7 @@ def combine_trial(config: SearchConfig, parts: list[TrialResult]) -> TrialResult
         ],
     )
     return TrialResult(
-        "COMPLETE",
+        Status.COMPLETE,
         whole.fitness,
         whole.metrics,
         examples=whole.examples,

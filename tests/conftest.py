@@ -42,8 +42,14 @@ def gpt2_family(tmp_path_factory):
 
 def recipe_dict(paths, method="ties", layers=2, **ps):
     """A recipe over a family with one group covering all layers."""
+    from evomerge.merge.registry import get_method
+
     experts = [a for a in paths if a != "base"]
-    params = {a: {"weight": 0.5 + 0.1 * i, "density": 0.6} for i, a in enumerate(experts)}
+    declared = {p.name for p in get_method(method).model_params}
+    params = {
+        a: {k: v for k, v in {"weight": 0.5 + 0.1 * i, "density": 0.6}.items() if k in declared}
+        for i, a in enumerate(experts)
+    }
     return {
         "dtype": "float32",
         "models": {a: {"path": str(p)} for a, p in paths.items()},

@@ -8,7 +8,7 @@ import pytest
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
-from evomerge.search.dfs_genome import DFSGenome
+from evomerge.search.data_flow_space import DataFlowSearch
 from evomerge.search.driver import Progress, run_search
 from evomerge.search.rundir import RunDir
 from evomerge.search.workers import SerialExecutor
@@ -25,7 +25,7 @@ def _dfs_config(zoo, **dfs):
 
 def test_genome_layout_and_initial_point(tiny_zoo):
     cfg = _dfs_config(tiny_zoo, scales="matrix")
-    g = DFSGenome(cfg, {"add": 2, "caps": 2})
+    g = DataFlowSearch(cfg, ps_layers=None)
     assert g.dim == 2 * 4 + 4 * 4 and len(g.labels()) == g.dim
     start = g.decode(g.x0()).data_flow
     assert [(h.model, h.layer, h.scale) for h in start.path] == [("add", 0, 1.0), ("add", 1, 1.0)]
@@ -37,7 +37,7 @@ def test_genome_layout_and_initial_point(tiny_zoo):
 
 
 def test_path_length_bounds_fail_the_candidate(tiny_zoo):
-    g = DFSGenome(_dfs_config(tiny_zoo, max_hops=2), {"add": 2, "caps": 2})
+    g = DataFlowSearch(_dfs_config(tiny_zoo, max_hops=2), ps_layers=None)
     with pytest.raises(EvomergeError, match=r"path has 9 hops, outside \[1, 2\]"):
         g.decode(np.ones(g.dim))
 

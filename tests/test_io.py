@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.merge.checkpoint import Checkpoint, staged_dir
+from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.files import staged_dir
 from evomerge.merge.safetensors_io import (
     ShardWriter,
     TensorSpec,
@@ -93,7 +94,7 @@ def test_sharded_checkpoint_reads_lazily(tmp_path, llama_family):
 
 def test_staged_dir_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError), staged_dir(out, force=False) as tmp:
+    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
         (tmp / "half.txt").write_text("x")
         raise RuntimeError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []

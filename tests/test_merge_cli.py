@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import iter_merged, merge_to_dir, open_sources
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import get_method, merge_tensor
+from evomerge.merge.registry import TensorInputs, get_method, merge_tensor
 from evomerge.search.cli import app
 from tests.conftest import recipe_dict
 
@@ -117,15 +117,17 @@ def test_sharded_streaming_merge_equals_in_memory_merge(tmp_path, llama_family):
     states = {a: load_file(p / "model.safetensors") for a, p in llama_family.items()}
     recipe = Recipe.parse(recipe_dict(llama_family, "ties"))
     ps = recipe.parameter_space
-    params = [p.to_model_params() for p in ps.groups[0].params.values()]
+    group = ps.groups[0]
     for name in states["base"]:
-        want = merge_tensor(
-            get_method("ties"),
-            states["base"][name],
-            [states["expert1"][name], states["expert2"][name]],
-            params,
-            ps.options(ps.groups[0]),
+        inputs = TensorInputs(
+            base=states["base"][name],
+            sources=[states["expert1"][name], states["expert2"][name]],
+            params=[ps.model_values(group, a) for a in ("expert1", "expert2")],
+            group=ps.group_values(group),
+            normalize=ps.options_normalize,
+            rescale=ps.options_rescale,
         )
+        want = merge_tensor(get_method("ties"), inputs)
         assert torch.equal(streamed.get(name), want), name
 
 
@@ -166,7 +168,7 @@ def test_per_kind_groups_and_embed_head_groups(tmp_path, llama_family):
 @given(
     w=st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=2),
     d=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2),
-    method=st.sampled_from(["ties", "dare_ties", "task_arithmetic", "breadcrumbs"]),
+    method=st.sampled_from(["ties", "dare_ties", "dare_linear", "breadcrumbs"]),
     split=st.integers(1, 3),
     lam=st.floats(0.1, 2),
 )
@@ -230,7 +232,7 @@ def _cases(fam):
         ),
         "unknown field": (
             lambda d: ps(d).update(densty=0.5),
-            "parameter_space.densty: unknown field",
+            "parameter_space: densty: unknown field",
         ),
         "unknown alias": (lambda d: group(d)["params"].update(mth={}), "'mth' is not in models"),
     }
@@ -320,8 +322,13 @@ def test_existing_output_needs_force(tmp_path, llama_family):
     )
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
-    result = runner.invoke(
-        app, ["merge", str(_write(tmp_path, recipe_dict(llama_family))), str(out), "--force"]
-    )
-    assert result.exit_code == 0 and (out / "model.safetensors").is_file()
-    assert not (out / "keep.txt").exists()
+    # --force replaces only what evomerge merge wrote: the user's own folder is refused
+    recipe = _write(tmp_path, recipe_dict(llama_family))
+    result = runner.invoke(app, ["merge", str(recipe), str(out), "--force"])
+    assert result.exit_code == 2 and "not written by evomerge merge" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", str(recipe), str(mine)]).exit_code == 0
+    first = (mine / "model.safetensors").stat().st_mtime_ns
+    result = runner.invoke(app, ["merge", str(recipe), str(mine), "--force"])
+    assert result.exit_code == 0 and (mine / "model.safetensors").stat().st_mtime_ns != first

@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 
 from evomerge.merge import methods, sparsify
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.methods import ModelParams, TensorOptions
-from evomerge.merge.registry import METHODS, get_method, merge_tensor
+from evomerge.merge.registry import (
+    MAGNITUDE,
+    METHODS,
+    TensorInputs,
+    get_method,
+    merge_tensor,
+    task_vector_method,
+)
 from evomerge.merge.sparsify import Rescale
 
 DETERMINISTIC_TA = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -20,14 +26,23 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _run(name, base, sources, params, **opts):
-    m = get_method(name)
-    options = TensorOptions(
-        normalize=opts.pop("normalize", m.default_normalize),
-        rescale=opts.pop("rescale", m.default_rescale),
-        **opts,
+def P(weight=1.0, density=1.0, gamma=0.01, epsilon=0.15) -> dict:
+    """One model's parameters (every name a method of the registry may read)."""
+    return {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon}
+
+
+def _run(name, base, sources, params, normalize=None, rescale=None, method=None, **group):
+    m = method or get_method(name)
+    inputs = TensorInputs(
+        base=base,
+        sources=sources,
+        params=[{p.name: given[p.name] for p in m.model_params} for given in params],
+        group={p.name: group.get(p.name, p.default) for p in m.group_params},
+        normalize=m.default_normalize if normalize is None else normalize,
+        rescale=rescale or m.default_rescale,
+        generator=_gen(1),
     )
-    return merge_tensor(m, base, sources, params, options, _gen(1))
+    return merge_tensor(m, inputs)
 
 
 # -- hand-computed examples -----------------------------------------------------------------
@@ -35,9 +50,9 @@ def _run(name, base, sources, params, **opts):
 
 def test_linear_by_hand():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
-    out = _run("linear", None, [a, b], [ModelParams(1.0), ModelParams(3.0)])
+    out = _run("linear", None, [a, b], [P(1.0), P(3.0)])
     assert torch.allclose(out, torch.tensor([2.5, -1.0]))
-    out = _run("linear", None, [a, b], [ModelParams(1.0), ModelParams(3.0)], normalize=False)
+    out = _run("linear", None, [a, b], [P(1.0), P(3.0)], normalize=False)
     assert torch.allclose(out, torch.tensor([10.0, -4.0]))
 
 
@@ -56,7 +71,7 @@ def test_slerp_collinear_is_lerp():
 def test_task_arithmetic_by_hand():
     base = torch.tensor([1.0, 1.0, 1.0])
     x1, x2 = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 3.0, -1.0])
-    out = _run("task_arithmetic", base, [x1, x2], [ModelParams(1.0), ModelParams(0.5)], lambda_=2.0)
+    out = _run("task_arithmetic", base, [x1, x2], [P(1.0), P(0.5)], **{"lambda": 2.0})
     # d1 = [1, -1, 0], d2 = [0, 2, -2]; mix = [1, 0, -1]; *2 + base
     assert torch.allclose(out, torch.tensor([3.0, 1.0, -1.0]))
 
@@ -65,7 +80,7 @@ def test_ties_by_hand():
     base = torch.zeros(4)
     x1 = torch.tensor([3.0, -1.0, 0.5, 2.0])
     x2 = torch.tensor([-1.0, -2.0, 4.0, 1.0])
-    p = [ModelParams(1.0, 0.5), ModelParams(1.0, 0.5)]
+    p = [P(1.0, 0.5), P(1.0, 0.5)]
     out = _run("ties", base, [x1, x2], p)
     # top-2 by magnitude: d1 -> [3, 0, 0, 2], d2 -> [0, -2, 4, 0]; every entry has one voter
     assert torch.allclose(out, torch.tensor([3.0, -2.0, 4.0, 2.0]))
@@ -112,7 +127,7 @@ def test_della_keeps_large_entries_more_often():
 
 def test_passthrough_copies_the_source():
     x = torch.randn(5)
-    assert torch.equal(_run("passthrough", None, [x], []), x)
+    assert torch.equal(_run("passthrough", None, [x], [P()]), x)
 
 
 def test_unknown_method_suggests():
@@ -137,7 +152,7 @@ def test_equal_inputs_give_the_input_back(name, shape, seed):
     (x,) = _tensors(shape, 1, seed)
     n = 1 if name in ("slerp", "passthrough") else 2
     m = get_method(name)
-    params = [ModelParams(0.7, 0.9, 0.01, 0.05)] * n if m.per_model else []
+    params = [P(0.7, 0.9, 0.01, 0.05)] * n
     out = _run(
         name,
         x.clone() if m.needs_base else None,
@@ -157,7 +172,7 @@ def test_equal_inputs_give_the_input_back(name, shape, seed):
 )
 def test_permuting_models_with_their_params_changes_nothing(name, shape, seed, w):
     base, *xs = _tensors(shape, 4, seed)
-    params = [ModelParams(wi, 0.6, 0.1) for wi in w]
+    params = [P(wi, 0.6, 0.1) for wi in w]
     out = _run(name, base, xs, params)
     perm = [2, 0, 1]
     out_p = _run(name, base, [xs[i] for i in perm], [params[i] for i in perm])
@@ -168,21 +183,18 @@ def test_permuting_models_with_their_params_changes_nothing(name, shape, seed, w
 @given(shape=shapes, seed=st.integers(0, 10**6))
 def test_slerp_at_zero_is_base(shape, seed):
     base, other = _tensors(shape, 2, seed)
-    assert torch.allclose(_run("slerp", base, [other], [], t=0.0), base)
+    assert torch.allclose(_run("slerp", base, [other], [P()], t=0.0), base)
 
 
 @settings(max_examples=20, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 10**6), w=st.lists(weights, min_size=2, max_size=2))
 def test_ties_at_density_one_without_consensus_is_task_arithmetic(shape, seed, w):
     base, *xs = _tensors(shape, 3, seed)
-    params = [ModelParams(wi, 1.0) for wi in w]
-    ties = get_method("ties")
-    ta = get_method("task_arithmetic")
-    no_consensus = type(ties)(**{**ties.__dict__, "consensus": False})
-    opts = TensorOptions(normalize=False)
+    params = [P(wi, 1.0) for wi in w]
+    no_consensus = task_vector_method("ties_without_consensus", "", MAGNITUDE)
     assert torch.allclose(
-        merge_tensor(no_consensus, base, xs, params, opts),
-        merge_tensor(ta, base, xs, params, opts),
+        _run("", base, xs, params, normalize=False, method=no_consensus),
+        _run("task_arithmetic", base, xs, params, normalize=False),
         atol=1e-6,
     )
 
@@ -193,7 +205,7 @@ def test_shapes_kept_and_fp32_out(name, shape, seed):
     base, a, b = (t.to(torch.bfloat16) for t in _tensors(shape, 3, seed))
     m = get_method(name)
     sources = [a] if name in ("slerp", "passthrough") else [a, b]
-    params = [ModelParams(0.5, 0.5, 0.01, 0.1)] * len(sources) if m.per_model else []
+    params = [P(0.5, 0.5, 0.01, 0.1)] * len(sources)
     out = _run(name, base if m.needs_base else None, sources, params)
     assert out.shape == base.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
@@ -229,7 +241,7 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
             dtype=torch.float32,
             out_dtype=out_dtype,
         )
-        ours = _run("slerp", base, [xs[0]], [], t=0.3)
+        ours = _run("slerp", base, [xs[0]], [P()], t=0.3)
     elif name == "linear":
         ref = merge_tensors(
             xs,
@@ -238,7 +250,7 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
             dtype=torch.float32,
             out_dtype=out_dtype,
         )
-        ours = _run("linear", None, xs, [ModelParams(wi) for wi in w], normalize=normalize)
+        ours = _run("linear", None, xs, [P(wi) for wi in w], normalize=normalize)
     else:
         ids = [0, 1, 2, 3]
         per = {"weight": dict(zip(ids[1:], w)), "density": dict(zip(ids[1:], dens))}
@@ -253,8 +265,8 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
             out_dtype=out_dtype,
             parameters={**per, "normalize": normalize, "lambda": 0.8},
         )
-        params = [ModelParams(wi, di, 0.05) for wi, di in zip(w, dens)]
-        ours = _run(name, base, xs, params, normalize=normalize, lambda_=0.8)
+        params = [P(wi, di, 0.05) for wi, di in zip(w, dens)]
+        ours = _run(name, base, xs, params, normalize=normalize, **{"lambda": 0.8})
     assert m.name == name
     assert _ulp_distance(ours.to(out_dtype), ref.to(out_dtype)) <= 1
 

@@ -1,0 +1,259 @@
+"""The parameter space: merge coefficients per layer group, as a genome (Akiba et al. 2024, 3.1).
+
+Genes, in order: for each group (embed, layer ranges, head; per tensor kind when configured),
+the group's own parameters (slerp's t, lambda) and then, for each merged model, its per-model
+parameters (weight, density, ...), as the merge method declares them. A gene's vector value is
+its parameter value under the `clip` transform, or a logit under `sigmoid`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.merge.architecture import ModelInfo
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.registry import get_method
+from evomerge.search.config import GeneRange, SearchConfig
+from evomerge.search.space import Candidate, SearchSpace
+
+
+@dataclass(frozen=True)
+class Gene:
+    group: int
+    model: str | None  # None for per-group genes
+    param: str
+    range: GeneRange
+    init: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}.{self.param}" if self.model else self.param
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+class ParameterSearch(SearchSpace):
+    def __init__(self, config: SearchConfig, num_layers: int | None = None):
+        self.config = config
+        # resolved once: decode runs per trial
+        self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
+        if num_layers is None:
+            num_layers = ModelInfo.from_dir(Path(self.model_paths[config.base])).num_layers
+        self.num_layers = num_layers
+        space = config.space
+        self.method = get_method(space.method)
+        if not self.method.param_names:
+            raise EvomergeError(f"space.method: {space.method} has no parameters to search")
+        kinds = ["attention", "mlp", "other"] if space.tensor_kinds else ["all"]
+        k = space.layers_per_group
+        self.groups: list[tuple[tuple[int, int] | str, str]] = []
+        if space.embed_head_groups:
+            self.groups.append(("embed", "all"))
+        for start in range(0, num_layers, k):
+            for kind in kinds:
+                self.groups.append(((start, min(start + k, num_layers)), kind))
+        if space.embed_head_groups:
+            self.groups.append(("head", "all"))
+        needs_base = self.method.needs_base
+        self.models = [a for a in config.models if not (needs_base and a == config.base)]
+        if (problem := self.method.models_problem(len(self.models))) is not None:
+            raise EvomergeError(f"space.method: {problem}")
+        names = space.gene_names()
+        group_params = {p.name for p in self.method.group_params}
+        self.genes: list[Gene] = []
+        for gi in range(len(self.groups)):
+            for p in names:
+                if p in group_params:
+                    self.genes.append(Gene(gi, None, p, space.range(p), space.start(None, p)))
+            for model in self.models:
+                for p in names:
+                    if p not in group_params:
+                        start = space.start(model, p)
+                        self.genes.append(Gene(gi, model, p, space.range(p), start))
+
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    def labels(self) -> list[str]:
+        return [f"{self._group_label(g.group)}/{g.label}" for g in self.genes]
+
+    def _group_label(self, gi: int) -> str:
+        layers, kind = self.groups[gi]
+        where = layers if isinstance(layers, str) else f"layers[{layers[0]},{layers[1]})"
+        return where if kind == "all" else f"{where}.{kind}"
+
+    # -- transforms ---------------------------------------------------------------------------
+    @staticmethod
+    def _to_value(x: float, r: GeneRange) -> float:
+        if r.transform == "sigmoid":
+            return r.low + (r.high - r.low) / (1 + math.exp(-x))
+        return min(max(x, r.low), r.high)
+
+    @staticmethod
+    def _to_x(v: float, r: GeneRange) -> float:
+        if r.transform == "sigmoid":
+            return _logit((v - r.low) / (r.high - r.low))
+        return v
+
+    def x0(self) -> np.ndarray:
+        return np.array([self._to_x(g.init, g.range) for g in self.genes])
+
+    def bounds(self) -> tuple[list[float], list[float]]:
+        """Box bounds for the optimizer (none on sigmoid genes)."""
+        lo = [g.range.low if g.range.transform == "clip" else -math.inf for g in self.genes]
+        hi = [g.range.high if g.range.transform == "clip" else math.inf for g in self.genes]
+        return lo, hi
+
+    # -- decode / encode ----------------------------------------------------------------------
+    def decode(self, x, seed: int = 0) -> Recipe:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.dim,):
+            raise ValueError(f"genome has {self.dim} genes, got a vector of shape {x.shape}")
+        space = self.config.space
+        group_names = {p.name for p in self.method.group_params}
+        group_fixed = {k: v for k, v in space.fixed.items() if k in group_names}
+        model_fixed = {k: v for k, v in space.fixed.items() if k not in group_names}
+        groups: list[dict] = []
+        for layers, kind in self.groups:
+            group: dict = {"layers": list(layers) if isinstance(layers, tuple) else layers}
+            if kind != "all":
+                group["tensors"] = kind
+            group["params"] = {m: dict(model_fixed) for m in self.models}
+            group.update(group_fixed)
+            groups.append(group)
+        for gene, xi in zip(self.genes, x, strict=True):
+            value = float(self._to_value(float(xi), gene.range))
+            target = (
+                groups[gene.group]
+                if gene.model is None
+                else groups[gene.group]["params"][gene.model]
+            )
+            target[gene.param] = value
+        ps: dict = {
+            "method": space.method,
+            "base": self.config.base,
+            "seed": seed,
+            "groups": groups,
+        }
+        if space.normalize is not None:
+            ps["normalize"] = space.normalize
+        return Recipe.parse(
+            {
+                "dtype": space.dtype,
+                "models": {a: {"path": p} for a, p in self.model_paths.items()},
+                "parameter_space": ps,
+            }
+        )
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        ps = recipe.parameter_space
+        if ps is None:
+            raise ValueError("recipe has no parameter_space stage")
+        if len(ps.groups) != len(self.groups):
+            raise ValueError(f"recipe has {len(ps.groups)} groups, the genome {len(self.groups)}")
+        x = []
+        for gene in self.genes:
+            group = ps.groups[gene.group]
+            if gene.model is None:
+                value = ps.group_values(group)[gene.param]
+            else:
+                value = ps.model_values(group, gene.model)[gene.param]
+            x.append(self._to_x(value, gene.range))
+        return np.array(x)
+
+    # -- worker side --------------------------------------------------------------------------
+    def candidate(self, device: str, provided: dict[str, Any] | None = None) -> Candidate:
+        return ResidentCandidate(self.config, device, self.method.uses_deltas)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        try:
+            self.decode(self.x0())
+        except (ValueError, EvomergeError) as e:
+            return [f"space: the initial genome does not decode: {e}"]
+        return []
+
+    def baselines(self) -> dict[str, Recipe]:
+        """Uniform linear, task arithmetic at several lambdas, TIES and DARE-TIES at density 0.5."""
+        cfg = self.config
+        models, experts = self.model_paths, cfg.experts
+
+        def one(method: str, params: dict, **ps) -> Recipe:
+            return Recipe.single_group(
+                models, cfg.base, method, self.num_layers, params, dtype=cfg.space.dtype, **ps
+            )
+
+        out = {"linear (uniform)": one("linear", {a: {"weight": 1.0} for a in models})}
+        for lam in (0.3, 0.5, 0.7, 1.0):
+            out[f"task arithmetic (lambda {lam})"] = one(
+                "task_arithmetic", {e: {"weight": 1.0} for e in experts}, **{"lambda": lam}
+            )
+        sparse = {e: {"weight": 1.0, "density": 0.5} for e in experts}
+        out["ties (density 0.5)"] = one("ties", sparse)
+        out["dare_ties (density 0.5)"] = one("dare_ties", sparse, seed=0)
+        return out
+
+    def mergekit(self, recipe: Recipe) -> dict | None:
+        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.search.mergekit_yaml import to_mergekit
+
+        if not self.method.mergekit:
+            return None
+        base = Checkpoint(self.model_paths[self.config.base])
+        return to_mergekit(recipe, base.names, base.info.num_layers)
+
+    def card(self, recipe: Recipe) -> str:
+        ps = recipe.parameter_space
+        assert ps is not None
+        rows = "\n".join(
+            f"| {g.label()} | "
+            + "; ".join(
+                f"{a}: " + ", ".join(f"{k} {v:.3f}" for k, v in ps.model_values(g, a).items())
+                for a in ps.merged_models(g)
+            )
+            + "".join(f"; {k} {v:.3f}" for k, v in g.values.items())
+            + " |"
+            for g in ps.groups
+        )
+        return (
+            f"Method **{ps.method}** ({self.method.paper}) over base `{ps.base}`.\n\n"
+            f"| group | parameters |\n|---|---|\n{rows}\n"
+        )
+
+    def plots(self, recipe: Recipe, out: Path) -> list[str]:
+        from evomerge.search.report import plot_genome
+
+        plot_genome(recipe, out / "genome.png")
+        return ["genome.png"]
+
+
+class ResidentCandidate:
+    """Sources (and task vectors) resident on the device; one eval model that every candidate
+    is written into in place."""
+
+    def __init__(self, config: SearchConfig, device: str, task_vectors: bool):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from evomerge.fitness.models import load_tokenizer
+        from evomerge.merge.resident import ResidentSources
+
+        paths = config.model_paths()
+        self.sources = ResidentSources(paths, config.base, device, task_vectors=task_vectors)
+        hf_config = AutoConfig.from_pretrained(paths[config.base], trust_remote_code=False)
+        dtype = getattr(torch, config.space.dtype)
+        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
+        self.tokenizer = load_tokenizer(paths[config.base])
+
+    def materialize(self, recipe: Recipe) -> None:
+        self.sources.materialize(recipe, self.model)
