@@ -28,8 +28,8 @@ demo-dfs: $(STAMP)
 demo-ps-dfs: demo
 	$(BIN)/evomerge demo --config configs/demo_ps_dfs.yaml
 
-# The test suite CI runs: everything but the GPU tests (about 5 minutes on 2 cores).
-test: $(STAMP)
+# The test suite CI runs: the linters, then everything but the GPU tests.
+test: lint
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 # Without the slow ones (SIGKILL soak, two-node Ray cluster, export of a search): ~1.5 minutes.

@@ -15,19 +15,6 @@ from typing import Literal
 
 from evomerge.merge.errors import EvomergeError
 
-KNOWN_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-)
-
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _EMBED = {
     "embed_tokens",

@@ -118,6 +118,9 @@ class ParameterSpace(BaseModel):
         method = self.merge_method
         if method.needs_base and self.base is None:
             raise ValueError(f"method {self.method} needs a base model: set parameter_space.base")
+        for option in ("normalize", "rescale"):
+            if getattr(self, option) is not None and option not in method.options:
+                raise ValueError(f"{option}: {self.method} does not read it; remove it")
         group_params = {p.name: p for p in method.group_params}
         model_params = {p.name: p for p in method.model_params}
         _check_values("", self.defaults, group_params, self.method, "group")

@@ -88,6 +88,7 @@ class Method:
     max_models: int | None = None
     random: bool = False  # needs a seeded generator (masks); results reproducible from the seed
     uses_deltas: bool = False  # works on task vectors: resident sources may keep them instead
+    options: tuple[str, ...] = ()  # which of the recipe's `normalize` / `rescale` it reads
     default_normalize: bool = False
     default_rescale: Rescale = Rescale.none
     mergekit: bool = True  # mergekit has it under this name, with the same parameter names
@@ -172,19 +173,28 @@ class Sparsifier:
     random: bool = False
 
 
-MAGNITUDE = Sparsifier((DENSITY,), lambda d, p, r, g: sparsify.magnitude(d, p["density"], r))
-RANDOM = Sparsifier(
-    (DENSITY,), lambda d, p, r, g: sparsify.random(d, p["density"], g, r), random=True
-)
-OUTLIERS = Sparsifier(
-    (DENSITY, GAMMA),
-    lambda d, p, r, g: sparsify.magnitude_outliers(d, p["density"], p["gamma"], r),
-)
-DELLA = Sparsifier(
-    (DENSITY, EPSILON),
-    lambda d, p, r, g: sparsify.della_magprune(d, p["density"], p["epsilon"], g, r),
-    random=True,
-)
+def _magnitude(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+    return sparsify.magnitude(d, p["density"], rescale)
+
+
+def _outliers(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+    return sparsify.magnitude_outliers(d, p["density"], p["gamma"], rescale)
+
+
+def _random(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+    assert g is not None  # merge_tensor gives every random method its seeded generator
+    return sparsify.random(d, p["density"], g, rescale)
+
+
+def _della(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+    assert g is not None
+    return sparsify.della_magprune(d, p["density"], p["epsilon"], g, rescale)
+
+
+MAGNITUDE = Sparsifier((DENSITY,), _magnitude)  # TIES
+OUTLIERS = Sparsifier((DENSITY, GAMMA), _outliers)  # breadcrumbs
+RANDOM = Sparsifier((DENSITY,), _random, random=True)  # DARE
+DELLA = Sparsifier((DENSITY, EPSILON), _della, random=True)
 
 
 def task_vector_method(
@@ -222,6 +232,7 @@ def task_vector_method(
         min_models=0,  # a group of the base alone keeps the base
         random=bool(sparsifier and sparsifier.random),
         uses_deltas=True,
+        options=("normalize", "rescale"),
         default_normalize=default_normalize,
         default_rescale=default_rescale,
     )
@@ -256,6 +267,7 @@ for _method in [
         "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
         _linear,
         model_params=(WEIGHT,),
+        options=("normalize",),
         default_normalize=True,
     ),
     Method(

@@ -39,7 +39,7 @@ def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
 
 
 def _check_space(cfg: SearchConfig) -> list[str]:
-    from evomerge.search.space import space_for
+    from evomerge.search.spaces import space_for
 
     try:
         space = space_for(cfg)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
-import signal
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from evomerge.merge.errors import EvomergeError
+from evomerge.search.console import console, ensure_zoo, run_and_report
 
 app = typer.Typer(
     add_completion=False,
@@ -19,7 +19,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Evolutionary merge search for language models that share a base.",
 )
-console = Console(stderr=True)
 _state = {"debug": False}
 
 
@@ -28,20 +27,41 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
     _state["debug"] = debug
 
 
+# What the environment refuses (a full disk, a read-only folder, a path under a regular file),
+# said once and plainly: every write is atomic, so nothing half-written was left behind.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space, then run the command again (a search: evomerge resume)",
+    errno.EDQUOT: "free some space, then run the command again (a search: evomerge resume)",
+    errno.EROFS: "choose a writable location",
+    errno.EACCES: "check the permissions or choose another location",
+    errno.EPERM: "check the permissions or choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; fix the path",
+    errno.EISDIR: "the path is a directory; give a file",
+    errno.ENAMETOOLONG: "shorten the path",
+}
+
+
 def user_errors(fn):
-    """Turn an EvomergeError into one red line on stderr and exit code 2 (traceback: --debug)."""
+    """Turn an EvomergeError (or an OSError the environment raised) into one red line per
+    problem on stderr and exit code 2 (traceback: --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EvomergeError as e:
-            if _state["debug"]:
+        except (EvomergeError, OSError) as e:
+            if _state["debug"] or (isinstance(e, OSError) and _OS_FIXES.get(e.errno or 0) is None):
                 raise
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            for line in str(e).splitlines() if isinstance(e, EvomergeError) else [_os_line(e)]:
+                console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _os_line(e: OSError) -> str:
+    where = e.filename if e.filename is not None else "output"
+    return f"{where}: {e.strerror}; {_OS_FIXES[e.errno or 0]}"
 
 
 def progress_bar(description: str):
@@ -186,88 +206,10 @@ def eval_cmd(
     for key, value in result.metrics.items():
         name, metric = key.split("/")
         t.add_row(name, metric, f"{value:.4f}")
+    from rich.console import Console
+
     Console().print(t)
     print(f"objective {result.fitness:.4f}  ({result.examples} examples, {result.seconds:.2f} s)")
-
-
-def _search_progress():
-    """A rich progress bar over evaluations, with generation, best and mean fitness, and ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from evomerge.search.driver import Progress as Hooks
-
-    bar = Progress(
-        TextColumn("[bold]gen {task.fields[gen]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
-
-    def start(done: int, budget: int, best: float) -> None:
-        bar.start()
-        bar.update(task, completed=done, total=budget, best=best)
-
-    def result(done: int, record: dict, best: float) -> None:
-        bar.update(
-            task, completed=done, gen=record["generation"], best=best, last=record["fitness"]
-        )
-
-    return bar, Hooks(
-        on_start=start, on_result=result, on_generation=lambda line: bar.console.print(line)
-    )
-
-
-def run_and_report(run) -> dict | None:
-    """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run."""
-    from evomerge.search.driver import run_search
-    from evomerge.search.workers import make_executor
-
-    os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
-    bar, hooks = _search_progress()
-    received: list[int] = []
-
-    def stop(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    # explicit handlers: a background job may inherit SIGINT ignored, and a cluster scheduler
-    # pre-empts with SIGTERM; either way, stop dispatching and leave a resumable run
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        best = run_search(run, lambda: make_executor(run.config), hooks)
-    except KeyboardInterrupt:
-        bar.stop()
-        console.print(f"interrupted: every finished trial is saved; `evomerge resume {run.path}`")
-        raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
-    finally:
-        bar.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if best is None:
-        console.print("no trial completed")
-    else:
-        console.print(
-            f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
-            f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}"
-        )
-    return best
-
-
-def ensure_zoo(cfg) -> None:
-    """Build the zoo a config's relative model paths point into, when it is missing."""
-    if cfg.zoo:
-        from evomerge.fitness.zoo.build import build_zoo
-
-        build_zoo(size=cfg.zoo, log=console.print)
 
 
 def _with_workers(cfg, workers: int | None, address: str | None):

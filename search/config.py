@@ -88,6 +88,8 @@ class MergeSpace(_Strict):
                     f"{where}: {name!r} is not a parameter of {self.method} "
                     f"(its parameters: {', '.join(method.param_names) or 'none'})"
                 )
+        if self.normalize is not None and "normalize" not in method.options:
+            raise ValueError(f"normalize: {self.method} does not read it; remove it")
         for name, value in self.fixed.items():
             if (problem := method.param(name).problem(value)) is not None:
                 raise ValueError(f"fixed.{name}: {problem}")
@@ -103,11 +105,13 @@ class MergeSpace(_Strict):
                     raise ValueError(f"ranges.{name}: {name} {problem} (a gene stays valid)")
         for model, values in self.init.items():
             for name, value in values.items():
-                r = self.range(name) if name in self.gene_names() else None
-                if r is None:
+                if name not in self.gene_names():
                     raise ValueError(f"init.{model}.{name}: {name!r} is not a gene")
-                if not r.low <= value <= r.high:
-                    raise ValueError(f"init.{model}.{name}: {value} is outside [{r.low}, {r.high}]")
+                span = self.range(name)
+                if not span.low <= value <= span.high:
+                    raise ValueError(
+                        f"init.{model}.{name}: {value} is outside [{span.low}, {span.high}]"
+                    )
         return self
 
     def gene_names(self) -> list[str]:

@@ -20,6 +20,7 @@ from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import PS, Recipe
 from evomerge.search.config import SearchConfig
+from evomerge.search.plots import pyplot, save
 from evomerge.search.space import Candidate, SearchSpace
 
 INDICATOR = 1.0  # initial |gene| of the indicators; bounds are +-1
@@ -184,8 +185,6 @@ class DataFlowSearch(SearchSpace):
         )
 
     def plots(self, recipe: Recipe, out: Path) -> list[str]:
-        from evomerge.search.report import plot_path
-
         plot_path(recipe, out / "path.png")
         return ["path.png"]
 
@@ -216,3 +215,30 @@ class PathCandidate:
         df = recipe.data_flow
         assert df is not None
         self.path.set_path([(h.model, h.layer, h.scale) for h in df.path])
+
+
+def plot_path(recipe: Recipe, path: Path) -> None:
+    """A data-flow path: hop against source layer, coloured by model, scales annotated."""
+    plt = pyplot()
+    df = recipe.data_flow
+    assert df is not None
+    models = list(dict.fromkeys(h.model for h in df.path))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(df.path) + 2), 3.5))
+    for m, color in zip(models, plt.cm.tab10.colors, strict=False):
+        hops = [(k, h) for k, h in enumerate(df.path) if h.model == m]
+        ax.scatter([k for k, _ in hops], [h.layer for _, h in hops], color=color, label=m, s=60)
+        for k, h in hops:
+            if abs(h.scale - 1) > 1e-3:
+                ax.annotate(
+                    f"x{h.scale:.2f}",
+                    (k, h.layer),
+                    textcoords="offset points",
+                    xytext=(0, 7),
+                    ha="center",
+                    fontsize=7,
+                )
+    ax.plot(range(len(df.path)), [h.layer for h in df.path], color="grey", alpha=0.4, zorder=0)
+    ax.set_xlabel("hop")
+    ax.set_ylabel("source layer")
+    ax.legend(fontsize=8)
+    save(fig, path)

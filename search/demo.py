@@ -37,7 +37,7 @@ def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
 
 
 def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
-    from evomerge.search.cli import ensure_zoo, run_and_report
+    from evomerge.search.console import ensure_zoo, run_and_report
     from evomerge.search.rundir import RunDir
 
     cfg = SearchConfig.load(config)

@@ -19,7 +19,8 @@ import numpy as np
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.optimizer import Optimizer
 from evomerge.search.rundir import RunDir
-from evomerge.search.space import SearchSpace, space_for
+from evomerge.search.space import SearchSpace
+from evomerge.search.spaces import space_for
 from evomerge.search.trial import FINISHED, Executor, Status, Trial, TrialResult
 
 

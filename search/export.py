@@ -17,7 +17,8 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import guard_output, staged_dir, write_atomic
 from evomerge.merge.recipe import Recipe
 from evomerge.search.rundir import RunDir
-from evomerge.search.space import SearchSpace, space_for
+from evomerge.search.space import SearchSpace
+from evomerge.search.spaces import space_for
 from evomerge.search.trial import Status
 
 EXPORT_MARKER = "export"

@@ -68,8 +68,10 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
         if slice_params:
             slice_["parameters"] = slice_params
         slices.append(slice_)
-    global_params: dict = {"normalize": ps.options_normalize, **ps.defaults}
-    if ps.options_rescale.value != "none":
+    global_params: dict = {p.name: ps.defaults.get(p.name, p.default) for p in method.group_params}
+    if "normalize" in method.options:
+        global_params["normalize"] = ps.options_normalize
+    if "rescale" in method.options and ps.options_rescale.value != "none":
         global_params["rescale"] = True
     config: dict = {
         "merge_method": ps.method,

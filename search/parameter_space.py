@@ -21,6 +21,7 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import get_method
 from evomerge.search.config import GeneRange, SearchConfig
+from evomerge.search.plots import pyplot, save
 from evomerge.search.space import Candidate, SearchSpace
 
 
@@ -78,8 +79,8 @@ class ParameterSearch(SearchSpace):
             for model in self.models:
                 for p in names:
                     if p not in group_params:
-                        start = space.start(model, p)
-                        self.genes.append(Gene(gi, model, p, space.range(p), start))
+                        init = space.start(model, p)
+                        self.genes.append(Gene(gi, model, p, space.range(p), init))
 
     @property
     def dim(self) -> int:
@@ -232,8 +233,6 @@ class ParameterSearch(SearchSpace):
         )
 
     def plots(self, recipe: Recipe, out: Path) -> list[str]:
-        from evomerge.search.report import plot_genome
-
         plot_genome(recipe, out / "genome.png")
         return ["genome.png"]
 
@@ -257,3 +256,33 @@ class ResidentCandidate:
 
     def materialize(self, recipe: Recipe) -> None:
         self.sources.materialize(recipe, self.model)
+
+
+def plot_genome(recipe: Recipe, path: Path) -> None:
+    """One heat map per model parameter of the method: models x layer groups."""
+    plt = pyplot()
+    ps = recipe.parameter_space
+    assert ps is not None
+    labels = [g.label() for g in ps.groups]
+    models = list(dict.fromkeys(a for g in ps.groups for a in ps.merged_models(g)))
+    fields = [p.name for p in ps.merge_method.model_params] or ["weight"]
+    fig, axes = plt.subplots(
+        1,
+        len(fields),
+        figsize=(max(6, 0.6 * len(labels) + 3) * len(fields) / 1.5, 0.5 * len(models) + 2),
+        squeeze=False,
+    )
+    for ax, field in zip(axes[0], fields, strict=True):
+        grid = [
+            [
+                ps.model_values(g, m).get(field, float("nan")) if m in g.params else float("nan")
+                for g in ps.groups
+            ]
+            for m in models
+        ]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(models)), models)
+        ax.set_title(field)
+        fig.colorbar(im, ax=ax)
+    save(fig, path)

@@ -14,8 +14,9 @@ import pandas as pd
 
 from evomerge.merge.files import write_atomic
 from evomerge.merge.recipe import Recipe
+from evomerge.search.plots import pyplot, save
 from evomerge.search.rundir import RunDir
-from evomerge.search.space import space_for
+from evomerge.search.spaces import space_for
 from evomerge.search.trial import Status
 
 
@@ -63,24 +64,8 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     }
 
 
-def _pyplot():
-    """matplotlib without a display (reports are written by servers and CI too)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-
-
 def plot_fitness(df: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     done = df[df.status == Status.COMPLETE].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(done):
@@ -98,64 +83,7 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("evaluations")
     ax.set_ylabel("fitness")
     ax.legend(loc="lower right")
-    _save(fig, path)
-
-
-def plot_genome(recipe: Recipe, path: Path) -> None:
-    """One heat map per model parameter of the method: models x layer groups."""
-    plt = _pyplot()
-    ps = recipe.parameter_space
-    assert ps is not None
-    labels = [g.label() for g in ps.groups]
-    models = list(dict.fromkeys(a for g in ps.groups for a in ps.merged_models(g)))
-    fields = [p.name for p in ps.merge_method.model_params] or ["weight"]
-    fig, axes = plt.subplots(
-        1,
-        len(fields),
-        figsize=(max(6, 0.6 * len(labels) + 3) * len(fields) / 1.5, 0.5 * len(models) + 2),
-        squeeze=False,
-    )
-    for ax, field in zip(axes[0], fields, strict=True):
-        grid = [
-            [
-                ps.model_values(g, m).get(field, float("nan")) if m in g.params else float("nan")
-                for g in ps.groups
-            ]
-            for m in models
-        ]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(models)), models)
-        ax.set_title(field)
-        fig.colorbar(im, ax=ax)
-    _save(fig, path)
-
-
-def plot_path(recipe: Recipe, path: Path) -> None:
-    """A data-flow path: hop against source layer, coloured by model, scales annotated."""
-    plt = _pyplot()
-    df = recipe.data_flow
-    assert df is not None
-    models = list(dict.fromkeys(h.model for h in df.path))
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(df.path) + 2), 3.5))
-    for m, color in zip(models, plt.cm.tab10.colors, strict=False):
-        hops = [(k, h) for k, h in enumerate(df.path) if h.model == m]
-        ax.scatter([k for k, _ in hops], [h.layer for _, h in hops], color=color, label=m, s=60)
-        for k, h in hops:
-            if abs(h.scale - 1) > 1e-3:
-                ax.annotate(
-                    f"x{h.scale:.2f}",
-                    (k, h.layer),
-                    textcoords="offset points",
-                    xytext=(0, 7),
-                    ha="center",
-                    fontsize=7,
-                )
-    ax.plot(range(len(df.path)), [h.layer for h in df.path], color="grey", alpha=0.4, zorder=0)
-    ax.set_xlabel("hop")
-    ax.set_ylabel("source layer")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def write_report(run_dir: Path) -> Path:

@@ -47,7 +47,7 @@ class TrialWorker:
         if threads:
             torch.set_num_threads(threads)
         from evomerge.fitness.scorer import Scorer
-        from evomerge.search.space import space_for
+        from evomerge.search.spaces import space_for
 
         config = SearchConfig.parse(config_data)
         self.device = device

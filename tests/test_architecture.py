@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from evomerge.merge.architecture import KNOWN_MODEL_TYPES, ModelInfo, Slot, classify
+from evomerge.merge.architecture import ModelInfo, Slot, classify
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.synthetic import make_family, tiny_config
 
@@ -31,10 +31,10 @@ def test_every_tensor_classified(model_type):
     layers = {s.layer for s in slots.values() if s.group == "layer"}
     assert layers == set(range(config.num_hidden_layers))
     groups = {s.group for s in slots.values()}
-    assert {"embed", "layer", "final_norm", "head"} <= groups | {"head"}
+    # a tied model's state dict still names its head (`lm_head.weight`), so every group is there
+    assert groups == {"embed", "layer", "final_norm", "head"}
     kinds = {s.kind for s in slots.values() if s.group == "layer"}
     assert kinds == {"attention", "mlp", "other"}
-    assert model_type in KNOWN_MODEL_TYPES
 
 
 def test_known_names():

@@ -48,7 +48,11 @@ def family3(tmp_path_factory):
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear", "breadcrumbs_ties"])
 def test_mergekit_yaml_rebuilds_the_same_merge(tmp_path, family3, method):
     def p(w, d):
-        return {"weight": w, "density": d} if method not in ("linear", "task_arithmetic") else {"weight": w}
+        return (
+            {"weight": w, "density": d}
+            if method not in ("linear", "task_arithmetic")
+            else {"weight": w}
+        )
 
     groups = [
         {"layers": "embed", "params": {"expert1": p(0.3, 0.5), "expert2": p(0.9, 0.7)}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -82,14 +83,27 @@ def test_garbage_header_is_named(tmp_path):
 
 
 def test_sharded_checkpoint_reads_lazily(tmp_path, llama_family):
+    """Opening a checkpoint reads headers only, and a tensor is read from its own bytes only:
+    with one shard's tensor data overwritten by garbage, every tensor of the other shards
+    still reads back exactly (and the garbage shard's tensors come back as garbage)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(llama_family["base"])
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
-    assert json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    victim = tmp_path / "sharded" / shards[1]
+    (header_len,) = struct.unpack("<Q", victim.read_bytes()[:8])
+    data_start = 8 + header_len
+    with open(victim, "r+b") as f:  # garbage in every tensor byte, headers untouched
+        f.seek(data_start)
+        f.write(b"\x7f" * (victim.stat().st_size - data_start))
     ck, ref = Checkpoint(tmp_path / "sharded"), Checkpoint(llama_family["base"])
     assert sorted(ck.names) == sorted(ref.names)
-    assert all(torch.equal(ck.get(n), ref.get(n)) for n in ref.names)
+    in_victim = {n for n, f in index["weight_map"].items() if f == shards[1]}
+    assert in_victim and all(not torch.equal(ck.get(n), ref.get(n)) for n in in_victim)
+    assert all(torch.equal(ck.get(n), ref.get(n)) for n in ref.names if n not in in_victim)
 
 
 def test_staged_dir_leaves_nothing_on_failure(tmp_path):

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
 from evomerge.search.driver import Progress, run_search
-from evomerge.search.parameter_space import ParameterSearch
 from evomerge.search.optimizer import Optimizer
+from evomerge.search.parameter_space import ParameterSearch
 from evomerge.search.rundir import RunDir
 from evomerge.search.workers import SerialExecutor
 from tests.conftest import search_config

@@ -1,0 +1,90 @@
+"""A search in the terminal: the progress bar, Ctrl-C and SIGTERM, the closing line."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _search_progress():
+    """A rich progress bar over evaluations, with generation, best and mean fitness, and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from evomerge.search.driver import Progress as Hooks
+
+    bar = Progress(
+        TextColumn("[bold]gen {task.fields[gen]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
+
+    def start(done: int, budget: int, best: float) -> None:
+        bar.start()
+        bar.update(task, completed=done, total=budget, best=best)
+
+    def result(done: int, record: dict, best: float) -> None:
+        bar.update(
+            task, completed=done, gen=record["generation"], best=best, last=record["fitness"]
+        )
+
+    return bar, Hooks(
+        on_start=start, on_result=result, on_generation=lambda line: bar.console.print(line)
+    )
+
+
+def run_and_report(run) -> dict | None:
+    """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run."""
+    from evomerge.search.driver import run_search
+    from evomerge.search.workers import make_executor
+
+    os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
+    bar, hooks = _search_progress()
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    # explicit handlers: a background job may inherit SIGINT ignored, and a cluster scheduler
+    # pre-empts with SIGTERM; either way, stop dispatching and leave a resumable run
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        best = run_search(run, lambda: make_executor(run.config), hooks)
+    except KeyboardInterrupt:
+        bar.stop()
+        console.print(f"interrupted: every finished trial is saved; `evomerge resume {run.path}`")
+        raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None
+    finally:
+        bar.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if best is None:
+        console.print("no trial completed")
+    else:
+        console.print(
+            f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
+            f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}"
+        )
+    return best
+
+
+def ensure_zoo(cfg) -> None:
+    """Build the zoo a config's relative model paths point into, when it is missing."""
+    if cfg.zoo:
+        from evomerge.fitness.zoo.build import build_zoo
+
+        build_zoo(size=cfg.zoo, log=console.print)
