@@ -93,3 +93,27 @@ def test_ps_recipe_missing_is_one_clear_error(tiny_zoo, tmp_path):
     )
     with pytest.raises(EvomergeError, match="dfs.ps_recipe: .*not found; finish the PS search"):
         cfg.ps_recipe()
+
+
+def test_single_model_data_flow_search_runs_checks_and_exports(tiny_zoo, tmp_path):
+    """One model: a path that drops, repeats or rescales its layers. It passes --check, searches,
+    and exports as a plain checkpoint without a mergekit config (mergekit cannot scale hops)."""
+    from evomerge.search.check import check_search
+    from evomerge.search.export import export
+
+    cfg = search_config(
+        tiny_zoo,
+        models={"add": {"path": str(tiny_zoo / "llama" / "add")}},
+        base="add",
+        dfs={"models": ["add"], "embed_from": "add", "repeats": 2, "max_hops": 4},
+        cma={"popsize": 4, "budget": 8, "seed": 2, "sigma0": 0.5},
+    )
+    assert check_search(cfg, tmp_path / "r") == []
+    run = RunDir.create(tmp_path / "r", cfg)
+    best = run_search(run, lambda: SerialExecutor(cfg), Progress())
+    assert best is not None and len(run.trials()) == 8
+    out = export(tmp_path / "r", tmp_path / "exp")
+    assert (out / "model" / "model.safetensors").is_file() and (out / "heldout.md").is_file()
+    assert not (out / "mergekit.yaml").exists()
+    card = (out / "model" / "README.md").read_text()
+    assert "data-flow path" in card and "mergekit-yaml" not in card
