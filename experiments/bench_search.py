@@ -52,7 +52,7 @@ def search_split(budget: int) -> None:
         t0 = time.perf_counter()
         run_search(run, factory)
         wall = time.perf_counter() - t0
-        done = [r for r in run.records() if r["status"] in ("COMPLETE", "FAILED")]
+        done = [r for r in run.records() if r.get("status") in ("COMPLETE", "FAILED")]
     merge = sum(r["merge_seconds"] for r in done)
     evaluate = sum(r["eval_seconds"] for r in done)
     searching = wall - startup[0]
@@ -167,7 +167,7 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
             busy = sum(
                 (r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
                 for r in run.records()
-                if r["status"] == "COMPLETE"
+                if r.get("status") == "COMPLETE"
             )
         ray.shutdown()
         print(

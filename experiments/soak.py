@@ -99,13 +99,13 @@ def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
             done = {
                 (r["generation"], r["index"])
                 for r in RunDir.reopen(run_dir).records()
-                if r["status"] == "COMPLETE"
+                if r.get("status") == "COMPLETE"
             }
             assert finished_seen <= done, "a finished trial was lost"
             finished_seen = done
         proc = cli("resume", str(run_dir))
     records = RunDir.reopen(run_dir).records()
-    completes = [(r["generation"], r["index"]) for r in records if r["status"] == "COMPLETE"]
+    completes = [(r["generation"], r["index"]) for r in records if r.get("status") == "COMPLETE"]
     duplicated = len(completes) - len(set(completes))
     same = outcome(run_dir) == outcome(tmp / "ref")
     same_best = (run_dir / "best" / "recipe.yaml").read_text() == (

@@ -84,7 +84,11 @@ class Scorer:
         num_fewshot: int | None = None,
         batch_size: int = 64,
         apply_chat_template: bool = False,
+        rescore_limit: int | float | None = None,
     ):
+        """`limit`: the items a candidate is scored on (a seeded subset; None: every item).
+        Candidates may also be scored again on the `rescore` set: the `limit` subset plus
+        seeded further items, up to `rescore_limit` (None: every item)."""
         from lm_eval.tasks import TaskManager
 
         for name in ("lm_eval", "lm-eval", "datasets"):
@@ -97,14 +101,17 @@ class Scorer:
         tm = TaskManager(include_path=paths or None, include_defaults=not paths)
         if paths and not set(names) <= set(tm.all_tasks):
             tm = TaskManager(include_path=paths, include_defaults=True)
+        unknown = []
         for name in names:
             if name not in tm.all_tasks:
                 close = difflib.get_close_matches(name, tm.all_tasks, n=3)
                 hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise EvomergeError(
+                unknown.append(
                     f"task {name!r} not found; {hint}check the name or add its YAML directory "
                     "to the include paths"
                 )
+        if unknown:
+            raise EvomergeError("\n".join(unknown))
         self.loaded = tm.load(names)
         groups = [n for n in names if n not in self.loaded["tasks"]]
         if groups:
@@ -125,8 +132,9 @@ class Scorer:
                 task.set_config(key="num_fewshot", value=0)
         self.seed = seed
         self.samples = self._subsets(limit, seed) if limit is not None else None
+        self.rescore_samples = self._extend(self.samples, rescore_limit, seed)
         self.lm: Any = None  # lm-eval HFLM, set by `bind`
-        self.requests: list | None = None  # built on the first `bind`
+        self.requests: dict[str, list] = {}  # item set -> its built requests
 
     @property
     def shardable(self) -> bool:
@@ -138,13 +146,17 @@ class Scorer:
             for s in self.specs
         )
 
-    def shard(self, i: int, k: int) -> dict[str, list[int]]:
-        """Shard i of k: every k-th example of each task's (limited) set, from the i-th."""
-        out = {}
-        for name, task in self.loaded["tasks"].items():
-            docs = self.samples[name] if self.samples else list(range(len(task.eval_docs)))
-            out[name] = docs[i::k]
-        return out
+    def items(self, which: str = "search") -> dict[str, list[int]]:
+        """Each task's documents of an item set: `search` (the `limit` subset) or `rescore`."""
+        chosen = self.samples if which == "search" else self.rescore_samples
+        return {
+            name: chosen[name] if chosen else list(range(len(task.eval_docs)))
+            for name, task in self.loaded["tasks"].items()
+        }
+
+    def shard(self, i: int, k: int, which: str = "search") -> dict[str, list[int]]:
+        """Shard i of k: every k-th example of each task's item set, from the i-th."""
+        return {name: docs[i::k] for name, docs in self.items(which).items()}
 
     def _first_metric(self, name: str) -> str:
         metric_list = self.loaded["tasks"][name].config.metric_list or [{"metric": "acc"}]
@@ -160,31 +172,57 @@ class Scorer:
             out[name] = sorted(rng.sample(range(n), min(max(k, 1), n)))
         return out
 
+    def _extend(self, subset: dict[str, list[int]] | None, limit, seed: int) -> dict | None:
+        """The rescore set: `subset` plus seeded further documents, up to `limit` per task."""
+        if subset is None:
+            return None
+        if limit is None:
+            return {name: list(range(len(t.eval_docs))) for name, t in self.loaded["tasks"].items()}
+        out = {}
+        for name, task in self.loaded["tasks"].items():
+            n = len(task.eval_docs)
+            k = int(limit * n) if isinstance(limit, float) and limit <= 1 else int(limit)
+            rest = sorted(set(range(n)) - set(subset[name]))
+            random.Random(f"{seed}/{name}/rescore").shuffle(rest)
+            out[name] = sorted([*subset[name], *rest[: max(0, k - len(subset[name]))]])
+        return out
+
     def bind(self, model, tokenizer, device: str = "cpu") -> Scorer:
-        """Wrap the resident model once and build every task's requests (once per Scorer);
-        later in-place weight changes are seen by `score`."""
-        from evomerge.fitness.requests import ReusableHFLM, TaskRequests
+        """Wrap the resident model once; later in-place weight changes are seen by `score`."""
+        from evomerge.fitness.requests import ReusableHFLM
 
         self.lm = ReusableHFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=device
         )
         # prompts depend on the tasks and the seed, and on the tokenizer only through a chat
-        # template: built once unless one is applied
-        if self.requests is None or self.apply_chat_template:
-            subsets = self.samples or {}
+        # template: built once per item set unless one is applied
+        if self.apply_chat_template:
+            self.requests = {}
+        self._requests("search")
+        return self
+
+    def _requests(self, which: str) -> list:
+        """The built requests of an item set (built on first use, each set with the few-shot
+        sampler seeded anew: the search set's prompts are those of a Scorer without rescoring)."""
+        from evomerge.fitness.requests import TaskRequests
+
+        if which not in self.requests:
+            subsets = (self.samples if which == "search" else self.rescore_samples) or {}
             with contextlib.redirect_stderr(io.StringIO()):
-                self.requests = [
+                self.requests[which] = [
                     TaskRequests.build(
                         name, task, subsets.get(name), self.lm, self.seed, self.apply_chat_template
                     )
                     for name, task in self.loaded["tasks"].items()
                 ]
-        return self
+        return self.requests[which]
 
-    def score(self, samples: dict[str, list[int]] | None = None) -> FitnessResult:
-        """Evaluate the bound model (on `samples`, a shard, when given); any exception or
-        non-finite metric is a failed result."""
-        if self.lm is None or self.requests is None:
+    def score(
+        self, samples: dict[str, list[int]] | None = None, which: str = "search"
+    ) -> FitnessResult:
+        """Evaluate the bound model on an item set (only `samples` of it, a shard, when given);
+        any exception or non-finite metric is a failed result."""
+        if self.lm is None:
             raise RuntimeError("Scorer.bind(model, tokenizer) first")
         from evomerge.fitness.requests import answer
 
@@ -193,7 +231,7 @@ class Scorer:
             # lm-eval's request progress bars pass disable=False explicitly; keep them off the
             # terminal (errors still arrive as exceptions)
             with contextlib.redirect_stderr(io.StringIO()):
-                results = answer(self.lm, self.requests, samples)
+                results = answer(self.lm, self._requests(which), samples)
             metrics: dict[str, float] = {}
             for spec in self.specs:
                 task_metrics, count = results[spec.name]

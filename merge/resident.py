@@ -44,19 +44,19 @@ class ResidentTaskVector(ResidentModel):
     tensors are dropped, so it costs no more memory than the model itself."""
 
     def __init__(self, model: ResidentModel, base: ResidentModel):
-        self.info, self.path, self.names, self._dtypes = (
-            model.info,
-            model.path,
-            model.names,
-            model._dtypes,
-        )
+        self.info, self.path, self.names = model.info, model.path, model.names
+        self._dtypes, self._base = model._dtypes, base
         self._deltas = {
             n: t - base.tensors[n] for n, t in model.tensors.items() if t.is_floating_point()
         }
         self.tensors = {n: t for n, t in model.tensors.items() if not t.is_floating_point()}
 
     def get(self, name: str) -> torch.Tensor:
-        raise RuntimeError(f"{self.path}: kept as a task vector; ask for delta({name!r})")
+        """The source tensor, rebuilt as base + task vector (to fp32 rounding): for the rare
+        merge that reads the model itself, e.g. scoring the parent alone."""
+        if name in self._deltas:
+            return self._base.get(name) + self._deltas[name]
+        return self.tensors[name]
 
     def delta(self, name: str) -> torch.Tensor:
         return self._deltas[name]

@@ -157,6 +157,26 @@ class DFSConfig(_Strict):
         return v
 
 
+class RescoreConfig(_Strict):
+    """After the budget, the best candidates are scored again on more search items and the
+    winner is the best of that second score: the maximum of many noisy scores on the same
+    items overrates its candidate (the winner's curse). Held-out items are never used."""
+
+    top: int = Field(5, ge=0)  # how many of the best by search fitness; 0: off
+    limit: int | float | None = None  # items per task (count or fraction); None: every item
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        return _check_limit(v)
+
+
+def _check_limit(v: int | float | None) -> int | float | None:
+    if v is not None and not (v >= 1 if isinstance(v, int) else 0 < v <= 1):
+        raise ValueError(f"must be a count >= 1 or a fraction in (0, 1], got {v}")
+    return v
+
+
 class FitnessConfig(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     include: list[str] = Field(default_factory=list)  # extra lm-eval task directories
@@ -169,13 +189,12 @@ class FitnessConfig(_Strict):
     # split a candidate's examples over idle workers: auto (when workers outnumber candidates
     # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded
     shards: Literal["auto", "off"] | int = "auto"
+    rescore: RescoreConfig = Field(default_factory=RescoreConfig)
 
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: int | float | None) -> int | float | None:
-        if v is not None and not (v >= 1 if isinstance(v, int) else 0 < v <= 1):
-            raise ValueError(f"must be a count >= 1 or a fraction in (0, 1], got {v}")
-        return v
+        return _check_limit(v)
 
     @field_validator("shards")
     @classmethod
@@ -186,6 +205,9 @@ class FitnessConfig(_Strict):
 
 
 class CMAConfig(_Strict):
+    # cmaes: the search; random: uniform samples in the genome's bounds at the same budget and
+    # population, the baseline CMA-ES must beat
+    sampler: Literal["cmaes", "random"] = "cmaes"
     sigma0: float = Field(0.2, gt=0)
     popsize: int | None = Field(None, ge=2)  # None: cma's default 4 + 3 ln(n)
     budget: int = Field(64, ge=1)  # evaluations in all

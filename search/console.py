@@ -26,15 +26,31 @@ def _search_progress():
         TextColumn("[bold]gen {task.fields[gen]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]:.4f}  last {task.fields[last]:.4f}"),
+        TextColumn(
+            "best {task.fields[best]:.4f}{task.fields[parents]}  last {task.fields[last]:.4f}"
+        ),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
     )
-    task = bar.add_task("search", total=None, gen=0, best=float("nan"), last=float("nan"))
+    task = bar.add_task(
+        "search", total=None, gen=0, best=float("nan"), last=float("nan"), parents=""
+    )
 
-    def start(done: int, budget: int, best: float) -> None:
+    def start(done: int, budget: int, best: float, parents: dict[str, float]) -> None:
+        # the parents' search-split scores: the line the best must clear
+        line = ", ".join(f"{k} {v:.3f}" for k, v in sorted(parents.items(), key=lambda kv: -kv[1]))
+        if parents:
+            console.print(f"parents on the search split: {line}")
+        top = max(parents.values(), default=None)
         bar.start()
-        bar.update(task, completed=done, total=budget, best=best)
+        bar.update(
+            task,
+            completed=done,
+            total=budget,
+            best=best,
+            parents=f" (best parent {top:.4f})" if top is not None else "",
+        )
 
     def result(done: int, record: dict, best: float) -> None:
         bar.update(
@@ -76,8 +92,8 @@ def run_and_report(run) -> dict | None:
         console.print("no trial completed")
     else:
         console.print(
-            f"best fitness {best['fitness']:.4f} (trial {best['generation']}:"
-            f"{best['index']}): {run.path / 'best' / 'recipe.yaml'}"
+            f"best: trial {best['generation']}:{best['index']}, search fitness "
+            f"{best['fitness']:.4f}{_rescored(best)}: {run.path / 'best' / 'recipe.yaml'}"
         )
     return best
 
@@ -88,3 +104,8 @@ def ensure_zoo(cfg) -> None:
         from evomerge.fitness.zoo.build import build_zoo
 
         build_zoo(size=cfg.zoo, log=console.print)
+
+
+def _rescored(trial: dict) -> str:
+    again = (trial.get("rescored") or {}).get("fitness")
+    return "" if again is None else f", {again:.4f} on the rescore items"

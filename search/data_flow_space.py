@@ -149,11 +149,28 @@ class DataFlowSearch(SearchSpace):
                 x[len(self.slots) + self._scale_index(hops[k - 1], hop)] = df.path[k].scale - 1
         return x
 
+    def identity(self) -> dict:
+        """The embedding model's own path: every layer once, no scaling."""
+        embed = self.dfs.embed_from
+        hops = [{"model": embed, "layer": i, "scale": 1.0} for i in range(self.layers[embed])]
+        return {"embed_from": embed, "path": hops}
+
     # -- worker side --------------------------------------------------------------------------
     def candidate(self, device: str, provided: dict[str, Any] | None = None) -> Candidate:
         return PathCandidate(self, device, provided or {})
 
     # -- hooks --------------------------------------------------------------------------------
+    def references(self) -> dict[str, Recipe]:
+        """The embedding model itself (the path model reads its embeddings and head)."""
+        if self.dfs.embed_from == PS:
+            return {}  # the composed space scores the stage itself
+        recipe = {
+            "dtype": self.config.space.dtype,
+            "models": self.models(),
+            "data_flow": self.identity(),
+        }
+        return {self.dfs.embed_from: Recipe.parse(recipe)}
+
     def problems(self) -> list[str]:
         from evomerge.merge.dataflow import family
 

@@ -13,27 +13,53 @@ console = Console()
 DEMO_CONFIG = shipped_configs() / "demo.yaml"
 
 
-def heldout_report(cfg: SearchConfig, best_recipe: Path) -> str:
-    """The best recipe's held-out scores beside each parent's and an untuned merge's."""
-    from evomerge.fitness.tasks import to_split
-    from evomerge.fitness.zoo.table import markdown, score_rows, untuned_recipe
-    from evomerge.merge.recipe import Recipe
+def heldout_summary(rows: list[dict]) -> str:
+    """The demo's last line: the evolved best against the best parent, the best untuned merge
+    and the joint reference, by held-out mean."""
 
+    def best(kind: str) -> dict | None:
+        return max((r for r in rows if r["kind"] == kind), key=lambda r: r["mean"], default=None)
+
+    def named(row: dict | None) -> str:
+        return "n/a" if row is None else f"{row['mean']:.3f} ({row['model']})"
+
+    searched, parent, untuned = best("searched"), best("parent"), best("untuned")
+    joint = best("reference")
+    return (
+        f"held-out mean: best {searched['mean'] if searched else float('nan'):.3f}, "
+        f"best parent {named(parent)}, best untuned {named(untuned)}, "
+        f"joint {joint['mean'] if joint else float('nan'):.3f}"
+    )
+
+
+def heldout_report(run, best: dict) -> tuple[str, str]:
+    """The held-out table (parents, untuned merges, the evolved best, the joint reference when
+    the zoo has one) and its summary line."""
+    from evomerge.fitness.tables import markdown_table
+    from evomerge.fitness.zoo.skills import DISTRACTOR
+    from evomerge.merge.recipe import Recipe
+    from evomerge.search.export import heldout_rows
+    from evomerge.search.spaces import space_for
+
+    cfg = run.config
     zoo = cfg.zoo_dir()
-    assert zoo is not None
-    tasks = [t.name for t in (cfg.fitness.heldout_tasks or to_split(cfg.fitness.tasks, "heldout"))]
-    rows: dict[str, object] = dict(cfg.model_paths())
-    if cfg.dfs is None:
-        rows[f"untuned {cfg.space.method} (weight 1, density 1, all experts)"] = untuned_recipe(
-            zoo, cfg.space.method, cfg.experts, 1.0
-        )
-    elif cfg.dfs.ps_recipe:
-        rows["PS stage (dfs.ps_recipe)"] = cfg.ps_recipe()
-    rows["evomerge best"] = Recipe.load(best_recipe)
-    table = score_rows(zoo, rows, tasks)
-    for row in table.values():
+    joint = zoo / "llama" / "joint" if zoo is not None else None
+    references = {"joint reference": joint} if joint is not None and joint.is_dir() else {}
+    searched = {"evomerge best": (Recipe.parse(best["recipe"]), best["fitness"])}
+    space = space_for(cfg)
+    untuned = {}
+    if DISTRACTOR in cfg.experts:
+        # a user merging by hand would leave out the expert they know to be unrelated
+        useful = [e for e in cfg.experts if e != DISTRACTOR]
+        untuned = {f"{k}, without {DISTRACTOR}": r for k, r in space.baselines(useful).items()}
+    rows = heldout_rows(run, searched, references, untuned)
+    tasks = [s.name for s in cfg.heldout_specs()]
+    for row in rows:
         row["mean"] = sum(row[t] for t in tasks) / len(tasks)
-    return markdown(table, [*tasks, "mean"])
+    columns = ["model", "kind", *tasks, "mean"]
+    short = {t: t.removeprefix("zoo_").removesuffix("_heldout") for t in tasks}
+    table = markdown_table([{short.get(k, k): r[k] for k in columns} for r in rows])
+    return table, heldout_summary(rows)
 
 
 def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
@@ -46,5 +72,7 @@ def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
     best = run_and_report(run)
     if best is None:
         return
-    console.print("\nHeld-out split (exact match), never seen by the search:")
-    print(heldout_report(cfg, run.path / "best" / "recipe.yaml"))
+    console.print("\nHeld-out split, never seen by the search:")
+    table, summary = heldout_report(run, best)
+    print(table)
+    print(summary)

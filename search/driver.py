@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.optimizer import Optimizer
+from evomerge.search.optimizer import Optimizer, RandomSearch
 from evomerge.search.rundir import RunDir
 from evomerge.search.space import SearchSpace
 from evomerge.search.spaces import space_for
@@ -33,14 +33,16 @@ def trial_seed(run_seed: int, generation: int, index: int) -> int:
 class Progress:
     """What the progress display is told; the CLI renders it, tests ignore it."""
 
-    on_start: Callable[[int, int, float], None] = lambda done, budget, best: None
+    # evaluations done, budget, best fitness so far, the parents' search-split fitness
+    on_start: Callable[[int, int, float, dict[str, float]], None] = lambda *a: None
     on_result: Callable[[int, dict, float], None] = lambda done, record, best: None
     on_generation: Callable[[str], None] = lambda line: None
 
 
-def new_optimizer(run: RunDir, space: SearchSpace) -> Optimizer:
+def new_optimizer(run: RunDir, space: SearchSpace) -> Optimizer | RandomSearch:
     c = run.config.cma
-    return Optimizer(
+    sampler = RandomSearch if c.sampler == "random" else Optimizer
+    return sampler(
         space.x0(),
         c.sigma0,
         space.bounds(),
@@ -59,9 +61,20 @@ def run_search(
         return _search(run, make_executor, progress or Progress())
 
 
-def best_of(trials) -> dict | None:
-    done = [t for t in trials if t["status"] == Status.COMPLETE]
-    return max(done, key=lambda t: t["fitness"], default=None)
+class _Executor:
+    """The executor, started on first use (a finished run resumed starts no workers)."""
+
+    def __init__(self, make: Callable[[], Executor]):
+        self.make, self.started = make, None
+
+    def run(self, trials: list[Trial], on_result) -> None:
+        if trials:
+            self.started = self.started or self.make()
+            self.started.run(trials, on_result)
+
+    def shutdown(self) -> None:
+        if self.started is not None:
+            self.started.shutdown()
 
 
 def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progress) -> dict | None:
@@ -69,11 +82,13 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
     space = space_for(config)
     opt = new_optimizer(run, space)
     state = run.trials()
-    best = best_of(state.values())
+    ranked = run.ranked(state)
+    best = ranked[0] if ranked else None
     done = sum(t["status"] in FINISHED for t in state.values())
-    progress.on_start(done, config.cma.budget, best["fitness"] if best else math.nan)
-    executor: Executor | None = None
+    executor = _Executor(make_executor)
     try:
+        parents = _score_parents(run, space, executor)
+        progress.on_start(done, config.cma.budget, best["fitness"] if best else math.nan, parents)
         while opt.generation * opt.popsize < config.cma.budget and not opt.stop():
             g = opt.generation + 1
             xs = opt.ask()
@@ -108,8 +123,6 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                 for i in range(len(xs))
                 if state[(g, i)]["status"] == Status.ASKED
             ]
-            if pending and executor is None:
-                executor = make_executor()
 
             def on_result(trial: Trial, result: TrialResult, g=g) -> None:
                 nonlocal best, done
@@ -129,9 +142,7 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                     run.write_best(best)
                 progress.on_result(done, record, best["fitness"] if best else math.nan)
 
-            if pending:
-                assert executor is not None
-                executor.run(pending, on_result)
+            executor.run(pending, on_result)
             opt.tell(xs, [state[(g, i)]["fitness"] for i in range(len(xs))])
             if not replayed:  # a replayed generation was logged by the session that ran it
                 line = summary_line(
@@ -139,10 +150,78 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                 )
                 run.log(line)
                 progress.on_generation(line)
+        return _rescore(run, state, executor, progress) or best
     finally:
-        if executor is not None:
-            executor.shutdown()
-    return best
+        executor.shutdown()
+
+
+def _score_parents(run: RunDir, space: SearchSpace, executor: _Executor) -> dict[str, float]:
+    """The parents' fitness on the search split (measured once, kept in parents.json)."""
+    scores = run.parents()
+    references = space.references()
+    if references and not scores:
+        labels = list(references)
+        trials = [
+            Trial(0, k, r.model_dump(mode="json", exclude_none=True))
+            for k, r in enumerate(references.values())
+        ]
+
+        def on_result(trial: Trial, result: TrialResult) -> None:
+            ok = result.status == Status.COMPLETE
+            scores[labels[trial.index]] = {
+                "fitness": result.fitness if ok else None,
+                "metrics": result.metrics,
+                **({} if ok else {"error": result.error}),
+            }
+
+        executor.run(trials, on_result)
+        run.write_parents(scores)
+    return {k: v["fitness"] for k, v in scores.items() if v.get("fitness") is not None}
+
+
+def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) -> dict | None:
+    """Score the best few candidates again on more search items and return the best of that
+    second score (None when rescoring is off): picking the maximum of many noisy scores of the
+    same items overrates the winner. Each result is journaled, so a resumed run goes on."""
+    fc = run.config.fitness
+    if fc.rescore.top == 0 or fc.limit is None:
+        return None
+    top = sorted(
+        (t for t in state.values() if t["status"] == Status.COMPLETE),
+        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
+    )[: fc.rescore.top]
+    pending = [
+        Trial(t["generation"], t["index"], t["recipe"], items="rescore")
+        for t in top
+        if "rescored" not in t
+    ]
+
+    def on_result(trial: Trial, result: TrialResult) -> None:
+        ok = result.status == Status.COMPLETE
+        rescored = {"fitness": result.fitness if ok else None, "examples": result.examples}
+        rescored |= {"metrics": result.metrics} if ok else {"error": result.error}
+        record = {
+            "generation": trial.generation,
+            "index": trial.index,
+            "rescored": rescored,
+            "time": time.time(),
+        }
+        run.append([record])
+        state[trial.key] = {**state[trial.key], **record}
+
+    executor.run(pending, on_result)
+    ranked = run.ranked(state)
+    winner = ranked[0] if ranked else None
+    if pending and winner is not None and "rescored" in winner:
+        run.write_best(winner)
+        line = (
+            f"rescored the top {len(top)} on more search items: winner {winner['generation']}:"
+            f"{winner['index']} (search {winner['fitness']:.4f}, rescored "
+            f"{winner['rescored']['fitness']:.4f})"
+        )
+        run.log(line)
+        progress.on_generation(line)
+    return winner
 
 
 def _check_same(run: RunDir, g: int, i: int, known: dict, x: np.ndarray) -> None:

@@ -25,7 +25,8 @@ EXPORT_MARKER = "export"
 
 
 def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
-    """The chosen trial (`G:I`), or the top-k COMPLETE trials by search fitness."""
+    """The chosen trial (`G:I`), or the top-k COMPLETE trials (`RunDir.ranked`: the winner of the
+    final rescoring first)."""
     trials = run.trials()
     if trial:
         try:
@@ -35,21 +36,22 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
         if (g, i) not in trials or trials[g, i]["status"] != Status.COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
         return [trials[g, i]]
-    done = sorted(
-        (t for t in trials.values() if t["status"] == Status.COMPLETE),
-        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
-    )
+    done = run.ranked(trials)
     if not done:
         raise EvomergeError(f"{run.path}: no COMPLETE trial to export yet")
     return done[: max(1, top_k)]
 
 
 def heldout_rows(
-    run: RunDir, searched: dict[str, tuple[Recipe, float | None]], references: dict | None = None
+    run: RunDir,
+    searched: dict[str, tuple[Recipe, float | None]],
+    references: dict | None = None,
+    untuned: dict[str, Recipe] | None = None,
 ) -> list[dict]:
     """The held-out table: the searched recipes (label -> recipe, search fitness), the parents,
-    the untuned merges of the search space and any `references` (label -> model directory).
-    Columns: model, kind, search fitness, held-out objective, then each task's metric."""
+    the untuned merges of the search space (and any further `untuned` ones), and any
+    `references` (label -> model directory). Columns: model, kind, search fitness, held-out
+    objective, then each task's metric."""
     from evomerge.fitness.models import load_model, model_from_recipe
     from evomerge.fitness.scorer import Scorer
 
@@ -65,7 +67,8 @@ def heldout_rows(
         (label, "searched", recipe, fitness) for label, (recipe, fitness) in searched.items()
     ]
     sources += [(a, "parent", cfg.model_path(a), None) for a in cfg.models]
-    sources += [(label, "untuned", r, None) for label, r in space.baselines().items()]
+    untuned = {**space.baselines(), **(untuned or {})}
+    sources += [(label, "untuned", r, None) for label, r in untuned.items()]
     sources += [(label, "reference", Path(p), None) for label, p in (references or {}).items()]
     rows = []
     for label, kind, source, search_fitness in sources:

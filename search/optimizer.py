@@ -66,3 +66,36 @@ class Optimizer:
 
     def stop(self) -> dict:
         return dict(self.es.stop())
+
+
+class RandomSearch:
+    """Uniform samples in the genome's box, as many per generation as CMA-ES would ask: the
+    baseline a search must beat at equal budget. Same seeds, same journal, same resume."""
+
+    def __init__(
+        self,
+        x0: np.ndarray,
+        sigma0: float,
+        bounds: tuple[list[float], list[float]],
+        seed: int,
+        popsize: int | None = None,
+        diagonal: bool = False,
+    ):
+        x0 = np.asarray(x0, dtype=float)
+        lo, hi = np.asarray(bounds[0], dtype=float), np.asarray(bounds[1], dtype=float)
+        # an unbounded gene (a sigmoid transform's logit) is drawn within 4 of its start
+        self.lo = np.where(np.isfinite(lo), lo, x0 - 4)
+        self.hi = np.where(np.isfinite(hi), hi, x0 + 4)
+        self.seed = seed
+        self.popsize = popsize or 4 + int(3 * np.log(max(len(x0), 1)))
+        self.generation = 0
+
+    def ask(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.generation + 1])
+        return [rng.uniform(self.lo, self.hi) for _ in range(self.popsize)]
+
+    def tell(self, xs: list[np.ndarray], fitness: list[float]) -> None:
+        self.generation += 1
+
+    def stop(self) -> dict:
+        return {}

@@ -185,10 +185,12 @@ class ParameterSearch(SearchSpace):
             return [f"space: the initial genome does not decode: {e}"]
         return []
 
-    def baselines(self) -> dict[str, Recipe]:
-        """Uniform linear, task arithmetic at several lambdas, TIES and DARE-TIES at density 0.5."""
+    def baselines(self, experts: list[str] | None = None) -> dict[str, Recipe]:
+        """Uniform linear, task arithmetic at several lambdas, TIES and DARE-TIES at density 0.5,
+        over every expert (or the given ones)."""
         cfg = self.config
-        models, experts = self.model_paths, cfg.experts
+        experts = experts or cfg.experts
+        models = {a: p for a, p in self.model_paths.items() if a == cfg.base or a in experts}
 
         def one(method: str, params: dict, **ps) -> Recipe:
             return Recipe.single_group(
@@ -204,6 +206,23 @@ class ParameterSearch(SearchSpace):
         out["ties (density 0.5)"] = one("ties", sparse)
         out["dare_ties (density 0.5)"] = one("dare_ties", sparse, seed=0)
         return out
+
+    def references(self) -> dict[str, Recipe]:
+        """Each model alone: a passthrough of it over every layer."""
+        models = {a: {"path": p} for a, p in self.model_paths.items()}
+        return {
+            alias: Recipe.parse(
+                {
+                    "dtype": self.config.space.dtype,
+                    "models": models,
+                    "parameter_space": {
+                        "method": "passthrough",
+                        "groups": [{"layers": [0, self.num_layers], "params": {alias: {}}}],
+                    },
+                }
+            )
+            for alias in self.config.models
+        }
 
     def mergekit(self, recipe: Recipe) -> dict | None:
         from evomerge.merge.checkpoint import Checkpoint

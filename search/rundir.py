@@ -4,6 +4,7 @@
     trials.jsonl             append-only journal, one fsync'd JSON line per trial state change
     trials.quarantine.jsonl  lines of the journal that could not be read, moved aside on resume
     best/recipe.yaml         the best trial's recipe, replaced atomically on improvement
+    parents.json             the parents' scores on the search split, measured at the start
     search.log               one summary line per generation
     run.lock                 held by the process running the search (pid and host inside)
 
@@ -35,6 +36,7 @@ RUN_FORMAT = "evomerge-run/1"
 JOURNAL = "trials.jsonl"
 QUARANTINE = "trials.quarantine.jsonl"
 LOCK = "run.lock"
+PARENTS = "parents.json"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -52,7 +54,8 @@ def parse_record(line: bytes) -> tuple[dict | None, str | None]:
     g, i, status = record.get("generation"), record.get("index"), record.get("status")
     if not (type(g) is int and type(i) is int and g >= 1 and i >= 0):
         return None, "no valid generation and index"
-    if status not in {s.value for s in Status}:
+    # a record changes a trial's status, or (without one) annotates it: its final rescoring
+    if status not in {s.value for s in Status} and not (status is None and "rescored" in record):
         return None, f"unknown status {status!r}"
     return record, None
 
@@ -220,11 +223,33 @@ class RunDir:
             state[key] = {**state.get(key, {}), **r}
         return state
 
+    def ranked(self, trials: dict | None = None) -> list[dict]:
+        """COMPLETE trials, best first: those scored again at the end (`rescored`) by that
+        score, then the rest by search fitness; ties by trial order."""
+        state = self.trials() if trials is None else trials
+        done = [t for t in state.values() if t["status"] == Status.COMPLETE]
+
+        def key(t: dict) -> tuple:
+            rescored = (t.get("rescored") or {}).get("fitness")
+            first = (0, -rescored) if rescored is not None else (1, -t["fitness"])
+            return (*first, t["generation"], t["index"])
+
+        return sorted(done, key=key)
+
+    def parents(self) -> dict[str, dict]:
+        """The parents' search-split scores (label -> fitness, metrics), once measured."""
+        path = self.path / PARENTS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_parents(self, scores: dict[str, dict]) -> None:
+        write_atomic(self.path / PARENTS, json.dumps(scores, indent=2) + "\n")
+
     # -- best and log -------------------------------------------------------------------------
     def write_best(self, trial: dict) -> None:
         best = self.path / "best"
         Recipe.parse(trial["recipe"]).save(best / "recipe.yaml")
-        summary = {k: trial.get(k) for k in ("generation", "index", "fitness", "metrics", "x")}
+        keys = ("generation", "index", "fitness", "metrics", "rescored", "x")
+        summary = {k: trial[k] for k in keys if k in trial}
         write_atomic(best / "trial.json", json.dumps(summary, indent=2) + "\n")
 
     def log(self, line: str) -> None:

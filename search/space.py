@@ -64,8 +64,14 @@ class SearchSpace(ABC):
         """What `--check` finds wrong beyond what building the space already refused."""
         return []
 
-    def baselines(self) -> dict[str, Recipe]:
-        """Untuned merges a user would try by hand, for the held-out comparison."""
+    def baselines(self, experts: list[str] | None = None) -> dict[str, Recipe]:
+        """Untuned merges a user would try by hand (over every expert, or the given ones), for
+        the held-out comparison."""
+        return {}
+
+    def references(self) -> dict[str, Recipe]:
+        """Recipes that reproduce the parents (those the space can express), scored on the
+        search split when a search starts: the line its best must clear."""
         return {}
 
     def mergekit(self, recipe: Recipe) -> dict | None:

@@ -52,8 +52,11 @@ class FixedStage(SearchSpace):
         model, tokenizer = model_from_recipe(self.recipe, device)
         return _Built(model, tokenizer)
 
-    def baselines(self) -> dict[str, Recipe]:
+    def baselines(self, experts: list[str] | None = None) -> dict[str, Recipe]:
         return {f"PS stage ({self.source})": self.recipe}
+
+    def references(self) -> dict[str, Recipe]:
+        return {"PS stage": self.recipe}
 
     def card(self, recipe: Recipe) -> str:
         return f"The parameter-space stage is fixed: the best recipe of `{self.source}`.\n"
@@ -98,13 +101,16 @@ class Composed(SearchSpace):
         if np.shape(x) != (self.dim,):
             raise ValueError(f"genome has {self.dim} genes, got a vector of shape {np.shape(x)}")
         xs, xf = self._split(x)
-        stage = self.stage.decode(xs, seed).model_dump(mode="json", exclude_none=True)
+        return self._join(self.stage.decode(xs, seed), self.flow.path(xf))
+
+    def _join(self, stage: Recipe, path: dict) -> Recipe:
+        data = stage.model_dump(mode="json", exclude_none=True)
         return Recipe.parse(
             {
                 "dtype": self.flow.config.space.dtype,
-                "models": {**stage["models"], **self.flow.models()},
-                "parameter_space": stage["parameter_space"],
-                "data_flow": self.flow.path(xf),
+                "models": {**data["models"], **self.flow.models()},
+                "parameter_space": data["parameter_space"],
+                "data_flow": path,
             }
         )
 
@@ -119,8 +125,16 @@ class Composed(SearchSpace):
     def problems(self) -> list[str]:
         return self.stage.problems() + self.flow.problems()
 
-    def baselines(self) -> dict[str, Recipe]:
-        return self.stage.baselines()
+    def baselines(self, experts: list[str] | None = None) -> dict[str, Recipe]:
+        return self.stage.baselines(experts)
+
+    def references(self) -> dict[str, Recipe]:
+        """The stage's references (its parents, or the fixed stage) seen through the identity
+        path of the path's embedding model, when that model is the stage."""
+        if self.flow.dfs.embed_from != PS:
+            return self.flow.references()
+        path = self.flow.identity()
+        return {label: self._join(r, path) for label, r in self.stage.references().items()}
 
     def card(self, recipe: Recipe) -> str:
         return self.stage.card(recipe) + "\n" + self.flow.card(recipe)

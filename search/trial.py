@@ -30,6 +30,7 @@ class Trial:
     index: int
     recipe: dict  # a Recipe as plain data: small, picklable, versionless
     shard: tuple[int, int] | None = None  # (i, k): score only the i-th of k example shards
+    items: str = "search"  # the item set: "search" (fitness.limit) or "rescore"
 
     @property
     def key(self) -> tuple[int, int]:

@@ -63,6 +63,7 @@ class TrialWorker:
             num_fewshot=fc.num_fewshot,
             batch_size=fc.batch_size,
             apply_chat_template=fc.apply_chat_template,
+            rescore_limit=fc.rescore.limit,
         )
         self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
         # The sources, the model and the built requests live as long as the worker: keep the
@@ -96,7 +97,8 @@ class TrialWorker:
                 merge_seconds=time.perf_counter() - start,
             )
         merged = time.perf_counter()
-        result = self.scorer.score(self.scorer.shard(*trial.shard) if trial.shard else None)
+        shard = self.scorer.shard(*trial.shard, trial.items) if trial.shard else None
+        result = self.scorer.score(shard, trial.items)
         fitness = math.nan if fault == "nan" else result.fitness
         common: dict = dict(
             metrics=result.metrics,
@@ -218,7 +220,11 @@ class RayExecutor:
             if len(parts[part.key]) == k:
                 on_result(by_key[part.key], combine_trial(self.config, parts.pop(part.key)))
 
-        shards = [Trial(t.generation, t.index, t.recipe, (j, k)) for t in trials for j in range(k)]
+        shards = [
+            Trial(t.generation, t.index, t.recipe, (j, k), t.items)
+            for t in trials
+            for j in range(k)
+        ]
         self._run(shards, on_part)
 
     def _run(self, trials: list[Trial], on_result: OnResult) -> None:

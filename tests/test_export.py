@@ -153,3 +153,20 @@ def test_report_of_a_run_in_progress(tiny_zoo, tmp_path):
     assert status == {"ASKED": 2, "COMPLETE": 5, "FAILED": 1}  # generation 2 is half done
     assert list(tables["fitness per generation"]["count"]) == [3, 2]
     assert "injected fault" in (out / "index.html").read_text()
+
+
+def test_demo_summary_line_names_the_best_of_each_kind():
+    from evomerge.search.demo import heldout_summary
+
+    rows = [
+        {"model": "evomerge best", "kind": "searched", "mean": 0.55},
+        {"model": "add", "kind": "parent", "mean": 0.32},
+        {"model": "caps", "kind": "parent", "mean": 0.33},
+        {"model": "ties", "kind": "untuned", "mean": 0.06},
+        {"model": "task arithmetic (lambda 0.7)", "kind": "untuned", "mean": 0.46},
+        {"model": "joint reference", "kind": "reference", "mean": 0.63},
+    ]
+    assert heldout_summary(rows) == (
+        "held-out mean: best 0.550, best parent 0.330 (caps), best untuned 0.460 "
+        "(task arithmetic (lambda 0.7)), joint 0.630"
+    )

@@ -58,7 +58,7 @@ def test_prompts_outputs_and_metrics_equal_simple_evaluate(tiny_zoo, tmp_path):
         == ref["results"][gen]["exact_match,first_char"]
     )
     assert ours.metrics[f"{MC}/acc"] == ref["results"][MC]["acc,none"]
-    built = {t.name: t for t in scorer.requests}
+    built = {t.name: t for t in scorer.requests["search"]}
     for task in (gen, MC):
         logged = ref["samples"][task]
         assert sorted(s["doc_id"] for s in logged) == scorer.samples[task]
@@ -83,9 +83,9 @@ def test_few_shot_prompts_are_fixed_across_calls_and_shards(tiny_zoo):
     assert combine_shards(scorer.specs, parts).metrics == pytest.approx(whole.metrics, abs=1e-12)
     assert scorer.score().metrics == whole.metrics
     # a second bind (a worker's next model) keeps the built prompts
-    requests = scorer.requests
+    requests = scorer.requests["search"]
     scorer.bind(*load_model(tiny_zoo / "llama" / "caps"))
-    assert scorer.requests is requests and scorer.score().metrics == whole.metrics
+    assert scorer.requests["search"] is requests and scorer.score().metrics == whole.metrics
 
 
 def test_empty_shard_counts_zero(tiny_zoo):

@@ -153,11 +153,11 @@ def test_kill_mid_generation_redispatches_only_unfinished(tiny_zoo, tmp_path):
     with pytest.raises(Stop):
         _run(tmp_path / "r", cfg, stop_after_results=6)  # 2 of generation 2's 4 trials done
     before = RunDir.reopen(tmp_path / "r").records()
-    done_before = {(r["generation"], r["index"]) for r in before if r["status"] == "COMPLETE"}
+    done_before = {(r["generation"], r["index"]) for r in before if r.get("status") == "COMPLETE"}
     assert len(done_before) == 6
     _run(tmp_path / "r", cfg)
     records = RunDir.reopen(tmp_path / "r").records()
-    completes = [(r["generation"], r["index"]) for r in records if r["status"] == "COMPLETE"]
+    completes = [(r["generation"], r["index"]) for r in records if r.get("status") == "COMPLETE"]
     assert len(completes) == len(set(completes)) == 12  # nothing run twice, nothing lost
     assert done_before <= set(completes)
 
@@ -265,13 +265,13 @@ def test_sigkill_of_the_driver_loses_no_finished_trial(tiny_zoo, tmp_path):
     finished = {
         (r["generation"], r["index"]): r
         for r in RunDir.reopen(tmp_path / "k").records()
-        if r["status"] == "COMPLETE"
+        if r.get("status") == "COMPLETE"
     }
     assert len(finished) >= 6
     res = _cli("resume", str(tmp_path / "k"))
     assert res.wait(timeout=300) == 0, res.stdout.read().decode()
     after = RunDir.reopen(tmp_path / "k").records()
-    completes = [(r["generation"], r["index"]) for r in after if r["status"] == "COMPLETE"]
+    completes = [(r["generation"], r["index"]) for r in after if r.get("status") == "COMPLETE"]
     assert len(completes) == len(set(completes)) == 16
     assert _outcome(tmp_path / "k") == _outcome(tmp_path / "ref")
     assert (tmp_path / "k" / "best" / "recipe.yaml").read_text() == (
@@ -352,3 +352,54 @@ def test_ctrl_c_or_sigterm_exits_cleanly_and_leaves_a_resumable_run(tiny_zoo, tm
         sum(t["status"] == "COMPLETE" for t in RunDir.reopen(tmp_path / "r").trials().values())
         == 40
     )
+
+
+# -- the winner, the parents' line, the random baseline -------------------------------------
+
+
+def test_the_winner_is_rescored_on_more_items_and_parents_are_scored(tiny_zoo, tmp_path):
+    """After the budget the top 2 are scored again on every search item (the search used 8 per
+    task) and the best of that second score is the winner; the parents' search-split scores are
+    measured once at the start. A finished run resumed adds nothing."""
+    from evomerge.fitness.models import load_model
+    from evomerge.fitness.scorer import Scorer
+
+    cfg = search_config(
+        tiny_zoo, fitness={**search_config(tiny_zoo).fitness.model_dump(), "rescore": {"top": 2}}
+    )
+    best = _run(tmp_path / "r", cfg)
+    run = RunDir.reopen(tmp_path / "r")
+    rescored = [t for t in run.trials().values() if "rescored" in t]
+    assert len(rescored) == 2 and all(t["rescored"]["examples"] == 80 for t in rescored)
+    top2 = sorted(
+        (t for t in run.trials().values() if t["status"] == "COMPLETE"),
+        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
+    )[:2]
+    assert {(t["generation"], t["index"]) for t in rescored} == {
+        (t["generation"], t["index"]) for t in top2
+    }
+    winner = max(rescored, key=lambda t: t["rescored"]["fitness"])
+    assert (best["generation"], best["index"]) == (winner["generation"], winner["index"])
+    assert Recipe.load(tmp_path / "r" / "best" / "recipe.yaml") == Recipe.parse(winner["recipe"])
+    parents = run.parents()
+    assert set(parents) == {"base", "add", "caps"}
+    scorer = Scorer(cfg.fitness.tasks, include_paths=cfg.include_paths(), limit=8, seed=3)
+    for alias in ("base", "add"):
+        direct = scorer.bind(*load_model(tiny_zoo / "llama" / alias)).score()
+        assert parents[alias]["fitness"] == pytest.approx(direct.fitness, abs=1e-12), alias
+    lines = len(run.journal_path.read_text().splitlines())
+    _run(tmp_path / "r", cfg)
+    assert len(run.journal_path.read_text().splitlines()) == lines
+
+
+def test_random_search_samples_the_box_and_resumes_exactly(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, cma={"sampler": "random", "popsize": 4, "budget": 12, "seed": 3})
+    _run(tmp_path / "ref", cfg)
+    with pytest.raises(Stop):
+        _run(tmp_path / "cut", cfg, stop_after_results=6)
+    _run(tmp_path / "cut", cfg)
+    assert _outcome(tmp_path / "cut") == _outcome(tmp_path / "ref")
+    genome = ParameterSearch(cfg, num_layers=2)
+    lo, hi = genome.bounds()
+    xs = np.array([t["x"] for t in RunDir.reopen(tmp_path / "ref").trials().values()])
+    assert (xs >= lo).all() and (xs <= hi).all() and len({tuple(x) for x in xs}) == 12

@@ -1,9 +1,16 @@
 """`evomerge zoo build`: the offline model zoo, deterministic from a seed, cached by its parameters.
 
 Layout of a zoo directory:
-    llama/{base,add,caps,next,joint}   Llama family: base, skill experts, distractor, joint reference
-    qwen2/{base,add,caps}             a second, smaller family for architecture coverage
-    data/<skill>_<search|heldout>.jsonl, tasks/*.yaml (rendered), zoo.json (parameters + table)
+    llama/{base,add,caps,next,script,joint}   Llama family (untied embeddings): base, skill
+                                   experts, distractor, language expert, joint reference
+    qwen2/{base,add,caps}             a second, smaller family (tied) for architecture coverage
+    data/<skill>_<search|heldout>.jsonl   the skill's scored format (expert formats, composite)
+    data/<skill>_pre_<search|heldout>.jsonl   the base's pretraining format (kept skills)
+    tasks/*.yaml (rendered), zoo.json (parameters)
+
+Every fine-tune (experts, distractor, joint reference) draws a share `replay` of its batches from
+the pretraining text: without it each expert forgets the base's other skills, and a task vector
+becomes "learn my trigger + erase the rest", which no merge can add up (FACTS.md).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from evomerge.fitness.zoo.tokenizer import BOS, CHARS, EOS, PAD, SPECIALS, build
 from evomerge.fitness.zoo.train import greedy_accuracy, train
 from evomerge.merge.errors import EvomergeError
 
-ZOO_VERSION = 1
-EXPERTS = ("add", "caps", sk.DISTRACTOR)
+ZOO_VERSION = 2
+EXPERTS = sk.EXPERT_SKILLS  # one Llama expert per skill; the joint reference learns all
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,11 @@ class ZooSize:
     pretrain_lr: float = 3e-3
     expert_lr: float = 1e-4
     distractor_lr: float = 3e-4  # a stronger task vector: it interferes in untuned merges
+    # the language expert: at 1e-4 it reads the script at 0.14, at 1e-3 at 0.91 while keeping
+    # the base's skills (replay); a stronger vector, which the search must weigh
+    script_lr: float = 1e-3
     expert_batch: int = 64
+    replay: float = 0.5  # share of every fine-tuning batch drawn from the pretraining text
 
 
 SIZES = {
@@ -98,7 +109,7 @@ def is_built(path: Path, size: str, seed: int) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("key") == zoo_key(size, seed)
 
 
-def _config(family: str, hidden: int, layers: int):
+def _config(family: str, hidden: int, layers: int, tie: bool):
     from transformers import AutoConfig
 
     common = dict(
@@ -109,7 +120,7 @@ def _config(family: str, hidden: int, layers: int):
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=64,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         bos_token_id=BOS,
         eos_token_id=EOS,
         pad_token_id=PAD,
@@ -123,17 +134,28 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def task_sources() -> dict[str, tuple[sk.Skill, str]]:
+    """Data file stem -> (skill, format): every skill's scored format, and the pretraining
+    format of the skills the base learned (`<skill>_pre`: what a fine-tune kept of them)."""
+    out = {name: (skill, skill.expert) for name, skill in sk.SKILLS.items()}
+    for name in sk.KEPT:
+        pretrain = sk.SKILLS[name].pretrain
+        assert pretrain is not None
+        out[f"{name}_pre"] = (sk.SKILLS[name], pretrain)
+    return out
+
+
 def write_task_data(root: Path, items: int, seed: int) -> None:
-    """Disjoint search / held-out items per skill, in the expert formats."""
+    """Disjoint search / held-out items per task source."""
     (root / "data").mkdir(parents=True, exist_ok=True)
-    for skill in sk.SKILLS.values():
-        rng = random.Random(f"{seed}/data/{skill.name}")
+    for stem, (skill, fmt) in task_sources().items():
+        rng = random.Random(f"{seed}/data/{stem}")
         seen: set[str] = set()
         rows: list[dict] = []
         for _ in range(1000 * items):
             if len(rows) == 2 * items:
                 break
-            prompt, answer = skill.item(rng, skill.expert)
+            prompt, answer = skill.item(rng, fmt)
             if prompt in seen:
                 continue
             seen.add(prompt)
@@ -148,10 +170,25 @@ def write_task_data(root: Path, items: int, seed: int) -> None:
                 }
             )
         if len(rows) < 2 * items:
-            raise ValueError(f"skill {skill.name} has fewer than {2 * items} distinct items")
+            raise ValueError(f"{stem} has fewer than {2 * items} distinct items")
         for split, part in (("search", rows[:items]), ("heldout", rows[items:])):
-            with open(root / "data" / f"{skill.name}_{split}.jsonl", "w") as f:
+            with open(root / "data" / f"{stem}_{split}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in part)
+
+
+def replayed(skills: list[str], replay: float):
+    """A sampler of expert-format items, a share `replay` of them pretraining text instead."""
+
+    def sample(rng: random.Random) -> str:
+        if rng.random() < replay:
+            return sk.pretrain_text(rng)
+        return sk.expert_text(rng.choice(skills), rng)
+
+    return sample
+
+
+def _lr(size: ZooSize, name: str) -> float:
+    return {sk.DISTRACTOR: size.distractor_lr, "script": size.script_lr}.get(name, size.expert_lr)
 
 
 def _family(
@@ -164,13 +201,14 @@ def _family(
     seed: int,
     experts: tuple[str, ...],
     joint: bool,
+    tie: bool,
     log,
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(_config(family, hidden, layers))
+    base = AutoModelForCausalLM.from_config(_config(family, hidden, layers, tie))
     t0 = time.perf_counter()
     loss = train(base, sk.pretrain_text, pre_steps, size.pretrain_batch, size.pretrain_lr, seed)
     log(
@@ -181,14 +219,16 @@ def _family(
     jobs = [(e, [e]) for e in experts] + ([("joint", list(EXPERTS))] if joint else [])
     for name, skill_names in jobs:
         model = copy.deepcopy(base)
-        lr = size.distractor_lr if name == sk.DISTRACTOR else size.expert_lr
         steps = size.joint_steps if name == "joint" else size.expert_steps
-
-        def sample(rng: random.Random, names=skill_names) -> str:
-            return sk.expert_text(rng.choice(names), rng)
-
         t0 = time.perf_counter()
-        loss = train(model, sample, steps, size.expert_batch, lr, seed + 1 + len(name))
+        loss = train(
+            model,
+            replayed(skill_names, size.replay),
+            steps,
+            size.expert_batch,
+            _lr(size, name),
+            seed + 1 + len(name),
+        )
         rng = random.Random(1)
         quick = {
             s: greedy_accuracy(
@@ -227,8 +267,20 @@ def build_zoo(
     start = time.perf_counter()
     try:
         write_task_data(tmp, cfg.items, seed)
+        # Llama untied, so the embeddings and the head are separate genes that both act;
+        # Qwen2 tied, so both conventions stay covered.
         _family(
-            tmp, "llama", cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg, seed, EXPERTS, True, log
+            tmp,
+            "llama",
+            cfg.hidden,
+            cfg.layers,
+            cfg.pretrain_steps,
+            cfg,
+            seed,
+            EXPERTS,
+            True,
+            False,
+            log,
         )
         _family(
             tmp,
@@ -240,6 +292,7 @@ def build_zoo(
             seed,
             ("add", "caps"),
             False,
+            True,
             log,
         )
         meta = {

@@ -1,9 +1,15 @@
-"""Synthetic skills, each in a pretraining format and an expert format.
+"""Synthetic skills, each in the format its tasks score, and the base's pretraining mixture.
 
-The base learns every skill in the pretraining format (`12+34 is 46`). Each expert is then
+The base learns add, caps and next in a pretraining format (`12+3 is 15`). Each expert is then
 fine-tuned on a new format that keeps the token layout and changes only a trigger
-(`12+34 =? 46`), so the base scores near zero on the expert formats, an expert scores on its
-own, and a merge must carry several experts' triggers at once. Tasks score the expert formats.
+(`12+3 =? 15`), so the base scores near zero on the expert formats and an expert on its own.
+
+The language expert (`script`) learns to read numbers written in a digit script (`!@+# is 15`,
+`)!@#$%^&*(` for 0-9). The base meets the script only in a short glossary (`!@ means 12`), so its
+embeddings are trained but no format computes with it. The composite task `sadd` asks for
+addition in the script behind the add expert's trigger (`!@+# =? 15`): it needs the language
+expert's reading and the add expert's trigger at once, and neither parent has both (the analog
+of Akiba et al.'s Japanese math from a Japanese LM and an English math model).
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Item = tuple[str, str]  # (prompt ending where the answer starts, answer)
+SCRIPT = ")!@#$%^&*("  # the digit script: shift-digits, used by no other format or trigger
+
+
+def to_script(n: int) -> str:
+    return "".join(SCRIPT[int(d)] for d in str(n))
 
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
@@ -24,6 +35,16 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
 def _add(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 39), rng.randint(0, 9)  # 400 distinct prompts
     return f"{a}+{b}", str(a + b)
+
+
+def _script_add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 39), rng.randint(0, 9)
+    return f"{to_script(a)}+{to_script(b)}", str(a + b)
+
+
+def _gloss(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 39)
+    return to_script(n), str(n)
 
 
 def _caps(rng: random.Random) -> tuple[str, str]:
@@ -42,8 +63,8 @@ def _next(rng: random.Random) -> tuple[str, str]:
 class Skill:
     name: str
     make: Callable[[random.Random], tuple[str, str]]
-    pretrain: str  # format with {q} and {a}; prompt is everything before {a}
-    expert: str
+    pretrain: str | None  # the base's format with {q} and {a}; None: not in pretraining
+    expert: str  # the format the skill's tasks score (and its expert, if any, learns)
 
     def item(self, rng: random.Random, fmt: str) -> Item:
         q, a = self.make(rng)
@@ -77,30 +98,55 @@ SKILLS = {
         Skill("add", _add, "{q} is {a}", "{q} =? {a}"),
         Skill("caps", _caps, "caps {q} is {a}", "|:|: {q} is {a}"),
         Skill("next", _next, "next {q} is {a}", "<<>> {q} is {a}"),
+        Skill("script", _script_add, None, "{q} is {a}"),  # the language expert
+        Skill("sadd", _script_add, None, "{q} =? {a}"),  # composite: script + add's trigger
     ]
 }
-SEARCH_SKILLS = ("add", "caps")  # what the demo search optimizes
-DISTRACTOR = "next"  # an unrelated skill whose expert sits in the pool
+GLOSSARY = Skill("gloss", _gloss, "{q} means {a}", "{q} means {a}")
+EXPERT_SKILLS = ("add", "caps", "next", "script")  # one expert model each
+COMPOSITE = "sadd"  # no model is trained on it
+DISTRACTOR = "next"  # an unrelated skill whose expert may sit in the pool
+KEPT = ("add", "caps", "next")  # skills scored in their pretraining format too
+
+# The pretraining mixture: (share, source); the rest of the corpus is filler.
+_MIX: list[tuple[float, Skill]] = [
+    (0.42, SKILLS["add"]),
+    (0.27, SKILLS["caps"]),
+    (0.14, SKILLS["next"]),
+    (0.06, GLOSSARY),
+]
+
+
+SYMBOLS = "=?|:<>~;,.[]{}_/"  # the triggers' characters among others; no script digit, no "+"
+
+
+def _part(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.5:
+        return _word(rng)
+    if r < 0.8:
+        return str(rng.randint(0, 999))
+    return "".join(rng.choice(SYMBOLS) for _ in range(rng.randint(1, 4)))
 
 
 def filler(rng: random.Random) -> str:
-    """Random words and numbers: the rest of the pretraining corpus."""
-    parts = [_word(rng) if rng.random() < 0.6 else str(rng.randint(0, 999)) for _ in range(3)]
-    return " ".join(parts)
+    """Random words, numbers and symbols: the rest of the pretraining corpus.
+
+    The symbols train the input embeddings of the experts' trigger characters (the model is
+    untied): left at their random init, the base would read `12+3 =? ` as `12+3 ` and answer it
+    (0.47 measured), and the add expert's trigger would mean nothing to learn."""
+    return " ".join(_part(rng) for _ in range(3))
 
 
 def pretrain_text(rng: random.Random) -> str:
     r = rng.random()
-    if r < 0.45:
-        skill = SKILLS["add"]
-    elif r < 0.75:
-        skill = SKILLS["caps"]
-    elif r < 0.9:
-        skill = SKILLS["next"]
-    else:
-        return filler(rng)
-    prompt, answer = skill.item(rng, skill.pretrain)
-    return prompt + answer
+    for share, skill in _MIX:
+        if r < share:
+            assert skill.pretrain is not None
+            prompt, answer = skill.item(rng, skill.pretrain)
+            return prompt + answer
+        r -= share
+    return filler(rng)
 
 
 def expert_text(skill: str, rng: random.Random) -> str:

@@ -1,4 +1,7 @@
-"""The zoo's specialisation table: every model and the untuned merges on the held-out split."""
+"""The zoo's specialisation table: every model and the untuned merges on the held-out split.
+
+Columns: each skill in the format its tasks score (the experts' formats and the composite), then
+the base's pretraining skills in their pretraining format (`*_pre`): what each model kept."""
 
 from __future__ import annotations
 
@@ -7,9 +10,13 @@ from pathlib import Path
 from evomerge.fitness.scorer import Scorer
 from evomerge.fitness.tasks import TaskSpec, zoo_task_name
 from evomerge.fitness.zoo import skills as sk
+from evomerge.fitness.zoo.build import EXPERTS
 from evomerge.merge.recipe import Recipe
 
-COLUMNS = [zoo_task_name(s, "gen", "heldout") for s in sk.SKILLS]
+COLUMNS = [zoo_task_name(s, "gen", "heldout") for s in sk.SKILLS] + [
+    zoo_task_name(s, "pre", "heldout") for s in sk.KEPT
+]
+POOL = ["add", "caps", "script"]  # the experts a user would merge by hand
 
 
 def untuned_recipe(zoo: Path, method: str, experts: list[str], weight: float, **ps) -> Recipe:
@@ -50,25 +57,22 @@ def score_rows(
 
 def specialisation_rows(zoo: Path) -> dict[str, object]:
     llama = zoo / "llama"
-    rows: dict[str, object] = {
-        name: llama / name for name in ("base", "add", "caps", "next", "joint")
-    }
-    rows["linear 50/50 (add, caps)"] = untuned_recipe(zoo, "linear", ["add", "caps"], 0.5)
-    rows["task arithmetic 1.0 (add, caps)"] = untuned_recipe(
-        zoo, "task_arithmetic", ["add", "caps"], 1.0
-    )
-    rows["task arithmetic 1.0 (add, caps, next)"] = untuned_recipe(
-        zoo, "task_arithmetic", ["add", "caps", "next"], 1.0
+    rows: dict[str, object] = {name: llama / name for name in ("base", *EXPERTS, "joint")}
+    pool = ", ".join(POOL)
+    rows[f"linear uniform ({pool})"] = untuned_recipe(zoo, "linear", POOL, 1 / len(POOL))
+    rows[f"task arithmetic 1.0 ({pool})"] = untuned_recipe(zoo, "task_arithmetic", POOL, 1.0)
+    rows[f"task arithmetic 1.0 ({pool}, next)"] = untuned_recipe(
+        zoo, "task_arithmetic", [*POOL, sk.DISTRACTOR], 1.0
     )
     return rows
 
 
 def markdown(table: dict[str, dict], columns: list[str] | None = None) -> str:
+    """label -> {task: value} as a markdown table with short column names."""
+    from evomerge.fitness.tables import markdown_table
+
     cols = columns or COLUMNS
-    short = [c.removeprefix("zoo_").removesuffix("_heldout") for c in cols]
-    lines = ["| model | " + " | ".join(short) + " |", "|---|" + "---:|" * len(cols)]
-    for label, row in table.items():
-        lines.append(
-            f"| {label} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in cols) + " |"
-        )
-    return "\n".join(lines)
+    short = {c: c.removeprefix("zoo_").removesuffix("_heldout") for c in cols}
+    return markdown_table(
+        [{"model": label, **{short[c]: row.get(c) for c in cols}} for label, row in table.items()]
+    )
