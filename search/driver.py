@@ -198,14 +198,15 @@ def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) 
 
     def on_result(trial: Trial, result: TrialResult) -> None:
         ok = result.status == Status.COMPLETE
-        rescored = {"fitness": result.fitness if ok else None, "examples": result.examples}
-        rescored |= {"metrics": result.metrics} if ok else {"error": result.error}
-        record = {
-            "generation": trial.generation,
-            "index": trial.index,
-            "rescored": rescored,
+        rescored = {
+            "fitness": result.fitness if ok else None,
+            "examples": result.examples,
+            "worker": result.worker,
             "time": time.time(),
         }
+        rescored |= {"metrics": result.metrics} if ok else {"error": result.error}
+        # an annotation: the trial's own fields (time, worker) stay those of its search run
+        record = {"generation": trial.generation, "index": trial.index, "rescored": rescored}
         run.append([record])
         state[trial.key] = {**state[trial.key], **record}
 
