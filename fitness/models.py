@@ -13,16 +13,38 @@ def load_tokenizer(path: Path | str):
     """A model directory's tokenizer; a tokenizer that needs the folder's own code is refused."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise EvomergeError(f"{path}: no usable tokenizer ({first})") from None
 
 
-def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
+def check_loadable(path: Path | str, label: str = "--model") -> None:
+    """Refuse, in one line, a model directory transformers could not load without running its
+    code or unpickling: its weights and config are checked (merge.checkpoint) and its
+    model_type must be one transformers ships."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from evomerge.merge.checkpoint import Checkpoint
+
+    info = Checkpoint(path, label=label).info
+    if info.model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise EvomergeError(
+            f"{label}: {Path(path) / 'config.json'} has model_type {info.model_type!r}, which "
+            f"transformers {transformers.__version__} does not know; use a supported architecture"
+        )
+
+
+def load_model(
+    path: Path | str, device: str = "cpu", dtype: str = "float32", label: str = "--model"
+):
     """(model, tokenizer) from a local HF directory; safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise EvomergeError(f"--model {path}: not a model directory (no config.json)")
+    check_loadable(path, label)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False
     )

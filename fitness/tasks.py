@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from evomerge.merge.errors import EvomergeError, schema_problems
 from evomerge.merge.files import write_atomic
 
 
@@ -57,8 +58,15 @@ def parse_task_list(text: str) -> list[TaskSpec]:
         if rest and rest[0]:
             fields["metric"] = rest[0]
         if len(rest) > 1:
-            fields["weight"] = float(rest[1])
-        specs.append(TaskSpec(**fields))
+            fields["weight"] = rest[1]
+        if len(rest) > 2 or not name:
+            raise EvomergeError(f"--tasks {item!r}: use name[:metric[:weight]]")
+        try:
+            specs.append(TaskSpec(**fields))
+        except ValidationError as e:
+            raise EvomergeError(schema_problems(e, f"--tasks {item!r}")) from None
+    if not specs:
+        raise EvomergeError("--tasks: give at least one task, e.g. --tasks zoo_add_gen_heldout")
     return specs
 
 

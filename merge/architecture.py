@@ -67,6 +67,11 @@ def classify(name: str) -> Slot:
     )
 
 
+def layer_indices(names: list[str]) -> set[int]:
+    """The decoder-layer indices that tensor names mention."""
+    return {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+
+
 _GROUP_ORDER = {"embed": 0, "layer": 1, "final_norm": 2, "head": 3}
 
 
@@ -96,17 +101,31 @@ class ModelInfo:
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelInfo:
+        """What a model directory's config.json says; a config that asks for the folder's own
+        Python code (`auto_map`) is refused: evomerge never runs code a model folder ships."""
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise EvomergeError(f"{cfg_path}: missing; a model directory needs its config.json")
         try:
             cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EvomergeError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not text"
+            raise EvomergeError(f"{cfg_path}: not valid JSON ({why})") from None
+        if not isinstance(cfg, dict):
+            raise EvomergeError(
+                f"{cfg_path}: a {type(cfg).__name__}, not a JSON object; re-save it"
+            )
+        if cfg.get("auto_map"):
+            raise EvomergeError(
+                f"{cfg_path}: the model needs its own Python code (auto_map); evomerge never runs "
+                "code from a model folder: use a model whose architecture transformers ships"
+            )
         text = cfg.get("text_config", cfg)  # multimodal wrappers keep the decoder config inside
+        if not isinstance(text, dict):
+            raise EvomergeError(f"{cfg_path}: text_config is not a JSON object; re-save it")
         layers = text.get("num_hidden_layers", text.get("n_layer"))
-        if not isinstance(layers, int):
-            raise EvomergeError(f"{cfg_path}: no integer num_hidden_layers (or n_layer)")
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+            raise EvomergeError(f"{cfg_path}: no positive integer num_hidden_layers (or n_layer)")
         return cls(
             model_type=str(cfg.get("model_type", "")),
             architectures=tuple(cfg.get("architectures") or ()),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.architecture import ModelInfo, network_order
+from evomerge.merge.architecture import ModelInfo, layer_indices, network_order
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.safetensors_io import TensorEntry, read_header, read_tensor
 
@@ -35,7 +35,8 @@ class Checkpoint:
         self.path = Path(path)
         self.label = label
         if not self.path.is_dir():
-            raise EvomergeError(f"{label}: model path {self.path} does not exist; fix the path")
+            what = "is a file, not a model directory" if self.path.exists() else "does not exist"
+            raise EvomergeError(f"{label}: model path {self.path} {what}; fix the path")
         self.info = ModelInfo.from_dir(self.path)
         self._entries: dict[str, TensorEntry] = {}
         self._loaded: dict[str, torch.Tensor] = {}  # pickle checkpoints only (not lazy)
@@ -43,6 +44,7 @@ class Checkpoint:
         if files:
             for f in files:
                 self._entries.update(read_header(f))
+            self._check_layers()
             return
         pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
@@ -53,16 +55,36 @@ class Checkpoint:
                 "convert it to safetensors or set allow_pickle: true in the recipe"
             )
         for p in pickles:
-            self._loaded.update(torch.load(p, map_location="cpu", weights_only=True))
+            try:  # weights_only: tensors and plain containers, never arbitrary objects
+                self._loaded.update(torch.load(p, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - torch's refusal names an unsafe workaround
+                first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise EvomergeError(
+                    f"{label}: {p} cannot be loaded as plain tensors ({first}); convert the "
+                    "checkpoint to safetensors with the tool that wrote it"
+                ) from None
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """The layers the weights have are the layers config.json says."""
+        found = layer_indices(list(self._entries or self._loaded))
+        if found and found != set(range(self.info.num_layers)):
+            raise EvomergeError(
+                f"{self.label}: {self.path / 'config.json'} says {self.info.num_layers} layers, but "
+                f"the weights have layers {min(found)}..{max(found)} ({len(found)}); "
+                "the config does not belong to these weights"
+            )
 
     def _safetensors_files(self) -> list[Path]:
         index = self.path / INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+                files = sorted({self.path / str(f) for f in weight_map.values()})
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise EvomergeError(f"{index}: corrupt index (no weight_map); re-save it") from None
-            files = sorted({self.path / f for f in weight_map.values()})
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise EvomergeError(f"{index}: lists shard {missing[0].name}, which is missing")
@@ -83,9 +105,17 @@ class Checkpoint:
         return self._entries[name].dtype if self._entries else self._loaded[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, checked: NaN or inf in a source would be hidden by some merges (TIES
+        drops what it cannot compare) and must never reach a merged model silently."""
         if name not in self._entries and name not in self._loaded:
             raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
-        return read_tensor(self._entries[name]) if self._entries else self._loaded[name]
+        tensor = read_tensor(self._entries[name]) if self._entries else self._loaded[name]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise EvomergeError(
+                f"{self.label}: tensor {name!r} in {self.path} holds NaN or inf values; the "
+                "checkpoint is damaged: re-download or re-save it"
+            )
+        return tensor
 
     def copy_side_files(
         self,

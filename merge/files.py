@@ -150,6 +150,9 @@ def guard_output(out: Path, inputs: list[Path], command: str, force: bool) -> No
             raise EvomergeError(
                 f"{out}: lies inside the input {given}; choose an output path outside the inputs"
             )
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise EvomergeError(f"{out}: {blocking} is a file, not a directory; fix the output path")
     if not target.exists():
         return
     if not target.is_dir():

@@ -67,14 +67,24 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise EvomergeError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise EvomergeError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(code, str) and code not in DTYPES:
+            raise EvomergeError(
+                f"{path}: tensor {name!r} has dtype {code}, which evomerge does not support "
+                f"(supported: {', '.join(DTYPES)}); convert the checkpoint to bf16 or fp16"
+            )
         try:
             dtype = DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (8 + n + int(o) for o in info["data_offsets"])
+            if any(d < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise EvomergeError(
                 f"{path}: corrupt header entry for tensor {name!r}; {fix}"

@@ -14,6 +14,7 @@ from evomerge.search.config import SearchConfig
 
 
 def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
+    from evomerge.fitness.models import check_loadable
     from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import check_compatible
 
@@ -21,6 +22,7 @@ def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
     ckpts = {}
     for alias in cfg.models:
         try:
+            check_loadable(cfg.model_path(alias), label=f"models.{alias}")
             ckpts[alias] = Checkpoint(cfg.model_path(alias), label=f"models.{alias}")
         except EvomergeError as e:
             problems.append(str(e))
@@ -108,3 +110,23 @@ def _check_run_dir(run_dir: Path) -> list[str]:
     if not os.access(parent, os.W_OK):
         return [f"{run_dir}: {parent} is not writable; choose another --run-dir"]
     return []
+
+
+def task_code(cfg: SearchConfig) -> list[str]:
+    """The Python files the task folders will import (`!function` in a task YAML): a task folder
+    is code, to be trusted as a script is."""
+    import re
+
+    notes = []
+    for folder in cfg.include_paths():
+        modules = set()
+        for yml in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else []:
+            for name in re.findall(r"!function\s+([\w.]+)\.\w+", yml.read_text(errors="replace")):
+                modules.add(yml.parent / (name.replace(".", "/") + ".py"))
+        if modules:
+            files = ", ".join(str(m) for m in sorted(modules))
+            notes.append(
+                f"{folder}: its tasks import Python code ({files}); run only task "
+                "folders you trust, as you would a script"
+            )
+    return notes

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.console import console, ensure_zoo, run_and_report
+from evomerge.search.console import console, ensure_zoo, run_and_report, warn
 
 app = typer.Typer(
     add_completion=False,
@@ -80,7 +80,7 @@ def progress_bar(description: str):
         TimeRemainingColumn(),
         TextColumn("{task.fields[item]}"),
         console=console,
-        transient=False,
+        transient=True,  # an error ends on its own line, not after a stale bar
     )
 
 
@@ -179,10 +179,17 @@ def eval_cmd(
     from evomerge.fitness.scorer import Scorer
     from evomerge.fitness.tasks import parse_task_list
     from evomerge.fitness.zoo.build import default_zoo_dir
+    from evomerge.merge.engine import check_device
     from evomerge.merge.recipe import Recipe
 
     if (model is None) == (recipe is None):
         raise EvomergeError("give exactly one of --model DIR or --recipe FILE")
+    check_device(device)
+    if limit is not None and not (limit > 0 and (limit <= 1 or limit == int(limit))):
+        raise EvomergeError(f"--limit {limit}: use a count >= 1 or a fraction in (0, 1]")
+    for path in include:
+        if not path.is_dir():
+            raise EvomergeError(f"--include {path}: not a directory of task YAMLs")
     zoo_dir = zoo or default_zoo_dir("demo")
     paths = list(include) + ([zoo_dir / "tasks"] if (zoo_dir / "tasks").is_dir() else [])
     os.environ.setdefault("HF_DATASETS_CACHE", str(zoo_dir / ".hf-datasets"))
@@ -233,7 +240,7 @@ def search(
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
     offline_env()
-    from evomerge.search.check import check_search
+    from evomerge.search.check import check_search, task_code
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
 
@@ -241,6 +248,8 @@ def search(
     run_dir = run_dir or Path("runs") / cfg.name
     ensure_zoo(cfg)
     problems = check_search(cfg, run_dir)
+    for note in task_code(cfg):
+        console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for p in problems:
         console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
     if problems:
@@ -284,8 +293,12 @@ def export(
     """Export a trial: recipe.yaml, mergekit.yaml, the model with its card, held-out table."""
     offline_env()
     from evomerge.search.export import export as do_export
+    from evomerge.search.rundir import RunDir
 
     os.environ.setdefault("HF_DATASETS_CACHE", str(run_dir / ".hf-datasets"))
+    run = RunDir.reopen(run_dir)
+    run.records()  # a journal with unreadable lines is read around them: say so first
+    warn(run)
     done = do_export(run_dir, out, trial, top_k, max_shard_size, force)
     md = done / "heldout.md"
     if md.exists():
@@ -304,6 +317,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (finished o
     run = RunDir.reopen(run_dir)
     for title, table in summarize(run, trials_frame(run)).items():
         print(f"\n{title}\n{table.to_string()}")
+    warn(run)
     console.print(f"\nreport: {out / 'index.html'}")
 
 

@@ -86,6 +86,7 @@ def run_and_report(run) -> dict | None:
         raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None
     finally:
         bar.stop()
+        warn(run)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if best is None:
@@ -104,6 +105,13 @@ def ensure_zoo(cfg) -> None:
         from evomerge.fitness.zoo.build import build_zoo
 
         build_zoo(size=cfg.zoo, log=console.print)
+
+
+def warn(run) -> None:
+    """What reading the run's journal skipped or moved aside, said once."""
+    for line in run.warnings:
+        console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    run.warnings.clear()
 
 
 def _rescored(trial: dict) -> str:

@@ -137,10 +137,9 @@ def export(
     force: bool = False,
 ) -> Path:
     run = RunDir.reopen(run_dir)
+    guard_output(out, [run.path, *run.config.model_paths().values()], EXPORT_MARKER, force)
     chosen = pick_trials(run, trial, top_k)
     recipe = Recipe.parse(chosen[0]["recipe"])
-    inputs = [run.path, *(Path(m.path) for m in recipe.models.values())]
-    guard_output(out, inputs, EXPORT_MARKER, force)
     space = space_for(run.config)
     searched = {
         f"trial {t['generation']}:{t['index']}": (Recipe.parse(t["recipe"]), t["fitness"])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from evomerge.merge.files import write_atomic
+from evomerge.merge.errors import EvomergeError
+from evomerge.merge.files import staged_dir, write_atomic
 from evomerge.merge.recipe import Recipe
 from evomerge.search.plots import pyplot, save
 from evomerge.search.rundir import RunDir
@@ -87,10 +88,17 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_report(run_dir: Path) -> Path:
+    """Write RUN/report/ whole (staged, then renamed into place: never half-written)."""
     run = RunDir.reopen(run_dir)
-    out = run.path / "report"
-    out.mkdir(exist_ok=True)
     df = trials_frame(run)
+    if df.empty:
+        raise EvomergeError(f"{run.path}: no trials journaled yet; report once the search has run")
+    with staged_dir(run.path / "report", replace=True) as out:
+        _write(run, df, out)
+    return run.path / "report"
+
+
+def _write(run: RunDir, df: pd.DataFrame, out: Path) -> None:
     tables = summarize(run, df)
     plot_fitness(df, out / "fitness.png")
     images = ["fitness.png"]
@@ -109,4 +117,3 @@ def write_report(run_dir: Path) -> Path:
     if len(failed):
         parts.append(f"<h2>failed trials</h2>{failed.to_html(index=False)}")
     write_atomic(out / "index.html", "<html><body>" + "\n".join(parts) + "</body></html>\n")
-    return out
