@@ -96,7 +96,7 @@ def _path_model(recipe, device: str):
 
     df = recipe.data_flow
     used = {df.embed_from, *(h.model for h in df.path)}
-    paths = {a: None if a == PS else recipe.models[a].path for a in used}
+    paths = {a: None if a == PS else recipe.models[a].local(f"models.{a}") for a in used}
     models, tokenizers = load_sources(paths, recipe.ps_only(), device, recipe.dtype)
     model = PathModel(models[df.embed_from], models).set_path(
         [(h.model, h.layer, h.scale) for h in df.path]

@@ -85,10 +85,12 @@ class Scorer:
         batch_size: int = 64,
         apply_chat_template: bool = False,
         rescore_limit: int | float | None = None,
+        part: str = "search",
     ):
         """`limit`: the items a candidate is scored on (a seeded subset; None: every item).
         Candidates may also be scored again on the `rescore` set: the `limit` subset plus
-        seeded further items, up to `rescore_limit` (None: every item)."""
+        seeded further items, up to `rescore_limit` (None: every item). A task with `holdout`
+        offers only its `part` of the documents: "search" or "heldout"."""
         from lm_eval.tasks import TaskManager
 
         for name in ("lm_eval", "lm-eval", "datasets"):
@@ -131,6 +133,7 @@ class Scorer:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
         self.seed = seed
+        self.docs = self._part_docs(part)  # every document a task may score, by task
         self.samples = self._subsets(limit, seed) if limit is not None else None
         self.rescore_samples = self._extend(self.samples, rescore_limit, seed)
         self.lm: Any = None  # lm-eval HFLM, set by `bind`
@@ -146,13 +149,24 @@ class Scorer:
             for s in self.specs
         )
 
+    def _part_docs(self, part: str) -> dict[str, list[int]]:
+        from evomerge.fitness.tasks import holdout_split
+
+        share = {s.name: s.holdout for s in self.specs}
+        out = {}
+        for name, task in self.loaded["tasks"].items():
+            n = len(task.eval_docs)
+            if share.get(name):
+                search, heldout = holdout_split(name, n, share[name])
+                out[name] = heldout if part == "heldout" else search
+            else:
+                out[name] = list(range(n))
+        return out
+
     def items(self, which: str = "search") -> dict[str, list[int]]:
         """Each task's documents of an item set: `search` (the `limit` subset) or `rescore`."""
         chosen = self.samples if which == "search" else self.rescore_samples
-        return {
-            name: chosen[name] if chosen else list(range(len(task.eval_docs)))
-            for name, task in self.loaded["tasks"].items()
-        }
+        return {name: (chosen or self.docs)[name] for name in self.loaded["tasks"]}
 
     def shard(self, i: int, k: int, which: str = "search") -> dict[str, list[int]]:
         """Shard i of k: every k-th example of each task's item set, from the i-th."""
@@ -165,11 +179,11 @@ class Scorer:
     def _subsets(self, limit: int | float, seed: int) -> dict[str, list[int]]:
         """A fixed, seeded subset of each task's documents (the same every call)."""
         out = {}
-        for name, task in self.loaded["tasks"].items():
-            n = len(task.eval_docs)
+        for name, docs in self.docs.items():
+            n = len(docs)
             k = int(limit * n) if isinstance(limit, float) and limit <= 1 else int(limit)
             rng = random.Random(f"{seed}/{name}")
-            out[name] = sorted(rng.sample(range(n), min(max(k, 1), n)))
+            out[name] = sorted(docs[i] for i in rng.sample(range(n), min(max(k, 1), n)))
         return out
 
     def _extend(self, subset: dict[str, list[int]] | None, limit, seed: int) -> dict | None:
@@ -177,12 +191,12 @@ class Scorer:
         if subset is None:
             return None
         if limit is None:
-            return {name: list(range(len(t.eval_docs))) for name, t in self.loaded["tasks"].items()}
+            return dict(self.docs)
         out = {}
-        for name, task in self.loaded["tasks"].items():
-            n = len(task.eval_docs)
+        for name, docs in self.docs.items():
+            n = len(docs)
             k = int(limit * n) if isinstance(limit, float) and limit <= 1 else int(limit)
-            rest = sorted(set(range(n)) - set(subset[name]))
+            rest = sorted(set(docs) - set(subset[name]))
             random.Random(f"{seed}/{name}/rescore").shuffle(rest)
             out[name] = sorted([*subset[name], *rest[: max(0, k - len(subset[name]))]])
         return out
@@ -207,7 +221,14 @@ class Scorer:
         from evomerge.fitness.requests import TaskRequests
 
         if which not in self.requests:
-            subsets = (self.samples if which == "search" else self.rescore_samples) or {}
+            chosen = self.samples if which == "search" else self.rescore_samples
+            # a task's whole set is built as lm-eval builds it (no sample list); a held-out
+            # part never enters the search's requests
+            subsets = chosen or {
+                name: docs
+                for name, docs in self.docs.items()
+                if len(docs) != len(self.loaded["tasks"][name].eval_docs)
+            }
             with contextlib.redirect_stderr(io.StringIO()):
                 self.requests[which] = [
                     TaskRequests.build(

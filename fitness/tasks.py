@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.merge.errors import EvomergeError, schema_problems
 from evomerge.merge.files import write_atomic
@@ -40,6 +40,9 @@ class TaskSpec(BaseModel):
     metric: str | None = None  # None: the task's first metric (exact_match, acc, ...)
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] = "maximize"
+    # the share of the task's documents held out of the search: a seeded split, the same for
+    # every run and seed, for tasks without a held-out twin (lm-eval's built-in tasks)
+    holdout: float | None = Field(None, gt=0, lt=1)
 
     @field_validator("weight")
     @classmethod
@@ -74,10 +77,25 @@ def zoo_task_name(skill: str, kind: str, split: str) -> str:
     return f"zoo_{skill}_{kind}_{split}"
 
 
+def holdout_split(name: str, n: int, share: float) -> tuple[list[int], list[int]]:
+    """(search documents, held-out documents) of a task with `n` documents: a seeded shuffle
+    by task name, so every run, seed and worker splits alike and the two never meet."""
+    import random
+
+    order = list(range(n))
+    random.Random(f"holdout/{name}").shuffle(order)
+    k = max(1, round(share * n))
+    return sorted(order[k:]), sorted(order[:k])
+
+
 def to_split(specs: list[TaskSpec], split: str) -> list[TaskSpec]:
-    """The same objective on another split of the zoo's tasks (`..._search` -> `..._heldout`)."""
+    """The same objective on another split: a task with `holdout` is itself on both sides (the
+    Scorer picks the part); the zoo's tasks swap `..._search` for `..._heldout`."""
     out = []
     for s in specs:
+        if s.holdout:
+            out.append(s)
+            continue
         name = s.name
         for old in ("_search", "_heldout"):
             if name.endswith(old):

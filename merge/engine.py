@@ -49,7 +49,9 @@ def tensor_seed(seed: int, name: str) -> int:
 def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
     """Open every model of the recipe and refuse disagreeing ones before any work starts."""
     ckpts = {
-        alias: Checkpoint(ref.path, label=f"models.{alias}", allow_pickle=recipe.allow_pickle)
+        alias: Checkpoint(
+            ref.local(f"models.{alias}"), label=f"models.{alias}", allow_pickle=recipe.allow_pickle
+        )
         for alias, ref in recipe.models.items()
     }
     check_compatible(ckpts, reference=recipe.main_alias)
@@ -255,8 +257,9 @@ def merge_to_dir(
     `inputs` (beyond the recipe's models: e.g. the recipe file) must not be inside `out`."""
     out = Path(out)
     limit = parse_size(max_shard_size)
-    sources = [Path(m.path) for m in recipe.models.values()]
+    sources = [m.local(f"models.{a}") for a, m in recipe.models.items()]
     guard_output(out, [*sources, *(inputs or [])], MERGE_MARKER, force)
+    recipe = recipe.pinned()  # the recipe written beside the weights names exact revisions
     check_device(device)
     if recipe.data_flow is not None:
         return _merge_path_to_dir(recipe, out, device, limit, force, progress)
@@ -282,7 +285,7 @@ def _merge_path_to_dir(
     with staged_dir(out, force) as tmp:
         used = {df.embed_from, *(h.model for h in df.path)}
         ckpts: dict[str, Checkpoint] = {
-            a: Checkpoint(recipe.models[a].path, f"models.{a}", recipe.allow_pickle)
+            a: Checkpoint(recipe.models[a].local(f"models.{a}"), f"models.{a}", recipe.allow_pickle)
             for a in used
             if a != PS
         }

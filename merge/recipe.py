@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from evomerge.merge import hub
 from evomerge.merge.architecture import KINDS, Slot
 from evomerge.merge.errors import EvomergeError, schema_problems
 from evomerge.merge.files import read_yaml, write_atomic
@@ -54,7 +55,15 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    path: str
+    path: str  # a local directory, or a hub ID `org/name[@revision]` (merge.hub)
+
+    def local(self, label: str = "model") -> Path:
+        """The directory to read (a hub reference resolved through the cache)."""
+        return hub.resolve(self.path, label).local
+
+    def pinned(self, label: str = "model") -> str:
+        """The reference to record: a hub ID at its commit, or the absolute local path."""
+        return hub.resolve(self.path, label).pinned
 
 
 Values = dict[str, float]  # parameter name -> value
@@ -289,6 +298,11 @@ class Recipe(_Strict):
             assert self.data_flow is not None
             return self.data_flow.embed_from
         return ps.base or next(iter(ps.groups[0].params))
+
+    def pinned(self) -> Recipe:
+        """This recipe with every hub reference pinned to its commit (resolving it)."""
+        models = {a: {"path": m.pinned(f"models.{a}")} for a, m in self.models.items()}
+        return self.model_copy(update={"models": {a: ModelRef(**m) for a, m in models.items()}})
 
     def ps_only(self) -> Recipe:
         """The parameter-space stage alone (the `ps` model of a data-flow path)."""

@@ -63,6 +63,8 @@ def _check_space(cfg: SearchConfig) -> list[str]:
 
 
 def _check_tasks(cfg: SearchConfig) -> list[str]:
+    """Every task loads (its dataset downloaded here, on the driver, or found in the cache when
+    offline); each one that does not is named."""
     from evomerge.fitness.scorer import Scorer
 
     problems = [
@@ -72,15 +74,25 @@ def _check_tasks(cfg: SearchConfig) -> list[str]:
     ]
     if problems:
         return problems
-    specs = list(cfg.fitness.tasks) + list(cfg.fitness.heldout_tasks or [])
-    try:
-        Scorer(specs, include_paths=cfg.include_paths(), limit=cfg.fitness.limit)
-    except EvomergeError as e:
-        return [f"fitness.tasks: {line}" for line in str(e).splitlines()]
-    except Exception as e:  # noqa: BLE001 - a task that fails to load, named for the user
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return [f"fitness.tasks: cannot load: {first}"]
-    return []
+    fc = cfg.fitness
+    sets = [(fc.tasks, "search"), (cfg.heldout_specs(), "heldout")]
+
+    def load(specs, part) -> None:
+        Scorer(specs, include_paths=cfg.include_paths(), limit=fc.limit, part=part)
+
+    for specs, part in sets:
+        try:
+            load(specs, part)
+        except EvomergeError as e:
+            return [f"fitness.tasks: {line}" for line in str(e).splitlines()]
+        except Exception:  # noqa: BLE001 - a task that fails to load: find which, name each
+            for spec in specs:
+                try:
+                    load([spec], part)
+                except Exception as e:  # noqa: BLE001
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    problems.append(f"fitness.tasks: {spec.name}: cannot load: {first}")
+    return list(dict.fromkeys(problems))
 
 
 def _check_workers(cfg: SearchConfig) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.console import console, ensure_zoo, run_and_report, warn
+from evomerge.search.console import console, ensure_zoo, refuse, run_and_report, warn
 
 app = typer.Typer(
     add_completion=False,
@@ -64,6 +64,18 @@ def _os_line(e: OSError) -> str:
     return f"{where}: {e.strerror}; {_OS_FIXES[e.errno or 0]}"
 
 
+def set_env(offline: bool) -> None:
+    """Quiet libraries; no hub access when asked (--offline) or by construction (zoo, demo)."""
+    from evomerge.search import env
+
+    env.offline() if offline else env.quiet()
+
+
+OFFLINE = typer.Option(
+    False, "--offline", help="Never reach the hub: models and datasets from the cache only."
+)
+
+
 def progress_bar(description: str):
     from rich.progress import (
         BarColumn,
@@ -92,8 +104,10 @@ def merge(
     device: str = typer.Option("cpu", help="cpu or cuda[:N]: where tensors are merged."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 2GB."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    offline: bool = OFFLINE,
 ):
     """Rebuild a recipe's merged model as a safetensors checkpoint."""
+    set_env(offline)
     from evomerge.merge.engine import merge_to_dir
     from evomerge.merge.recipe import Recipe
 
@@ -124,13 +138,6 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The offline tiny model zoo.")
 app.add_typer(zoo_app, name="zoo")
 
 
-def offline_env() -> None:
-    """No hub access, ever: the zoo, its tasks and the scorer run offline by construction."""
-    from evomerge.search import env
-
-    env.apply()
-
-
 @zoo_app.command("build")
 @user_errors
 def zoo_build(
@@ -143,7 +150,7 @@ def zoo_build(
     table: bool = typer.Option(True, help="Score the specialisation table on the held-out split."),
 ):
     """Build the zoo (base, experts, distractor, joint reference, a second family, tasks)."""
-    offline_env()
+    set_env(True)
     from evomerge.fitness.zoo.build import build_zoo
 
     zoo = build_zoo(out, size=size, seed=seed, log=console.print, force=force)
@@ -170,9 +177,10 @@ def eval_cmd(
     num_fewshot: int = typer.Option(None),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu"),
+    offline: bool = OFFLINE,
 ):
     """Score one model (or a recipe's merge) and print a table of metrics."""
-    offline_env()
+    set_env(offline)
     from rich.table import Table
 
     from evomerge.fitness.models import load_model, model_from_recipe
@@ -234,12 +242,13 @@ def search(
     workers: int = typer.Option(None, help="Ray workers; 0 runs trials serially in-process."),
     address: str = typer.Option(None, help="Attach to a running Ray cluster (e.g. auto)."),
     check: bool = typer.Option(False, "--check", help="Only validate everything, then exit."),
+    offline: bool = OFFLINE,
 ):
     """Start a search. Config fields: models, base, space (method, layers_per_group,
     embed_head_groups, tensor_kinds, genes, ranges, fixed, normalize, lambda, dtype), fitness
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
-    offline_env()
+    set_env(offline)
     from evomerge.search.check import check_search, task_code
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
@@ -250,10 +259,7 @@ def search(
     problems = check_search(cfg, run_dir)
     for note in task_code(cfg):
         console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    for p in problems:
-        console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
-    if problems:
-        raise typer.Exit(2)
+    refuse(problems)
     if check:
         console.print(f"{config}: ok (models, genome, tasks, workers, run directory)")
         return
@@ -268,15 +274,19 @@ def resume(
     config: Path = typer.Option(None, help="Refuse to resume if this config differs."),
     workers: int = typer.Option(None, help="Ray workers (may differ from the first run)."),
     address: str = typer.Option(None, help="Attach to a running Ray cluster."),
+    offline: bool = OFFLINE,
 ):
     """Resume a search from its last snapshot; finished trials are never run again."""
-    offline_env()
+    set_env(offline)
+    from evomerge.search.check import check_search
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
 
     run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
     run.config = _with_workers(run.config, workers, address)
     ensure_zoo(run.config)
+    # resolves the pinned models and loads the tasks here, on the driver: no worker downloads
+    refuse(check_search(run.config, None))
     run_and_report(run)
 
 
@@ -289,14 +299,15 @@ def export(
     top_k: int = typer.Option(1, help="Also score the next best trials on the held-out split."),
     max_shard_size: str = typer.Option("5GB"),
     force: bool = typer.Option(False, "--force"),
+    offline: bool = OFFLINE,
 ):
     """Export a trial: recipe.yaml, mergekit.yaml, the model with its card, held-out table."""
-    offline_env()
+    set_env(offline)
     from evomerge.search.export import export as do_export
     from evomerge.search.rundir import RunDir
 
-    os.environ.setdefault("HF_DATASETS_CACHE", str(run_dir / ".hf-datasets"))
     run = RunDir.reopen(run_dir)
+    ensure_zoo(run.config)
     run.records()  # a journal with unreadable lines is read around them: say so first
     warn(run)
     done = do_export(run_dir, out, trial, top_k, max_shard_size, force)
@@ -331,7 +342,7 @@ def demo(
 ):
     """The main job on the embedded default: a search over the tiny zoo, on this machine, then
     held-out scores beside the parents'. Re-running resumes (or just reports) the same run."""
-    offline_env()
+    set_env(True)
     from evomerge.search.config import SearchConfig
     from evomerge.search.demo import DEMO_CONFIG, run_demo
 

@@ -235,6 +235,9 @@ class SearchConfig(_Strict):
     cma: CMAConfig = Field(default_factory=CMAConfig)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     penalty: float = -1.0  # fitness given to FAILED trials (below any real objective)
+    # where hub models are downloaded and read (None: the Hugging Face cache, HF_HOME); on a
+    # cluster, shared storage every node reads
+    cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _aliases(self) -> SearchConfig:
@@ -282,19 +285,38 @@ class SearchConfig(_Strict):
         return default_zoo_dir(self.zoo)
 
     def model_path(self, alias: str) -> Path:
-        return self.model_paths()[alias]
+        return self._resolved(alias).local
 
     def model_paths(self) -> dict[str, Path]:
-        """Every model's directory; relative paths resolve inside the zoo (found once: a zoo's
-        directory name is a hash of its parameters)."""
+        """Every model's directory: relative paths inside the zoo, hub IDs resolved to their
+        cache snapshot (downloaded the first time, on the process that asks: the driver)."""
+        return {a: self._resolved(a).local for a in self.models}
+
+    def model_refs(self) -> dict[str, str]:
+        """Every model's reference as recipes record it: a hub ID at its commit, or the
+        absolute local path."""
+        return {a: self._resolved(a).pinned for a in self.models}
+
+    def pinned(self) -> SearchConfig:
+        """This config with every model reference pinned (hub IDs at their commits)."""
+        models = {a: ModelRef(path=ref) for a, ref in self.model_refs().items()}
+        return self.model_copy(update={"models": models})
+
+    def _resolved(self, alias: str):
+        from evomerge.merge import hub
+
+        ref = self.models[alias].path
         zoo = self.zoo_dir()
-        paths = {a: Path(m.path).expanduser() for a, m in self.models.items()}
-        return {
-            a: zoo / p if zoo is not None and not p.is_absolute() else p for a, p in paths.items()
-        }
+        if zoo is not None and not Path(ref).expanduser().is_absolute():
+            local = zoo / ref  # zoo-relative, never a hub ID
+            return hub.Resolved(local, str(local))
+        hub.use_cache(self.cache_dir)
+        return hub.resolve(ref, label=f"models.{alias}")
 
     def heldout_specs(self) -> list[TaskSpec]:
-        """The held-out objective: fitness.heldout_tasks, else the search tasks' _heldout split."""
+        """The held-out objective: fitness.heldout_tasks, else the search tasks on their held-out
+        side (a task's `holdout` part, or the zoo's `_heldout` twin). Score it with
+        `Scorer(..., part="heldout")`."""
         from evomerge.fitness.tasks import to_split
 
         return self.fitness.heldout_tasks or to_split(self.fitness.tasks, "heldout")
@@ -305,8 +327,9 @@ class SearchConfig(_Strict):
         return paths + ([zoo / "tasks"] if zoo is not None else [])
 
     def decisions(self) -> dict:
-        """The fields that decide what the search does; worker resources may change on resume."""
-        return {k: v for k, v in self.dump().items() if k != "workers"}
+        """The fields that decide what the search does; worker resources and the cache location
+        may change on resume."""
+        return {k: v for k, v in self.dump().items() if k not in ("workers", "cache_dir")}
 
     def digest(self) -> str:
         text = json.dumps(self.decisions(), sort_keys=True)

@@ -67,7 +67,6 @@ def run_and_report(run) -> dict | None:
     from evomerge.search.driver import run_search
     from evomerge.search.workers import make_executor
 
-    os.environ.setdefault("HF_DATASETS_CACHE", str(run.path / ".hf-datasets"))
     bar, hooks = _search_progress()
     received: list[int] = []
 
@@ -100,11 +99,21 @@ def run_and_report(run) -> dict | None:
 
 
 def ensure_zoo(cfg) -> None:
-    """Build the zoo a config's relative model paths point into, when it is missing."""
+    """Build the zoo a config's relative model paths point into, when it is missing; its tasks'
+    Arrow cache stays inside it (a user's own search keeps the user's HF_DATASETS_CACHE)."""
     if cfg.zoo:
         from evomerge.fitness.zoo.build import build_zoo
 
-        build_zoo(size=cfg.zoo, log=console.print)
+        zoo = build_zoo(size=cfg.zoo, log=console.print)
+        os.environ.setdefault("HF_DATASETS_CACHE", str(zoo / ".hf-datasets"))
+
+
+def refuse(problems: list[str]) -> None:
+    """Every problem on its own line, then exit 2 (nothing started)."""
+    for p in problems:
+        console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
+    if problems:
+        raise SystemExit(2)
 
 
 def warn(run) -> None:

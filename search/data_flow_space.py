@@ -33,8 +33,9 @@ class DataFlowSearch(SearchSpace):
         self.config = config
         self.dfs = config.dfs
         used = {*self.dfs.models, self.dfs.embed_from}
-        # resolved once: decode runs per trial
+        # resolved once: decode runs per trial; recipes name models by their pinned references
         self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
+        self.model_refs = config.model_refs()
         self.layers: dict[str, int] = {}  # alias -> number of layers
         types = set()
         for alias in used:
@@ -99,7 +100,7 @@ class DataFlowSearch(SearchSpace):
 
     def models(self) -> dict[str, dict]:
         """The recipe's models: every alias the path may use, but the parameter-space stage."""
-        return {a: {"path": self.model_paths[a]} for a in sorted(self.layers) if a != PS}
+        return {a: {"path": self.model_refs[a]} for a in sorted(self.layers) if a != PS}
 
     def path(self, x) -> dict:
         """The data_flow stage a vector decodes to (a PS+DFS recipe adds its stage to it)."""

@@ -61,6 +61,8 @@ def heldout_rows(
         include_paths=cfg.include_paths(),
         num_fewshot=cfg.fitness.num_fewshot,
         batch_size=cfg.fitness.batch_size,
+        apply_chat_template=cfg.fitness.apply_chat_template,
+        part="heldout",
     )
     space = space_for(cfg)
     sources: list[tuple[str, str, Recipe | Path, float | None]] = [
@@ -101,7 +103,7 @@ def table_csv(rows: list[dict]) -> str:
 def model_card(
     space: SearchSpace, recipe: Recipe, trial: dict, rows: list[dict], run: RunDir, mergekit: bool
 ) -> str:
-    sources = "\n".join(f"- `{a}`: {m.path}" for a, m in recipe.models.items())
+    sources = "\n".join(f"- `{a}`: {m.pinned(a)}" for a, m in recipe.models.items())
     rebuild = "evomerge merge recipe.yaml OUT"
     if mergekit:
         rebuild += "        # or: mergekit-yaml mergekit.yaml OUT (deterministic methods)"

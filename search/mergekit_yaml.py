@@ -20,7 +20,7 @@ def to_mergekit(recipe: Recipe, tensor_names: list[str], num_layers: int) -> dic
         raise ValueError("a recipe without a parameter_space stage has no mergekit form")
     method = ps.merge_method
     table = ps.layout(num_layers)
-    path = {a: m.path for a, m in recipe.models.items()}
+    path = {a: m.pinned(f"models.{a}") for a, m in recipe.models.items()}  # org/name@commit
     embed_names = sorted(
         {n.rsplit(".", 1)[0] for n in tensor_names if classify(n).group == "embed"}
     )

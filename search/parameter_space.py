@@ -46,8 +46,9 @@ def _logit(p: float) -> float:
 class ParameterSearch(SearchSpace):
     def __init__(self, config: SearchConfig, num_layers: int | None = None):
         self.config = config
-        # resolved once: decode runs per trial
+        # resolved once: decode runs per trial; recipes name models by their pinned references
         self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
+        self.model_refs = config.model_refs()
         if num_layers is None:
             num_layers = ModelInfo.from_dir(Path(self.model_paths[config.base])).num_layers
         self.num_layers = num_layers
@@ -152,7 +153,7 @@ class ParameterSearch(SearchSpace):
         return Recipe.parse(
             {
                 "dtype": space.dtype,
-                "models": {a: {"path": p} for a, p in self.model_paths.items()},
+                "models": {a: {"path": p} for a, p in self.model_refs.items()},
                 "parameter_space": ps,
             }
         )
@@ -190,7 +191,7 @@ class ParameterSearch(SearchSpace):
         over every expert (or the given ones)."""
         cfg = self.config
         experts = experts or cfg.experts
-        models = {a: p for a, p in self.model_paths.items() if a == cfg.base or a in experts}
+        models = {a: p for a, p in self.model_refs.items() if a == cfg.base or a in experts}
 
         def one(method: str, params: dict, **ps) -> Recipe:
             return Recipe.single_group(
@@ -209,7 +210,7 @@ class ParameterSearch(SearchSpace):
 
     def references(self) -> dict[str, Recipe]:
         """Each model alone: a passthrough of it over every layer."""
-        models = {a: {"path": p} for a, p in self.model_paths.items()}
+        models = {a: {"path": p} for a, p in self.model_refs.items()}
         return {
             alias: Recipe.parse(
                 {

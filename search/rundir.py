@@ -1,6 +1,6 @@
 """The run directory: the truth about a search.
 
-    run.yaml                 resolved config, format version, config hash
+    run.yaml                 the config as given, its hash, the pinned model revisions
     trials.jsonl             append-only journal, one fsync'd JSON line per trial state change
     trials.quarantine.jsonl  lines of the journal that could not be read, moved aside on resume
     best/recipe.yaml         the best trial's recipe, replaced atomically on improvement
@@ -28,7 +28,7 @@ import yaml
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import read_yaml, write_atomic
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import ModelRef, Recipe
 from evomerge.search.config import SearchConfig, changed_fields
 from evomerge.search.trial import Status
 
@@ -97,14 +97,16 @@ class RunDir:
                 f"{path}: run directory is in use; resume it with `evomerge resume {path}` "
                 "or choose another --run-dir"
             )
+        pinned = config.model_refs()  # hub IDs resolved (downloaded) here, before any worker
         meta = {
             "format": RUN_FORMAT,
             "config_hash": config.digest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "config": config.dump(),
+            "pinned": pinned,  # the exact revisions this run uses, for all of its life
         }
         write_atomic(path / "run.yaml", yaml.safe_dump(meta, sort_keys=False))
-        return cls(path, config)
+        return cls(path, config.pinned())
 
     @classmethod
     def reopen(cls, path: Path, config: SearchConfig | None = None) -> RunDir:
@@ -129,7 +131,13 @@ class RunDir:
                 f"{path}: the config changed since the run started ({', '.join(fields)}); "
                 "resume with the original config or start a new run directory"
             )
-        return cls(path, config or stored)
+        run_config = config or stored
+        pinned = meta.get("pinned")
+        if isinstance(pinned, dict) and set(pinned) == set(run_config.models):
+            # the revisions the run started with, not wherever a branch points today
+            models = {a: ModelRef(path=str(ref)) for a, ref in pinned.items()}
+            run_config = run_config.model_copy(update={"models": models})
+        return cls(path, run_config)
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -24,7 +24,8 @@ class FixedStage(SearchSpace):
     """A parameter-space stage that is not searched (PS+DFS over a finished PS search)."""
 
     def __init__(self, recipe: Recipe, source: str):
-        self.recipe = recipe.ps_only()
+        # pinned: every hub model resolved (on the driver, downloaded) before a worker needs it
+        self.recipe = recipe.ps_only().pinned()
         self.source = source
 
     @property
@@ -169,5 +170,5 @@ def space_for(config: SearchConfig) -> SearchSpace:
 def _stage_layers(config: SearchConfig) -> int:
     if config.dfs is not None and config.dfs.ps_recipe:
         recipe = config.ps_recipe()
-        return ModelInfo.from_dir(Path(recipe.models[recipe.main_alias].path)).num_layers
+        return ModelInfo.from_dir(recipe.models[recipe.main_alias].local()).num_layers
     return ModelInfo.from_dir(config.model_path(config.base)).num_layers

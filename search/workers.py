@@ -19,7 +19,7 @@ import time
 import torch
 
 from evomerge.search.config import SearchConfig
-from evomerge.search.env import OFFLINE_ENV
+from evomerge.search.env import QUIET_ENV, passed_on
 from evomerge.search.trial import Executor, OnResult, Status, Trial, TrialResult
 
 
@@ -43,13 +43,17 @@ class TrialWorker:
         threads: int | None = None,
         faults: dict[str, str] | None = None,
     ):
-        os.environ.update(OFFLINE_ENV)
+        os.environ.update(QUIET_ENV)  # the user's own HF settings arrive through the runtime env
         if threads:
             torch.set_num_threads(threads)
         from evomerge.fitness.scorer import Scorer
         from evomerge.search.spaces import space_for
 
         config = SearchConfig.parse(config_data)
+        from evomerge.merge import hub
+
+        hub.use_cache(config.cache_dir)
+        hub.forbid_downloads()  # the driver resolved every model; a worker only reads the cache
         self.device = device
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
         self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
@@ -153,7 +157,7 @@ class RayExecutor:
         wc = config.workers
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
-            env = {**OFFLINE_ENV, **{k: v for k, v in os.environ.items() if k.startswith("HF_")}}
+            env = passed_on()
             kwargs: dict = dict(
                 include_dashboard=False,
                 log_to_driver=False,
