@@ -80,7 +80,7 @@ def main() -> None:
     base_cfg = SearchConfig.load(DEMO_CONFIG)
     specs = base_cfg.heldout_specs()
     tasks = [s.name for s in specs]
-    scorer = Scorer(specs, include_paths=base_cfg.include_paths(), batch_size=100)
+    scorer = Scorer(specs, include_paths=base_cfg.include_paths(), batch_size=100, part="heldout")
     cache: dict[str, dict[str, float]] = {}
 
     def score(source: Recipe | Path) -> dict[str, float]:
