@@ -235,6 +235,14 @@ class SearchConfig(_Strict):
     cma: CMAConfig = Field(default_factory=CMAConfig)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     penalty: float = -1.0  # fitness given to FAILED trials (below any real objective)
+    # experiment trackers, as Hugging Face Trainer's report_to: none, tensorboard, mlflow,
+    # wandb, or a list (search/trackers.py); where a search is watched, not what it decides
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: object) -> list[str]:
+        return parse_report_to(v)
 
     @model_validator(mode="after")
     def _aliases(self) -> SearchConfig:
@@ -305,8 +313,9 @@ class SearchConfig(_Strict):
         return paths + ([zoo / "tasks"] if zoo is not None else [])
 
     def decisions(self) -> dict:
-        """The fields that decide what the search does; worker resources may change on resume."""
-        return {k: v for k, v in self.dump().items() if k != "workers"}
+        """The fields that decide what the search does; worker resources and trackers may
+        change on resume."""
+        return {k: v for k, v in self.dump().items() if k not in ("workers", "report_to")}
 
     def digest(self) -> str:
         text = json.dumps(self.decisions(), sort_keys=True)
@@ -325,6 +334,29 @@ class SearchConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as e:
             raise EvomergeError(schema_problems(e, source)) from None
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def parse_report_to(value: object) -> list[str]:
+    """`none`, a tracker, a comma-separated string or a list of them -> tracker names, in order,
+    without repeats. Raises ValueError naming the choices."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"{value!r}: give none, a tracker or a list of them")
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        if name in ("", "none"):
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"{item!r} is not a tracker; choose from none, {', '.join(TRACKERS)}")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
