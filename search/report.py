@@ -163,7 +163,7 @@ def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Pa
         has_trials = status.done > 0 or (run_dir / "trials.jsonl").is_file()
         if has_trials and status.state != "not a run":
             try:
-                out = write_report(run_dir, refresh=every if status.live else None)
+                out = write_report(run_dir, refresh=every)
             except EvomergeError:
                 out = None  # no trial journaled yet: wait for the first
         else:
@@ -188,7 +188,9 @@ def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Pa
 def _write(run: RunDir, df: pd.DataFrame, out: Path, refresh: float | None = None) -> None:
     from evomerge.search.status import row, run_status
 
-    status = row(run_status(run.path))
+    now = run_status(run.path)
+    status = row(now)
+    refresh = refresh if now.live else None  # a finished page stays still
     tables = summarize(run, df)
     tables = {"best and parents (search split)": best_and_parents(run), **tables}
     rescored = rescored_frame(run)
@@ -212,7 +214,7 @@ def _write(run: RunDir, df: pd.DataFrame, out: Path, refresh: float | None = Non
         + ")</p>",
     ]
     for title, table in tables.items():
-        parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html()}")
+        parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html(na_rep='')}")
         write_atomic(out / f"{title.replace(' ', '_')}.csv", table.to_csv())
     parts += [f'<h2>{name[:-4]}</h2><img src="{name}" alt="{name[:-4]}">' for name in images]
     failed = df[df.status == Status.FAILED][["generation", "index", "error"]]

@@ -216,8 +216,9 @@ def table(statuses: list[RunStatus]):
 
     t = Table(title="evomerge runs")
     cells = [row(s) for s in statuses]
-    for name in ("run", "state", "evals", "best", "best parent", "last gen mean", "failed"):
-        t.add_column(name, justify="right" if name not in ("run", "state") else "left")
+    t.add_column("run", overflow="fold")  # a long path in full, over several lines
+    for name in ("state", "evals", "best", "best parent", "last gen mean", "failed"):
+        t.add_column(name, justify="left" if name == "state" else "right")
     t.add_column("elapsed", justify="right")
     t.add_column("ETA", justify="right")
     for s, c in zip(statuses, cells, strict=True):

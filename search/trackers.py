@@ -366,8 +366,8 @@ class Reporter:
             self.started(parents)
 
         def result(done, record, best):
+            self.result(record)  # first: the record is journaled, whatever the display does
             p.on_result(done, record, best)
-            self.result(record)
 
         def generation_end(g, trials):
             p.on_generation_end(g, trials)
@@ -469,8 +469,7 @@ class Reporter:
                     f = record["fitness"]
                     best_so_far = f if best_so_far is None else max(best_so_far, f)
                 values = trial_metrics(record)
-                self._call("trials", f"{key[0]}:{key[1]}", "scalars", step, values)
-                self._mark_step(step)
+                self._call("trials", f"{key[0]}:{key[1]}", "scalars", step, values, step=step)
             elif kind == "generation":
                 _, g, step, trials = event
                 values = generation_metrics(trials, best_so_far)
@@ -527,9 +526,12 @@ class Reporter:
             logged |= {f"{g}:{i}" for (g, i), s in self.steps.items() if s in have}
             entry["logged"]["trials"] = sorted(logged)
 
-    def _call(self, section: str, item: str | None, method: str, *args) -> None:
+    def _call(
+        self, section: str, item: str | None, method: str, *args, step: int | None = None
+    ) -> None:
         """Call `method(*args)` on each live tracker whose ledger lacks `item` of `section`
-        (None: the section is logged once), then record it in the ledger."""
+        (None: the section is logged once), then record it in the ledger (and `step` as the
+        last step logged: TensorBoard's purge point on resume)."""
         changed = False
         for name, tracker in list(self.trackers.items()):
             logged = self.ledger[name]["logged"]
@@ -540,14 +542,12 @@ class Reporter:
                     logged[section] = True
                 else:
                     logged.setdefault(section, []).append(item)
+                if step is not None:
+                    entry = self.ledger[name]
+                    entry["last_step"] = max(step, entry.get("last_step") or 0)
                 changed = True
         if changed:
             self._save()
-
-    def _mark_step(self, step: int) -> None:
-        for name in self.trackers:
-            entry = self.ledger[name]
-            entry["last_step"] = max(step, entry.get("last_step") or 0)
 
     def _best(self, step: int, best: dict) -> None:
         key = f"{best['generation']}:{best['index']}"
