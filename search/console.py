@@ -39,7 +39,7 @@ def _search_progress(run):
     )
     trials = run.trials()
     finished = [t for t in trials.values() if t.get("status") in ("COMPLETE", "FAILED")]
-    last = max(finished, key=lambda t: t.get("time", 0), default={})
+    last: dict = max(finished, key=lambda t: t.get("time", 0), default={})
     task = bar.add_task(
         "search",
         total=None,
