@@ -97,6 +97,8 @@ def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         best = run_search(run, lambda: make_executor(run.config), hooks)
+        bar.stop()
+        _closing_line(run, best)
         if after is not None:
             after(best, reporter)
         status = "FINISHED"
@@ -115,6 +117,10 @@ def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict 
         warn(run)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return best
+
+
+def _closing_line(run, best: dict | None) -> None:
     if best is None:
         console.print("no trial completed")
     else:
@@ -122,7 +128,6 @@ def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict 
             f"best: trial {best['generation']}:{best['index']}, search fitness "
             f"{best['fitness']:.4f}{_rescored(best)}: {run.path / 'best' / 'recipe.yaml'}"
         )
-    return best
 
 
 def ensure_zoo(cfg) -> None:
