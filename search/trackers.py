@@ -240,7 +240,7 @@ class MLflowTracker:
 
     def table(self, name: str, rows: list[dict], markdown: str) -> None:
         self.client.log_text(self.run_id, markdown + "\n", f"{name}.md")
-        self.client.log_dict(self.run_id, rows, f"{name}.json")
+        self.client.log_text(self.run_id, json.dumps(rows, indent=1), f"{name}.json")
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
