@@ -55,6 +55,7 @@ def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str,
         num_key_value_heads=16,
         vocab_size=vocab,
         tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],  # mergekit reads the architecture from here
     )
     shapes = {
         "model.embed_tokens.weight": (vocab, hidden),
@@ -86,27 +87,36 @@ def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str,
 
 
 def recipe_for(method: str, paths: dict[str, Path], dtype: str, layers: int):
+    """The benchmark's recipe: two experts at weights 0.6 / 0.4 and density 0.5 (for the
+    methods that declare those parameters), slerp at t 0.4, linear over all three models."""
     from evomerge.merge.recipe import Recipe
+    from evomerge.merge.registry import get_method
 
+    declared = {p.name for p in get_method(method).model_params}
     if method == "slerp":
-        params = {"expert1": {}}
+        params: dict = {"expert1": {}}
     elif method == "linear":
         params = {a: {"weight": 1 / 3} for a in paths}
     else:
-        params = {
+        given = {
             "expert1": {"weight": 0.6, "density": 0.5},
             "expert2": {"weight": 0.4, "density": 0.5},
         }
+        params = {a: {k: v for k, v in p.items() if k in declared} for a, p in given.items()}
+    ps: dict = {
+        "method": method,
+        "base": "base",
+        "groups": [{"layers": [0, layers], "params": params}],
+    }
+    if method == "slerp":
+        ps["groups"][0]["t"] = 0.4
+    if get_method(method).random:
+        ps["seed"] = 1
     return Recipe.parse(
         {
             "dtype": dtype,
             "models": {a: {"path": str(p)} for a, p in paths.items()},
-            "parameter_space": {
-                "method": method,
-                "base": "base",
-                "seed": 1,
-                "groups": [{"layers": [0, layers], "params": params, "t": 0.4}],
-            },
+            "parameter_space": ps,
         }
     )
 
