@@ -165,6 +165,10 @@ class ShardWriter:
         self._file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self._next += 1
 
+    def abandon(self) -> None:
+        """Close without checking (the output is being discarded)."""
+        self._file.close()
+
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: {len(self._order) - self._next} tensors never written")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from evomerge.merge import kernels, parallel
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.parallel import Workers, merge_threads
+from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.registry import (
     METHODS,
     Method,
@@ -224,3 +225,45 @@ def test_merge_threads_follow_the_load_and_the_override(monkeypatch):
     monkeypatch.setenv(parallel.THREADS_ENV, "many")
     with pytest.raises(EvomergeError, match="EVOMERGE_THREADS"):
         merge_threads()
+
+
+def test_read_ahead_keeps_order_bounds_memory_and_raises_in_order():
+    loaded, lock = [], threading.Lock()
+
+    def load(i):
+        with lock:
+            loaded.append(i)
+        if i == 6:
+            raise OSError("disk")
+        return i * 10
+
+    got = []
+    reader = ReadAhead(range(10), load, lambda i: 100, window=250)
+    with reader, pytest.raises(OSError, match="disk"):
+        for i, value, release in reader:
+            with lock:
+                assert max(loaded) <= i + 2  # the window holds 2 items of 100 bytes
+            got.append(value)
+            release()
+    assert got == [0, 10, 20, 30, 40, 50]
+    with ReadAhead(range(3), lambda i: i, lambda i: 10**9, window=1) as r:  # bigger than the window
+        assert [v for _, v, release in r if not release()] == [0, 1, 2]
+
+
+def test_write_behind_writes_in_order_and_reports_errors():
+    written = []
+    w = WriteBehind(written.append, window=10)
+    for i in range(20):
+        w.submit(i, 4)
+    w.finish()
+    assert written == list(range(20))
+
+    def fail(item):
+        raise OSError(28, "No space left on device")
+
+    w = WriteBehind(fail, window=10)
+    w.submit(0, 1)
+    with pytest.raises(OSError, match="No space"):
+        for i in range(100):
+            w.submit(i, 1)
+        w.finish()
