@@ -11,7 +11,13 @@ import torch
 
 from evomerge.merge.architecture import ModelInfo, network_order
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.safetensors_io import TensorEntry, read_header, read_tensor
+from evomerge.merge.safetensors_io import (
+    BufferPool,
+    TensorEntry,
+    map_tensor,
+    read_header,
+    read_tensor,
+)
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -82,10 +88,23 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name].dtype if self._entries else self._loaded[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """The tensor, read now (into a buffer of `pool`, if given: give it back once done)."""
         if name not in self._entries and name not in self._loaded:
             raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
-        return read_tensor(self._entries[name]) if self._entries else self._loaded[name]
+        return read_tensor(self._entries[name], pool) if self._entries else self._loaded[name]
+
+    def pooled(self, name: str) -> bool:
+        """Whether `get(name, pool)` reads into a buffer of the pool (not a pickle's tensor)."""
+        return bool(self._entries)
+
+    def map(self, name: str) -> torch.Tensor | None:
+        """The tensor mapped read-only from the file (safetensors_io.map_tensor), or None."""
+        if not self._entries:
+            return None
+        if name not in self._entries:
+            raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
+        return map_tensor(self._entries[name])
 
     def copy_side_files(
         self,

@@ -17,11 +17,11 @@ from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import guard_output, staged_dir, write_marker
 from evomerge.merge.kernels import NonFinite
-from evomerge.merge.parallel import Workers, merge_threads
+from evomerge.merge.parallel import Workers, merge_threads, single_thread
 from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.recipe import Group, ParameterSpace, Recipe
 from evomerge.merge.registry import Method, TensorInputs, merge_tensor_into
-from evomerge.merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
+from evomerge.merge.safetensors_io import BufferPool, ShardWriter, TensorSpec, plan_shards
 from evomerge.merge.sources import DeltaSource, TensorSource
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
@@ -140,18 +140,44 @@ def plan_merge(
     return jobs
 
 
-def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], method: Method, device: str) -> dict:
+def _load(
+    job: TensorJob,
+    ckpts: Mapping[str, TensorSource],
+    method: Method,
+    device: str,
+    pool: BufferPool | None,
+) -> dict:
     """The tensors a job reads, as stored (the merge converts to fp32 a chunk at a time); resident
-    sources that keep task vectors give those instead, for methods that use them."""
+    sources that keep task vectors give those instead, for methods that use them. Tensors read
+    from a checkpoint onto the CPU go into buffers of `pool` (listed under "pooled")."""
+    pooled: list[torch.Tensor] = []
+
+    def get(alias: str) -> torch.Tensor:
+        src = ckpts[alias]
+        if MAP_INPUTS and device == "cpu" and isinstance(src, Checkpoint):
+            mapped = src.map(job.name)
+            if mapped is not None:
+                return mapped
+        if (
+            pool is not None
+            and device == "cpu"
+            and isinstance(src, Checkpoint)
+            and src.pooled(job.name)
+        ):
+            t = src.get(job.name, pool)
+            pooled.append(t)
+            return t
+        return src.get(job.name).to(device)
+
     if job.group is None:
-        return {"copy": ckpts[job.aliases[0]].get(job.name)}
+        return {"copy": get(job.aliases[0]), "pooled": pooled}
     resident = [ckpts[a] for a in job.aliases]
     if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
         deltas, sources = [s.delta(job.name) for s in resident], []  # type: ignore[attr-defined]
     else:
-        deltas, sources = None, [s.get(job.name).to(device) for s in resident]
-    base = ckpts[job.base].get(job.name).to(device) if job.base else None
-    return {"base": base, "sources": sources, "deltas": deltas}
+        deltas, sources = None, [get(a) for a in job.aliases]
+    base = get(job.base) if job.base else None
+    return {"base": base, "sources": sources, "deltas": deltas, "pooled": pooled}
 
 
 def _input_bytes(job: TensorJob, ckpts: Mapping[str, TensorSource]) -> int:
@@ -195,6 +221,7 @@ def merge_job(
 
 
 READ_AHEAD = 256 * 2**20  # bytes of inputs read ahead of the merge
+MAP_INPUTS = True  # map checkpoint tensors (no copy) rather than read them into buffers
 WRITE_BEHIND = 256 * 2**20  # bytes of merged tensors waiting for the writer
 
 
@@ -206,10 +233,12 @@ def merge_stream(
     names: Iterable[str] | None = None,
     workers: Workers | None = None,
     read_ahead: bool = True,
+    buffers: BufferPool | None = None,
 ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
     """Yield (job, merged tensor) in the reference's order, each tensor merged into
     `out_for(job)` (e.g. a model's parameter, written in place) or, where that gives None, into
-    a new tensor. With `read_ahead`, a background thread reads the next tensors' inputs."""
+    a new tensor. With `read_ahead`, a background thread reads the next tensors' inputs; inputs
+    read from checkpoints go into `buffers` (reused from tensor to tensor)."""
     ps = recipe.parameter_space
     if ps is None:
         raise EvomergeError("recipe: no parameter_space stage to merge")
@@ -217,9 +246,10 @@ def merge_stream(
     jobs = plan_merge(recipe, ckpts, names)
     own = workers is None
     pool = workers if workers is not None else Workers(merge_threads() if device == "cpu" else 1)
+    buffers = buffers if buffers is not None else BufferPool()
 
     def load(job: object) -> dict:
-        return _load(job, ckpts, method, device)  # type: ignore[arg-type]
+        return _load(job, ckpts, method, device, buffers)  # type: ignore[arg-type]
 
     def size(job: object) -> int:
         return _input_bytes(job, ckpts)  # type: ignore[arg-type]
@@ -232,7 +262,10 @@ def merge_stream(
             out = out_for(job) if out_for is not None else None
             if out is None:
                 out = torch.empty(job.shape, dtype=job.dtype, device=device)
-            merge_job(recipe, job, loaded, out, pool)
+            with single_thread():  # an OpenMP region here would leave threads spinning
+                merge_job(recipe, job, loaded, out, pool)
+            for t in loaded["pooled"]:
+                buffers.give(t)
             del loaded
             if release is not None:
                 release()
@@ -287,8 +320,10 @@ def _write_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]],
     limit: int,
     progress: Progress | None,
+    buffers: BufferPool | None = None,
 ) -> None:
-    """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index."""
+    """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index;
+    each tensor written is given back to `buffers`, if given."""
     shards = plan_shards(specs, limit)
     names = [
         "model.safetensors"
@@ -305,6 +340,8 @@ def _write_checkpoint(
         if i not in writers:
             writers[i] = ShardWriter(tmp / names[i], shards[i])
         writers[i].write(name, tensor)
+        if buffers is not None:
+            buffers.give(tensor)
         if writers[i].done:
             writers.pop(i).close()
 
@@ -387,8 +424,19 @@ def merge_to_dir(
     ref = ckpts[recipe.main_alias]
     specs = output_specs(recipe, ref)
     with staged_dir(out, force) as tmp:
-        merged = ((job.name, t) for job, t in merge_stream(recipe, ckpts, device))
-        _write_checkpoint(tmp, specs, merged, limit, progress)
+        buffers = BufferPool()
+
+        def out_for(job: TensorJob) -> torch.Tensor | None:
+            if device != "cpu":
+                return None
+            n = job.dtype.itemsize
+            for d in job.shape:
+                n *= d
+            return buffers.take(n).view(job.dtype).reshape(job.shape)
+
+        stream = merge_stream(recipe, ckpts, device, out_for, buffers=buffers)
+        merged = ((job.name, t) for job, t in stream)
+        _write_checkpoint(tmp, specs, merged, limit, progress, buffers if device == "cpu" else None)
         ref.copy_side_files(tmp, getattr(torch, recipe.dtype))
         recipe.save(tmp / "evomerge_recipe.yaml")
         write_marker(tmp, MERGE_MARKER)
