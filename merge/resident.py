@@ -8,6 +8,7 @@ merge straight into one preallocated eval model's parameters. Same math as `evom
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from evomerge.merge.engine import TensorJob, check_compatible, merge_stream
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.parallel import Workers, merge_threads
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.sources import TensorSource
 
 
 class ResidentModel:
@@ -95,27 +97,38 @@ class ResidentSources:
             threads = min(merge_threads(), torch.get_num_threads())
         self.workers = Workers(threads if device == "cpu" else 1)
 
-    @torch.no_grad()
     def materialize(self, recipe: Recipe, model: torch.nn.Module) -> None:
-        """Write the recipe's merge into `model`'s parameters in place: each merged tensor is
-        computed a chunk at a time straight into its parameter (no temporary of its size) when
-        the parameter has the recipe's dtype."""
-        params = dict(model.named_parameters())
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        ref = self.models[recipe.main_alias]
-        names = [n for n in ref.names if not (tied and n == "lm_head.weight" and n not in params)]
-        for name in names:
-            if name not in params:
-                raise EvomergeError(f"tensor {name!r} has no parameter in the eval model")
+        """Write the recipe's merge into `model`'s parameters in place."""
+        merge_into_model(recipe, self.models, model, self.device, self.workers, read_ahead=False)
 
-        def target(job: TensorJob) -> torch.Tensor | None:
-            p = params[job.name]
-            ok = p.dtype == job.dtype and p.is_contiguous() and tuple(p.shape) == job.shape
-            return p.data if ok else None
 
-        for job, tensor in merge_stream(
-            recipe, self.models, self.device, target, names, self.workers, read_ahead=False
-        ):
-            p = params[job.name]
-            if tensor is not p.data:
-                p.copy_(tensor)
+@torch.no_grad()
+def merge_into_model(
+    recipe: Recipe,
+    sources: Mapping[str, TensorSource],
+    model: torch.nn.Module,
+    device: str = "cpu",
+    workers: Workers | None = None,
+    read_ahead: bool = True,
+) -> None:
+    """Write the recipe's merge into `model`'s parameters: each merged tensor is computed a chunk
+    at a time straight into its parameter (no temporary of its size) when the parameter has the
+    recipe's dtype. A tied head (a checkpoint's `lm_head.weight` that is the embedding in the
+    model) is not written. Sources on disk are read ahead with `read_ahead`."""
+    params = dict(model.named_parameters())
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    ref = sources[recipe.main_alias]
+    names = [n for n in ref.names if not (tied and n == "lm_head.weight" and n not in params)]
+    for name in names:
+        if name not in params:
+            raise EvomergeError(f"tensor {name!r} has no parameter in the eval model")
+
+    def target(job: TensorJob) -> torch.Tensor | None:
+        p = params[job.name]
+        ok = p.dtype == job.dtype and p.is_contiguous() and tuple(p.shape) == job.shape
+        return p.data if ok else None
+
+    for job, tensor in merge_stream(recipe, sources, device, target, names, workers, read_ahead):
+        p = params[job.name]
+        if tensor is not p.data:
+            p.copy_(tensor)
