@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evomerge.merge import kernels, methods, sparsify
+from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.parallel import Workers, single_thread
 from evomerge.merge.sparsify import Rescale
@@ -75,7 +75,7 @@ class TensorInputs:
 
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
-# Writes the merge into `out` (the tensor's shape, any float dtype, contiguous, on a CPU): the
+# Writes the merge into `out` (the tensor's shape, any float dtype, contiguous): on a CPU the
 # same bits as `merge(...).to(out.dtype)`, raising kernels.NonFinite where the result is not
 # finite. Returns False for inputs it does not take (the reference `merge` then runs).
 MergeIntoFn = Callable[[TensorInputs, torch.Tensor, Workers], bool]
@@ -162,7 +162,6 @@ def merge_tensor_into(
     with single_thread():
         if (
             method.merge_into is not None
-            and out.device.type == "cpu"
             and out.is_contiguous()
             and method.merge_into(inputs, out, workers)
         ):
@@ -257,7 +256,19 @@ def task_vector_method(
         assert x.base is not None
         if sparsifier is not None and (sparsifier.kernel is None or x.rescale is Rescale.l1):
             return False
-        if any(t.device.type != "cpu" for t in [x.base, *x.sources, *(x.deltas or [])]):
+        devices = {t.device.type for t in [out, x.base, *x.sources, *(x.deltas or [])]}
+        if devices == {"cuda"}:  # TIES fused and compiled on a GPU; the rest: the reference
+            fusable = consensus and x.rescale is Rescale.none and sparsifier in (None, MAGNITUDE)
+            return fusable and fused.ties_into(
+                x.base,
+                x.sources,
+                x.deltas,
+                [{**p, "density": p.get("density", 1.0)} for p in x.params],
+                x.group["lambda"],
+                x.normalize,
+                out,
+            )
+        if devices != {"cpu"}:
             return False
         kernels.task_vector_into(
             sparsifier.kernel if sparsifier else None,
@@ -315,14 +326,14 @@ def _cpu(*tensors: torch.Tensor) -> bool:
 
 
 def _linear_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
-    if not _cpu(*x.sources):
+    if not _cpu(out, *x.sources):
         return False
     kernels.linear_into(x.sources, [p["weight"] for p in x.params], x.normalize, out, workers)
     return True
 
 
 def _passthrough_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
-    if not _cpu(x.sources[0]):
+    if not _cpu(out, x.sources[0]):
         return False
     kernels.copy_into(x.sources[0], out, workers)
     return True
