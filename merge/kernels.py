@@ -233,8 +233,10 @@ def _plan_thin(
         )
     if sparsifier == "random":
         assert generator is not None
-        mask = torch.rand(shape, generator=generator) < density
-        return Thin("mask", divide=divide, mask=mask.reshape(-1))
+        draws = torch.rand(shape, generator=generator).reshape(-1)  # the reference's draws
+        # `draws < density` in NumPy: the same fp32 comparison, without torch's slow bool output
+        mask = torch.from_numpy(np.less(draws.numpy(), np.float32(density)))
+        return Thin("mask", divide=divide, mask=mask)
     raise ValueError(sparsifier)
 
 
@@ -312,12 +314,12 @@ def task_vector_into(
         if not thins:
             result.copy_(b)
         else:
-            xs = []
-            for i, thin in enumerate(thins):
-                t = thin.apply(delta_chunk(i, lo, hi, b), lo, ws)
-                xs.append(torch.mul(t, weights[i], out=ws.scratch(f"x{i}", L)))
-            mixed = ws.scratch("mixed", L).zero_()
             if consensus:
+                xs = []
+                for i, thin in enumerate(thins):
+                    t = thin.apply(delta_chunk(i, lo, hi, b), lo, ws)
+                    xs.append(torch.mul(t, weights[i], out=ws.scratch(f"x{i}", L)))
+                mixed = ws.scratch("mixed", L).zero_()
                 # methods.combine_deltas op for op; comparisons in NumPy (torch's, with a bool
                 # output, run ~20x slower here), their masks as 0/1 floats: x * mask is exact
                 signed = ws.scratch("signed", L)
@@ -340,8 +342,17 @@ def task_vector_into(
                 if normalize:
                     mixed /= divisor
             else:
-                for x in xs:
-                    mixed += x
+                # the reference sums 0 + x_0 + x_1 + ...; x_0 + x_1 + ... + 0 is the same number
+                # (the two differ only where the reference's 0 turns a sum of -0s into +0, and so
+                # does the + 0 at the end), one pass fewer
+                mixed = ws.scratch("mixed", L)
+                for i, thin in enumerate(thins):
+                    t = thin.apply(delta_chunk(i, lo, hi, b), lo, ws)
+                    if i == 0:
+                        torch.mul(t, weights[i], out=mixed)
+                    else:
+                        mixed += torch.mul(t, weights[i], out=ws.scratch("x", L))
+                mixed += 0.0
                 if normalize:
                     mixed /= plain_divisor
             if lambda_ != 1:

@@ -111,6 +111,38 @@ def test_chunked_merge_is_the_reference_bit_for_bit(
         assert _same(out, ref), (shape, density, rescale, normalize, ties)
 
 
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_linear", "breadcrumbs"])
+def test_signed_zeros_come_out_as_the_reference_gives_them(workers, name):
+    """-0 in the base, sources at +-0 and negative weights: sums of -0 are where a reordered
+    sum could differ from the reference's in the sign of a zero."""
+    m = METHODS[name]
+    zeros = torch.tensor([-0.0, 0.0, -0.0, 0.0, 1.0, -0.0] * 50)
+    base = zeros.clone()
+    srcs = [zeros.clone(), -zeros.clone(), torch.zeros(300)]
+    for weights in [(-0.5, -0.25, -1.0), (0.5, -0.5, 0.0), (-0.0, -1.0, 2.0)]:
+        params = [values(m.model_params, {"weight": w, "density": 0.9}) for w in weights]
+        for normalize in (False, True):
+
+            def make(params=params, normalize=normalize):
+                return TensorInputs(
+                    base,
+                    srcs,
+                    params,
+                    values(m.group_params, {}),
+                    normalize,
+                    m.default_rescale,
+                    torch.Generator().manual_seed(1) if m.random else None,
+                )
+
+            try:
+                ref = merge_tensor(m, make())
+            except ValueError:
+                continue
+            out = torch.empty(300)
+            merge_tensor_into(m, make(), out, workers)
+            assert _same(out, ref), (weights, normalize)
+
+
 def test_chunked_path_declines_what_it_does_not_compute(workers):
     """The L1 rescale (whole-tensor sums) and DELLA (per-row ranks) run the reference."""
     for name, rescale in [("ties", Rescale.l1), ("della", Rescale.inverse_density)]:
