@@ -8,6 +8,8 @@ wall time split into worker start-up, materialize (merge into the resident model
 Part 2 (`--only materialize [--methods ...] [--models DIR] [--threads N]`): in-memory
 materialization of one candidate on a generated Llama of --params parameters, beside one plain
 copy of the model's bytes (param.copy_ from resident tensors), interleaved, fastest of --repeats.
+Part 3 (`--only from-recipe --models DIR`): `eval --recipe`'s model built in memory beside
+`eval --model`'s load of the same merge written to disk.
 """
 
 from __future__ import annotations
@@ -203,11 +205,72 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
         )
 
 
+def from_recipe(methods: list[str], models: Path, repeats: int) -> None:
+    """`eval --recipe` against `eval --model`: the model built from the recipe in memory
+    (fitness.models.model_from_recipe) beside the merged checkpoint loaded
+    (fitness.models.load_model), on the --models family (written by --only materialize)."""
+    from evomerge.fitness import models as fm
+    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.registry import get_method
+
+    fm.load_tokenizer = lambda path: None  # the generated family has no tokenizer
+    paths = {a: models / a for a in ("base", "expert1", "expert2")}
+    layers = Checkpoint(paths["base"]).info.num_layers
+    for method in methods:
+        declared = {p.name for p in get_method(method).model_params}
+        given = {
+            "expert1": {"weight": 0.6, "density": 0.5},
+            "expert2": {"weight": 0.4, "density": 0.5},
+        }
+        recipe = Recipe.parse(
+            {
+                "dtype": "float32",
+                "models": {a: {"path": str(p)} for a, p in paths.items()},
+                "parameter_space": {
+                    "method": method,
+                    "base": "base",
+                    "groups": [
+                        {
+                            "layers": [0, layers],
+                            "params": {
+                                a: {k: v for k, v in p.items() if k in declared}
+                                for a, p in given.items()
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            merge_to_dir(recipe, Path(tmp) / "m")
+            merge_s = time.perf_counter() - t
+            loads, builds = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                loaded, _ = fm.load_model(Path(tmp) / "m")
+                loads.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                built, _ = fm.model_from_recipe(recipe)
+                builds.append(time.perf_counter() - t)
+                del loaded, built
+        print(
+            f"from recipe {method}: model_from_recipe {min(builds):.2f} s, load_model of the merged "
+            f"checkpoint {min(loads):.2f} s (lazy: safetensors maps the file), merge_to_dir "
+            f"{merge_s:.2f} s; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=96)
     ap.add_argument("--params", type=float, default=100e6)
-    ap.add_argument("--only", choices=["split", "materialize", "utilization"], default=None)
+    ap.add_argument(
+        "--only", choices=["split", "materialize", "from-recipe", "utilization"], default=None
+    )
     ap.add_argument("--methods", default="linear,task_arithmetic,ties", help="materialize")
     ap.add_argument("--models", type=Path, help="materialize: write (or reuse) the family here")
     ap.add_argument("--repeats", type=int, default=5, help="materialize: runs, the fastest kept")
@@ -218,6 +281,10 @@ def main() -> None:
         search_split(args.budget)
     if args.only in (None, "materialize"):
         materialize_vs_copy(args.params, args.methods.split(","), args.models, args.repeats)
+    if args.only == "from-recipe":
+        if args.models is None:
+            raise SystemExit("--only from-recipe needs --models DIR (see --only materialize)")
+        from_recipe(args.methods.split(","), args.models, args.repeats)
     if args.only in (None, "utilization"):
         utilization(workers=4, popsize=2, generations=6)
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))
