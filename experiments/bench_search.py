@@ -73,6 +73,27 @@ def search_split(budget: int) -> None:
     )
 
 
+def two_expert_recipe(method: str, paths: dict[str, Path], layers: int):
+    """One group over every layer, each expert given only the parameters `method` declares."""
+    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.registry import get_method
+
+    declared = {p.name for p in get_method(method).model_params}
+    given = {"expert1": {"weight": 0.6, "density": 0.5}, "expert2": {"weight": 0.4, "density": 0.5}}
+    params = {a: {k: v for k, v in p.items() if k in declared} for a, p in given.items()}
+    return Recipe.parse(
+        {
+            "dtype": "float32",
+            "models": {a: {"path": str(p)} for a, p in paths.items()},
+            "parameter_space": {
+                "method": method,
+                "base": "base",
+                "groups": [{"layers": [0, layers], "params": params}],
+            },
+        }
+    )
+
+
 def materialize_vs_copy(
     params: float, methods: list[str], models: Path | None, repeats: int
 ) -> None:
@@ -80,7 +101,6 @@ def materialize_vs_copy(
     fastest of `repeats` each; the family is written under `models` (or reused from there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge.merge.recipe import Recipe
     from evomerge.merge.registry import get_method
     from evomerge.merge.resident import ResidentSources
     from evomerge.merge.synthetic import make_family
@@ -112,30 +132,7 @@ def materialize_vs_copy(
             flush=True,
         )
         for method in methods:
-            declared = {p.name for p in get_method(method).model_params}
-            given = {
-                "expert1": {"weight": 0.6, "density": 0.5},
-                "expert2": {"weight": 0.4, "density": 0.5},
-            }
-            recipe = Recipe.parse(
-                {
-                    "dtype": "float32",
-                    "models": {a: {"path": str(p)} for a, p in paths.items()},
-                    "parameter_space": {
-                        "method": method,
-                        "base": "base",
-                        "groups": [
-                            {
-                                "layers": [0, layers],
-                                "params": {
-                                    a: {k: v for k, v in p.items() if k in declared}
-                                    for a, p in given.items()
-                                },
-                            }
-                        ],
-                    },
-                }
-            )
+            recipe = two_expert_recipe(method, paths, layers)
             sources = ResidentSources(
                 paths, "base", "cpu", task_vectors=get_method(method).uses_deltas
             )
@@ -212,37 +209,12 @@ def from_recipe(methods: list[str], models: Path, repeats: int) -> None:
     from evomerge.fitness import models as fm
     from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import merge_to_dir
-    from evomerge.merge.recipe import Recipe
-    from evomerge.merge.registry import get_method
 
     fm.load_tokenizer = lambda path: None  # the generated family has no tokenizer
     paths = {a: models / a for a in ("base", "expert1", "expert2")}
     layers = Checkpoint(paths["base"]).info.num_layers
     for method in methods:
-        declared = {p.name for p in get_method(method).model_params}
-        given = {
-            "expert1": {"weight": 0.6, "density": 0.5},
-            "expert2": {"weight": 0.4, "density": 0.5},
-        }
-        recipe = Recipe.parse(
-            {
-                "dtype": "float32",
-                "models": {a: {"path": str(p)} for a, p in paths.items()},
-                "parameter_space": {
-                    "method": method,
-                    "base": "base",
-                    "groups": [
-                        {
-                            "layers": [0, layers],
-                            "params": {
-                                a: {k: v for k, v in p.items() if k in declared}
-                                for a, p in given.items()
-                            },
-                        }
-                    ],
-                },
-            }
-        )
+        recipe = two_expert_recipe(method, paths, layers)
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             merge_to_dir(recipe, Path(tmp) / "m")
