@@ -59,6 +59,7 @@ def test_zoo_is_reused_when_parameters_match(tiny_zoo):
     assert zoo_key("tiny", 0) != zoo_key("tiny", 1) != zoo_key("demo", 0)
 
 
+@pytest.mark.slow
 def test_a_second_build_gives_the_same_bytes(tiny_zoo, tmp_path):
     """The zoo is rebuilt by code, never shipped: the same seed must give the same models and
     data, or two machines' demos (and a cache rebuilt after a crash) would disagree."""
