@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo demo-dfs demo-ps-dfs test test-fast lint bench clean
+.PHONY: setup demo demo-dfs demo-ps-dfs test test-fast lint bench clean browser
 
 # torch first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA download;
 # the project's ">=" torch range is then already satisfied.
@@ -29,8 +29,18 @@ demo-ps-dfs: demo
 	$(BIN)/evomerge demo --config configs/demo_ps_dfs.yaml
 
 # The test suite CI runs: the linters, then everything but the GPU tests.
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+# The report's screenshot test renders it in headless Chromium: Debian's package, installed
+# when missing and apt-get is there (as root, or through sudo); else the test says what is
+# missing and fails.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  ( $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium ) >/dev/null \
+	    || echo "warning: could not install chromium (apt-get install chromium)"; \
+	fi
 
 # Without the slow ones (SIGKILL soak, two-node Ray cluster, export of a search): ~1.5 minutes.
 test-fast: $(STAMP)

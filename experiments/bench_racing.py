@@ -1,7 +1,7 @@
 """Racing against full evaluation: the demo search at the same budget, per seed.
 
     python experiments/bench_racing.py [--seeds 0 1 2] [--modes full racing] [--out DIR]
-                                       [--set confidence=0.9 tolerance=2 ...]
+                                       [--set confidence=0.9 tolerance=2 ...] [--budget N]
 
 For each seed, the demo search (configs/demo.yaml: 360 evaluations, 2 Ray workers) with every
 candidate scored on every item (`full`), and with racing (`racing`: configs/demo.yaml plus
@@ -31,12 +31,14 @@ env.apply()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def config_for(seed: int, mode: str, racing: dict | None = None):
+def config_for(seed: int, mode: str, racing: dict | None = None, budget: int | None = None):
     from evomerge.search.config import SearchConfig
     from evomerge.search.demo import DEMO_CONFIG
 
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"]["seed"] = seed
+    if budget:  # smoke runs only: the reported figures use the demo's own budget
+        data["cma"]["budget"] = budget
     if mode == "racing":
         data["fitness"]["racing"] = {"enabled": True, **(racing or {})}
     elif mode == "full-passive":
@@ -75,13 +77,13 @@ def heldout_mean(run, best: dict) -> float:
     return result.fitness
 
 
-def one(seed: int, mode: str, out: Path, racing: dict) -> dict:
+def one(seed: int, mode: str, out: Path, racing: dict, budget: int | None) -> dict:
     from evomerge.search.console import ensure_zoo
     from evomerge.search.driver import run_search
     from evomerge.search.rundir import RunDir
     from evomerge.search.workers import make_executor
 
-    cfg = config_for(seed, mode, racing)
+    cfg = config_for(seed, mode, racing, budget)
     ensure_zoo(cfg)
     path = out / f"seed{seed}-{mode}"
     run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
@@ -114,11 +116,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--modes", nargs="+", default=["full", "racing"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_racing"))
+    ap.add_argument("--budget", type=int, help="smoke runs: fewer evaluations than the demo's")
     ap.add_argument("--set", nargs="*", default=[], help="racing settings, e.g. tolerance=2")
     args = ap.parse_args()
     racing = {k: float(v) if "." in v else int(v) for k, v in (a.split("=") for a in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [one(seed, mode, args.out, racing) for seed in args.seeds for mode in args.modes]
+    rows = [one(seed, mode, args.out, racing, args.budget) for seed in args.seeds for mode in args.modes]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     by = {mode: [r for r in rows if r["mode"] == mode] for mode in args.modes}
     for mode, rs in by.items():

@@ -158,8 +158,8 @@ class Scorer:
         out = {}
         for name, task in self.loaded["tasks"].items():
             n = len(task.eval_docs)
-            if share.get(name):
-                search, heldout = holdout_split(name, n, share[name])
+            if (held := share.get(name)) is not None:
+                search, heldout = holdout_split(name, n, held)
                 out[name] = heldout if part == "heldout" else search
             else:
                 out[name] = list(range(n))

@@ -227,6 +227,24 @@ def eval_cmd(
     print(f"objective {result.fitness:.4f}  ({result.examples} examples, {result.seconds:.2f} s)")
 
 
+REPORT_TO_HELP = (
+    "Experiment trackers for this session: none, tensorboard, mlflow, wandb, or a "
+    "comma-separated list (default: the config's report_to)."
+)
+
+
+def _report_to(value: str | None) -> list[str] | None:
+    """--report-to as tracker names (None: not given); a wrong name is one line, exit 2."""
+    if value is None:
+        return None
+    from evomerge.search.config import parse_report_to
+
+    try:
+        return parse_report_to(value)
+    except ValueError as e:
+        raise EvomergeError(f"--report-to: {e}") from None
+
+
 def _with_workers(cfg, workers: int | None, address: str | None):
     update = {k: v for k, v in (("count", workers), ("address", address)) if v is not None}
     if not update:
@@ -242,6 +260,7 @@ def search(
     workers: int = typer.Option(None, help="Ray workers; 0 runs trials serially in-process."),
     address: str = typer.Option(None, help="Attach to a running Ray cluster (e.g. auto)."),
     check: bool = typer.Option(False, "--check", help="Only validate everything, then exit."),
+    report_to: str = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
     offline: bool = OFFLINE,
 ):
     """Start a search. Config fields: models, base, space (method, layers_per_group,
@@ -253,7 +272,10 @@ def search(
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
 
+    trackers = _report_to(report_to)
     cfg = _with_workers(SearchConfig.load(config), workers, address)
+    if trackers is not None:
+        cfg = cfg.model_copy(update={"report_to": trackers})
     run_dir = run_dir or Path("runs") / cfg.name
     ensure_zoo(cfg)
     problems = check_search(cfg, run_dir)
@@ -264,7 +286,7 @@ def search(
         console.print(f"{config}: ok (models, genome, tasks, workers, run directory)")
         return
     run = RunDir.create(run_dir, cfg)
-    run_and_report(run)
+    run_and_report(run, trackers)
 
 
 @app.command()
@@ -274,20 +296,26 @@ def resume(
     config: Path = typer.Option(None, help="Refuse to resume if this config differs."),
     workers: int = typer.Option(None, help="Ray workers (may differ from the first run)."),
     address: str = typer.Option(None, help="Attach to a running Ray cluster."),
+    report_to: str = typer.Option(
+        None,
+        "--report-to",
+        help=REPORT_TO_HELP + " Trackers that already hold a run of this search continue it.",
+    ),
     offline: bool = OFFLINE,
 ):
-    """Resume a search from its last snapshot; finished trials are never run again."""
+    """Resume a search from its journal; finished trials are never run again."""
     set_env(offline)
     from evomerge.search.check import check_search
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
 
+    trackers = _report_to(report_to)
     run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
     run.config = _with_workers(run.config, workers, address)
     ensure_zoo(run.config)
     # resolves the pinned models and loads the tasks here, on the driver: no worker downloads
     refuse(check_search(run.config, None))
-    run_and_report(run)
+    run_and_report(run, trackers)
 
 
 @app.command()
@@ -319,11 +347,28 @@ def export(
 
 @app.command()
 @user_errors
-def report(run_dir: Path = typer.Argument(..., help="A run directory (finished or running).")):
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (finished or running)."),
+    watch: bool = typer.Option(
+        False, "--watch", help="Rewrite the report while the run is live; stop when it ends."
+    ),
+    every: float = typer.Option(30.0, "--every", help="Seconds between rewrites (--watch)."),
+):
     """Summaries, plots and an HTML page from the run's journal, into RUN_DIR/report/."""
-    from evomerge.search.report import summarize, trials_frame, write_report
+    from evomerge.search.report import summarize, trials_frame, watch_report, write_report
     from evomerge.search.rundir import RunDir
 
+    if watch:
+        if not every > 0:
+            raise EvomergeError(f"--every {every}: give a number of seconds > 0")
+        RunDir.reopen(run_dir)  # not a run: one line, before any waiting
+        try:
+            out = watch_report(run_dir, every, log=lambda line: console.print(line))
+        except KeyboardInterrupt:
+            console.print("stopped watching")
+            raise typer.Exit(130) from None
+        console.print(f"report: {out / 'index.html'}")
+        return
     out = write_report(run_dir)
     run = RunDir.reopen(run_dir)
     for title, table in summarize(run, trials_frame(run)).items():
@@ -334,11 +379,37 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (finished o
 
 @app.command()
 @user_errors
+def status(
+    run_dirs: list[Path] = typer.Argument(
+        None, help="Run directories (default: every directory under runs/)."
+    ),
+):
+    """One row per run: state, evaluations, best, last generation's mean, failures, time, ETA."""
+    from rich.console import Console
+
+    from evomerge.search.status import run_status, table
+
+    if not run_dirs:
+        root = Path("runs")
+        if not root.is_dir():
+            raise EvomergeError(
+                "no runs/ directory here; give run directories: evomerge status DIR"
+            )
+        run_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        if not run_dirs:
+            raise EvomergeError("runs/ holds no run directories yet")
+    out = Console(width=None if sys.stdout.isatty() else 200)  # piped: no wrapped cells
+    out.print(table([run_status(p) for p in run_dirs]))
+
+
+@app.command()
+@user_errors
 def demo(
     config: Path = typer.Option(
         None, help="Demo config (default: configs/demo.yaml, the PS demo)."
     ),
     out: Path = typer.Option(None, help="Run directory (default: runs/<config name>)."),
+    report_to: str = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
 ):
     """The main job on the embedded default: a search over the tiny zoo, on this machine, then
     held-out scores beside the parents'. Re-running resumes (or just reports) the same run."""
@@ -346,8 +417,9 @@ def demo(
     from evomerge.search.config import SearchConfig
     from evomerge.search.demo import DEMO_CONFIG, run_demo
 
+    trackers = _report_to(report_to)
     config = config or DEMO_CONFIG
-    run_demo(out or Path("runs") / SearchConfig.load(config).name, config)
+    run_demo(out or Path("runs") / SearchConfig.load(config).name, config, trackers)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m search.cli`

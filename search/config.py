@@ -246,6 +246,7 @@ class WorkerConfig(_Strict):
     cpus_per_worker: int = Field(1, ge=1)
     address: str | None = None  # attach to a running Ray cluster (e.g. "auto" or "ray://h:10001")
     trial_timeout: float = Field(900.0, gt=0)  # seconds; a slower trial is FAILED, worker replaced
+    start_timeout: float = Field(1800.0, gt=0)  # seconds a worker may take to load; then replaced
     object_store_mb: int = 256
 
 
@@ -263,6 +264,14 @@ class SearchConfig(_Strict):
     # where hub models are downloaded and read (None: the Hugging Face cache, HF_HOME); on a
     # cluster, shared storage every node reads
     cache_dir: str | None = None
+    # experiment trackers, as Hugging Face Trainer's report_to: none, tensorboard, mlflow,
+    # wandb, or a list (search/trackers.py); where a search is watched, not what it decides
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: object) -> list[str]:
+        return parse_report_to(v)
 
     @model_validator(mode="after")
     def _aliases(self) -> SearchConfig:
@@ -357,9 +366,10 @@ class SearchConfig(_Strict):
         return paths + ([zoo / "tasks"] if zoo is not None else [])
 
     def decisions(self) -> dict:
-        """The fields that decide what the search does; worker resources and the cache location
-        may change on resume."""
-        return {k: v for k, v in self.dump().items() if k not in ("workers", "cache_dir")}
+        """The fields that decide what the search does; worker resources, the cache location
+        and the trackers may change on resume."""
+        where = ("workers", "cache_dir", "report_to")
+        return {k: v for k, v in self.dump().items() if k not in where}
 
     def digest(self) -> str:
         text = json.dumps(self.decisions(), sort_keys=True)
@@ -378,6 +388,29 @@ class SearchConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as e:
             raise EvomergeError(schema_problems(e, source)) from None
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def parse_report_to(value: object) -> list[str]:
+    """`none`, a tracker, a comma-separated string or a list of them -> tracker names, in order,
+    without repeats. Raises ValueError naming the choices."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"{value!r}: give none, a tracker or a list of them")
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        if name in ("", "none"):
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"{item!r} is not a tracker; choose from none, {', '.join(TRACKERS)}")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -10,8 +10,9 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
-def _search_progress():
-    """A rich progress bar over evaluations, with generation, best and mean fitness, and ETA."""
+def _search_progress(run):
+    """A rich progress bar over evaluations, with generation, best and mean fitness, and ETA.
+    It starts from the journal: a resumed (or finished) run shows where it stands."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -32,9 +33,20 @@ def _search_progress():
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
+        # the ETA's rate over the last 30 minutes (rich's default, 30 s, shows no ETA at all
+        # once a trial takes longer than that)
+        speed_estimate_period=1800,
     )
+    trials = run.trials()
+    finished = [t for t in trials.values() if t.get("status") in ("COMPLETE", "FAILED")]
+    last: dict = max(finished, key=lambda t: t.get("time", 0), default={})
     task = bar.add_task(
-        "search", total=None, gen=0, best=float("nan"), last=float("nan"), parents=""
+        "search",
+        total=None,
+        gen=max((g for g, _ in trials), default=0),
+        best=float("nan"),
+        last=last.get("fitness", float("nan")),
+        parents="",
     )
 
     def start(done: int, budget: int, best: float, parents: dict[str, float]) -> None:
@@ -44,13 +56,9 @@ def _search_progress():
             console.print(f"parents on the search split: {line}")
         top = max(parents.values(), default=None)
         bar.start()
-        bar.update(
-            task,
-            completed=done,
-            total=budget,
-            best=best,
-            parents=f" (best parent {top:.4f})" if top is not None else "",
-        )
+        # reset, not update: the journal's evaluations are not this session's speed
+        bar.reset(task, completed=done, total=budget)
+        bar.update(task, best=best, parents=f" (best parent {top:.4f})" if top is not None else "")
 
     def result(done: int, record: dict, best: float) -> None:
         bar.update(
@@ -62,12 +70,21 @@ def _search_progress():
     )
 
 
-def run_and_report(run) -> dict | None:
-    """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run."""
+def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict | None:
+    """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run.
+    `report_to` overrides the trackers (search.trackers.session_trackers); `after(best,
+    reporter)` runs once the search is done, while the trackers' runs are still open."""
     from evomerge.search.driver import run_search
+    from evomerge.search.trackers import Reporter, session_trackers
     from evomerge.search.workers import make_executor
 
-    bar, hooks = _search_progress()
+    bar, hooks = _search_progress(run)
+    names = session_trackers(run, report_to)
+    reporter = None
+    if names:
+        reporter = Reporter(run, names, warn=_warn_line, info=lambda line: console.print(line))
+        hooks = reporter.hooks(hooks)
+    status = "FAILED"  # what the trackers' runs end as, unless the search gets further
     received: list[int] = []
 
     def stop(signum, frame):
@@ -79,15 +96,30 @@ def run_and_report(run) -> dict | None:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         best = run_search(run, lambda: make_executor(run.config), hooks)
-    except KeyboardInterrupt:
         bar.stop()
+        _closing_line(run, best)
+        if after is not None:
+            after(best, reporter)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        bar.stop()
+        signum = received[0] if received else signal.SIGINT
+        # said in search.log too: `evomerge status` tells an interrupted run from a crash
+        run.log(f"interrupted by {signal.Signals(signum).name}")
         console.print(f"interrupted: every finished trial is saved; `evomerge resume {run.path}`")
-        raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None
+        raise SystemExit(128 + signum) from None
     finally:
         bar.stop()
+        if reporter is not None:
+            reporter.close(status)
         warn(run)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return best
+
+
+def _closing_line(run, best: dict | None) -> None:
     if best is None:
         console.print("no trial completed")
     else:
@@ -95,7 +127,6 @@ def run_and_report(run) -> dict | None:
             f"best: trial {best['generation']}:{best['index']}, search fitness "
             f"{best['fitness']:.4f}{_rescored(best)}: {run.path / 'best' / 'recipe.yaml'}"
         )
-    return best
 
 
 def ensure_zoo(cfg) -> None:
@@ -114,6 +145,10 @@ def refuse(problems: list[str]) -> None:
         console.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
     if problems:
         raise SystemExit(2)
+
+
+def _warn_line(line: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
 
 
 def warn(run) -> None:

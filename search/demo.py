@@ -35,6 +35,12 @@ def heldout_summary(rows: list[dict]) -> str:
 def heldout_report(run, best: dict) -> tuple[str, str]:
     """The held-out table (parents, untuned merges, the evolved best, the joint reference when
     the zoo has one) and its summary line."""
+    _, table, summary = heldout_scores(run, best)
+    return table, summary
+
+
+def heldout_scores(run, best: dict) -> tuple[list[dict], str, str]:
+    """The held-out rows, their markdown table and the summary line."""
     from evomerge.fitness.tables import markdown_table
     from evomerge.fitness.zoo.skills import DISTRACTOR
     from evomerge.merge.recipe import Recipe
@@ -58,21 +64,26 @@ def heldout_report(run, best: dict) -> tuple[str, str]:
         row["mean"] = sum(row[t] for t in tasks) / len(tasks)
     columns = ["model", "kind", *tasks, "mean"]
     short = {t: t.removeprefix("zoo_").removesuffix("_heldout") for t in tasks}
-    table = markdown_table([{short.get(k, k): r[k] for k in columns} for r in rows])
-    return table, heldout_summary(rows)
+    short_rows = [{short.get(k, k): r[k] for k in columns} for r in rows]
+    return short_rows, markdown_table(short_rows), heldout_summary(rows)
 
 
-def run_demo(out: Path, config: Path = DEMO_CONFIG) -> None:
+def run_demo(out: Path, config: Path = DEMO_CONFIG, report_to: list[str] | None = None) -> None:
     from evomerge.search.console import ensure_zoo, run_and_report
     from evomerge.search.rundir import RunDir
 
     cfg = SearchConfig.load(config)
     ensure_zoo(cfg)
     run = RunDir.reopen(out, cfg) if (out / "run.yaml").exists() else RunDir.create(out, cfg)
-    best = run_and_report(run)
-    if best is None:
-        return
-    console.print("\nHeld-out split, never seen by the search:")
-    table, summary = heldout_report(run, best)
-    print(table)
-    print(summary)
+
+    def heldout(best, reporter) -> None:
+        if best is None:
+            return
+        console.print("\nHeld-out split, never seen by the search:")
+        rows, table, summary = heldout_scores(run, best)
+        print(table)
+        print(summary)
+        if reporter is not None:  # the same tracker runs as the search's curves
+            reporter.table("heldout", rows, table)
+
+    run_and_report(run, report_to, after=heldout)

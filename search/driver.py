@@ -37,8 +37,14 @@ class Progress:
 
     # evaluations done, budget, best fitness so far, the parents' search-split fitness
     on_start: Callable[[int, int, float, dict[str, float]], None] = lambda *a: None
+    # every finished trial's result record, as journaled (a decode failure included)
     on_result: Callable[[int, dict, float], None] = lambda done, record, best: None
     on_generation: Callable[[str], None] = lambda line: None
+    # a generation's trials once all are finished (not for generations replayed from the
+    # journal: observers that need those read the journal at on_start)
+    on_generation_end: Callable[[int, list[dict]], None] = lambda g, trials: None
+    # the winner when the search ends (after rescoring), also when a finished run is resumed
+    on_finish: Callable[[dict | None], None] = lambda best: None
 
 
 def new_optimizer(run: RunDir, space: SearchSpace) -> Optimizer | RandomSearch:
@@ -79,7 +85,8 @@ class _Executor:
     """The executor, started on first use (a finished run resumed starts no workers)."""
 
     def __init__(self, make: Callable[[], Executor]):
-        self.make, self.started = make, None
+        self.make = make
+        self.started: Executor | None = None
 
     def start(self) -> Executor:
         self.started = self.started or self.make()
@@ -135,6 +142,9 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                 state[(g, i)] = record
             if asked:
                 run.append(asked)  # journaled before dispatch: a crash from here on loses nothing
+            for record in asked:
+                if record["status"] == Status.FAILED:  # undecodable: finished without running
+                    progress.on_result(done, record, best["fitness"] if best else math.nan)
             pending = [
                 Trial(g, i, state[(g, i)]["recipe"])
                 for i in range(len(xs))
@@ -167,12 +177,14 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                 executor.run(pending, lambda trial, result: finish(trial.key, result.as_dict()))
             opt.tell(xs, [state[(g, i)]["fitness"] for i in range(len(xs))])
             if not replayed:  # a replayed generation was logged by the session that ran it
-                line = summary_line(
-                    g, [state[(g, i)] for i in range(len(xs))], best, done, config.cma.budget
-                )
+                trials = [state[(g, i)] for i in range(len(xs))]
+                line = summary_line(g, trials, best, done, config.cma.budget)
                 run.log(line)
                 progress.on_generation(line)
-        return _rescore(run, state, executor, progress) or best
+                progress.on_generation_end(g, trials)
+        winner = _rescore(run, state, executor, progress) or best
+        progress.on_finish(winner)
+        return winner
     finally:
         executor.shutdown()
 
@@ -220,7 +232,7 @@ def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) 
 
     def on_result(trial: Trial, result: TrialResult) -> None:
         ok = result.status == Status.COMPLETE
-        rescored = {
+        rescored: dict = {
             "fitness": result.fitness if ok else None,
             "examples": result.examples,
             "worker": result.worker,

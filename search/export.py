@@ -164,4 +164,7 @@ def export(
         ]
         write_atomic(tmp / "trials.json", json.dumps(summary, indent=2) + "\n")
         write_atomic(tmp / ".evomerge", json.dumps({"written_by": EXPORT_MARKER}) + "\n")
+    from evomerge.search.trackers import log_table
+
+    log_table(run, "heldout", rows, markdown_table(rows))  # the search's tracker runs, if any
     return out

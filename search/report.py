@@ -8,6 +8,7 @@ parameters per model), and `index.html` tying them together.
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -87,33 +88,142 @@ def plot_fitness(df: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write RUN/report/ whole (staged, then renamed into place: never half-written)."""
+def best_and_parents(run: RunDir) -> pd.DataFrame:
+    """The best trial beside the parents, on the search split (the line the search must
+    clear), with the rescored fitness where the winner was scored again at the end."""
+    rows = []
+    ranked = run.ranked()
+    if ranked:
+        best = ranked[0]
+        rows.append(
+            {
+                "model": f"evomerge best (trial {best['generation']}:{best['index']})",
+                "search fitness": best["fitness"],
+                "rescored fitness": (best.get("rescored") or {}).get("fitness"),
+            }
+        )
+    for label, p in sorted(
+        run.parents().items(), key=lambda kv: -(kv[1].get("fitness") or float("-inf"))
+    ):
+        rows.append(
+            {
+                "model": f"parent {label}",
+                "search fitness": p.get("fitness"),
+                "rescored fitness": None,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["model", "search fitness", "rescored fitness"])
+    if frame["rescored fitness"].isna().all():
+        frame = frame.drop(columns="rescored fitness")
+    return frame.set_index("model").round(4)
+
+
+def rescored_frame(run: RunDir) -> pd.DataFrame:
+    """Trials scored again on more search items at the end, best rescore first."""
+    rows = [
+        {
+            "trial": f"{t['generation']}:{t['index']}",
+            "search fitness": t["fitness"],
+            "rescored fitness": t["rescored"].get("fitness"),
+            "rescore examples": t["rescored"].get("examples"),
+            "error": t["rescored"].get("error"),
+        }
+        for t in run.trials().values()
+        if isinstance(t.get("rescored"), dict)
+    ]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).sort_values("rescored fitness", ascending=False, na_position="last")
+    if frame["error"].isna().all():
+        frame = frame.drop(columns="error")
+    return frame.set_index("trial").round(4)
+
+
+def write_report(run_dir: Path, refresh: float | None = None) -> Path:
+    """Write RUN/report/ whole (staged, then renamed into place: never half-written). While
+    the run is live and `refresh` is given, the page reloads itself every `refresh` seconds."""
     run = RunDir.reopen(run_dir)
     df = trials_frame(run)
     if df.empty:
         raise EvomergeError(f"{run.path}: no trials journaled yet; report once the search has run")
     with staged_dir(run.path / "report", replace=True) as out:
-        _write(run, df, out)
+        _write(run, df, out, refresh)
     return run.path / "report"
 
 
-def _write(run: RunDir, df: pd.DataFrame, out: Path) -> None:
+def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Path:
+    """Rewrite the report every `every` seconds while the run is live (the page reloads
+    itself); once it is not, write it a last time, without the reload, and return."""
+    from evomerge.search.status import row, run_status
+
+    run_dir = Path(run_dir)
+    said = None
+    while True:
+        status = run_status(run_dir)
+        has_trials = status.done > 0 or (run_dir / "trials.jsonl").is_file()
+        if has_trials and status.state != "not a run":
+            try:
+                out = write_report(run_dir, refresh=every)
+            except EvomergeError:
+                out = None  # no trial journaled yet: wait for the first
+        else:
+            out = None
+        cells = row(status)
+        line = (
+            f"{cells['state']}  evals {cells['evals']}  best {cells['best']}  "
+            f"elapsed {cells['elapsed']}  ETA {cells['ETA']}"
+        )
+        if line != said:
+            log(line)
+            said = line
+        if not status.live:
+            if out is None:
+                raise EvomergeError(
+                    f"{run_dir}: {status.state}, no trial journaled; nothing to report"
+                )
+            return out
+        sleep(every)
+
+
+def _write(run: RunDir, df: pd.DataFrame, out: Path, refresh: float | None = None) -> None:
+    from evomerge.search.status import row, run_status
+
+    now = run_status(run.path)
+    status = row(now)
+    refresh = refresh if now.live else None  # a finished page stays still
     tables = summarize(run, df)
+    tables = {"best and parents (search split)": best_and_parents(run), **tables}
+    rescored = rescored_frame(run)
+    if len(rescored):
+        tables["rescored at the end (more search items)"] = rescored
     plot_fitness(df, out / "fitness.png")
     images = ["fitness.png"]
     best = run.path / "best" / "recipe.yaml"
     if best.exists():
         images += space_for(run.config).plots(Recipe.load(best), out)
+    written = time.strftime("%Y-%m-%d %H:%M:%S")
+    state = (
+        f"{status['state']}; evaluations {status['evals']}; best {status['best']}; "
+        f"elapsed {status['elapsed']}; ETA {status['ETA']}"
+    )
     parts = [
         f"<h1>evomerge report: {html.escape(run.config.name)}</h1>",
         f"<p>{html.escape(str(run.path))}: {len(df)} trials journaled.</p>",
+        f'<p id="state">{html.escape(state)} (written {written}'
+        + (f", reloads every {refresh:g} s" if refresh else "")
+        + ")</p>",
     ]
     for title, table in tables.items():
-        parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html()}")
+        parts.append(f"<h2>{html.escape(title)}</h2>{table.to_html(na_rep='')}")
         write_atomic(out / f"{title.replace(' ', '_')}.csv", table.to_csv())
-    parts += [f'<h2>{name[:-4]}</h2><img src="{name}">' for name in images]
+    parts += [f'<h2>{name[:-4]}</h2><img src="{name}" alt="{name[:-4]}">' for name in images]
     failed = df[df.status == Status.FAILED][["generation", "index", "error"]]
     if len(failed):
         parts.append(f"<h2>failed trials</h2>{failed.to_html(index=False)}")
-    write_atomic(out / "index.html", "<html><body>" + "\n".join(parts) + "</body></html>\n")
+    # a live run's page reloads itself (a browser left open follows the search); a finished
+    # run's page stays still
+    reload = f'<meta http-equiv="refresh" content="{refresh:g}">' if refresh else ""
+    head = (
+        f'<head><meta charset="utf-8">{reload}<title>{html.escape(run.config.name)}</title></head>'
+    )
+    write_atomic(out / "index.html", f"<html>{head}<body>" + "\n".join(parts) + "</body></html>\n")

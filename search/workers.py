@@ -224,28 +224,49 @@ class RayExecutor:
         self.faults = faults
         self.replacements = 0
         self._shardable: bool | None = None
-        self.actors = [self._new_actor() for _ in range(self.workers)]
+        # A worker takes trials only once it has loaded its models and tasks: a trial's timeout
+        # never counts a (replacement) worker's start-up, which a busy machine can make slow.
+        self.starting: dict = {}  # ping ref -> (actor, started)
+        self.ready: list = []
+        for _ in range(self.workers):
+            self._new_actor()
+
+    @property
+    def actors(self) -> list:
+        return self.ready + [a for a, _ in self.starting.values()]
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its models and tasks."""
-        self.ray.get([a.ping.remote() for a in self.actors])
+        for ref in list(self.starting):
+            self.ray.wait([ref])
+            self._started(ref)
 
-    def _new_actor(self):
+    def _new_actor(self) -> None:
         wc = self.config.workers
         cls = self.ray.remote(TrialWorker).options(
             num_cpus=wc.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, max_restarts=0
         )
         device = "cuda" if self.use_gpu else "cpu"
-        return cls.remote(self.config.dump(), device, wc.cpus_per_worker, self.faults)
+        actor = cls.remote(self.config.dump(), device, wc.cpus_per_worker, self.faults)
+        self.starting[actor.ping.remote()] = (actor, time.monotonic())  # type: ignore[attr-defined]
 
-    def _replace(self, actor, why: str):
+    def _replace(self, actor, why: str) -> None:
         self.ray.kill(actor, no_restart=True)
         self.replacements += 1
         if self.replacements > 3 * self.workers + 3:
             from evomerge.merge.errors import EvomergeError
 
             raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
-        return self._new_actor()
+        self._new_actor()
+
+    def _started(self, ref) -> None:
+        """A worker's start-up ended: it is ready, or it failed and is replaced."""
+        actor, _ = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.ready.append(actor)
+        except Exception as e:  # noqa: BLE001 - a worker that cannot start is replaced
+            self._replace(actor, f"failed to start: {str(e).splitlines()[0] if str(e) else e}")
 
     def shards_per_trial(self, pending: int) -> int:
         """How many example shards each candidate is split into (1: no sharding)."""
@@ -256,7 +277,8 @@ class RayExecutor:
         if k <= 1:
             return 1
         if self._shardable is None:  # asked once: the tasks' aggregations decide
-            self._shardable = bool(self.ray.get(self.actors[0].shardable.remote()))
+            self.wait_ready()
+            self._shardable = bool(self.ray.get(self.ready[0].shardable.remote()))
         return k if self._shardable else 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
@@ -286,10 +308,10 @@ class RayExecutor:
         """Keep every worker busy with what `take(worker)` hands out (racing: the next chunks
         depend on results), until it hands out nothing and nothing is in flight."""
         ray = self.ray
-        timeout = self.config.workers.trial_timeout
+        wc = self.config.workers
         queue: collections.deque[Trial] = collections.deque()  # retries after a worker died
         attempts: dict[tuple, int] = collections.Counter()
-        idle = list(self.actors)
+        idle = self.ready  # ready workers not running a trial
         inflight: dict = {}  # ref -> (actor, trial, started)
         try:
             while True:
@@ -299,10 +321,13 @@ class RayExecutor:
                         break
                     actor = idle.pop()
                     inflight[actor.run.remote(trial)] = (actor, trial, time.monotonic())
-                if not inflight:
+                if not inflight and idle:  # a ready worker was offered nothing: all done
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                for ref in ready:
+                done, _ = ray.wait([*inflight, *self.starting], num_returns=1, timeout=0.5)
+                for ref in done:
+                    if ref in self.starting:
+                        self._started(ref)
+                        continue
                     actor, trial, _ = inflight.pop(ref)
                     try:
                         result = ray.get(ref)
@@ -311,7 +336,7 @@ class RayExecutor:
                         ray.exceptions.RayActorError,
                         ray.exceptions.ActorUnavailableError,
                     ) as e:
-                        idle.append(self._replace(actor, str(e).splitlines()[0]))
+                        self._replace(actor, str(e).splitlines()[0])
                         attempts[trial.key, trial.shard, trial.chunk] += 1
                         if attempts[trial.key, trial.shard, trial.chunk] == 1:  # retried once
                             queue.appendleft(trial)
@@ -323,12 +348,18 @@ class RayExecutor:
                     on_result(trial, result)
                 now = time.monotonic()
                 for ref, (actor, trial, started) in list(inflight.items()):
-                    if now - started > timeout:
+                    if now - started > wc.trial_timeout:
                         del inflight[ref]
-                        idle.append(self._replace(actor, "timeout"))
-                        on_result(trial, TrialResult.failed(f"timeout after {timeout:.0f} s"))
+                        self._replace(actor, "timeout")
+                        failed = TrialResult.failed(f"timeout after {wc.trial_timeout:.0f} s")
+                        on_result(trial, failed)
+                for ref, (actor, started) in list(self.starting.items()):
+                    if now - started > wc.start_timeout:
+                        del self.starting[ref]
+                        self._replace(actor, f"no start within {wc.start_timeout:.0f} s")
         finally:
-            self.actors = idle + [a for a, _, _ in inflight.values()]
+            # a worker still running a trial at an interrupt is shut down with the rest
+            self.ready += [a for a, _, _ in inflight.values()]
 
     def shutdown(self) -> None:
         for a in self.actors:

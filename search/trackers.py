@@ -1,0 +1,638 @@
+"""Experiment trackers: a search as one run in TensorBoard, MLflow or Weights & Biases.
+
+`report_to` (config, or `--report-to`) names the trackers, as Hugging Face Trainer's argument
+does. Each is an optional extra, imported only when chosen. A `Reporter` observes the driver's
+`Progress` events and fans them out to the trackers; the driver knows nothing about them.
+
+What is logged, against one x-axis (`evaluations`: a trial's position in the journal's order of
+finished trials, the same in every session):
+  once       the resolved config; the parents' search-split fitness
+  per trial  trial/fitness, trial/failed, trial/merge_seconds, trial/eval_seconds, and every
+             task metric as metrics/<task>/<metric>
+  per gen.   generation/best, /mean, /spread (standard deviation), /worst, /failed, and
+             search/best (the best so far)
+  at the end best/fitness (and best/rescored_fitness), the best recipe as an artifact, and the
+             held-out table when `evomerge demo` or `evomerge export` scores one
+
+Guarantees:
+- Logging never kills or stalls a search: every tracker call runs on one background thread, and
+  a tracker that raises is reported in one warning line and dropped for the rest of the session.
+- A resumed search continues the same tracker run: RUN_DIR/trackers.json keeps each tracker's
+  run id and a ledger of what it logged (trials by generation:index, generations, the config).
+  On resume the journal's trials that the ledger lacks are logged (so `--report-to` added on a
+  resume back-fills the whole search), and nothing is logged twice. The ledger is written right
+  after each tracker call returns; a kill inside that window (milliseconds) is closed by the
+  trackers' own state where they keep one: TensorBoard purges steps past the ledger
+  (`purge_step`), MLflow's metric history is read back on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from evomerge.merge.files import write_atomic
+from evomerge.search.config import TRACKERS
+from evomerge.search.driver import Progress
+from evomerge.search.rundir import RunDir
+from evomerge.search.trial import FINISHED, Status
+
+LEDGER = "trackers.json"
+# what `pip install` needs for each tracker (the extras in pyproject.toml)
+EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+CLOSE_TIMEOUT = float(os.environ.get("EVOMERGE_TRACKER_TIMEOUT", "60"))
+
+
+def finite(value: object) -> float | None:
+    """A number a tracker accepts (NaN and inf are dropped: some trackers refuse them)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def trial_metrics(record: dict) -> dict[str, float]:
+    """One finished trial's scalars (the journal record's fields, renamed for the trackers)."""
+    out = {
+        "trial/fitness": finite(record.get("fitness")),
+        "trial/failed": float(record.get("status") == Status.FAILED),
+        "trial/merge_seconds": finite(record.get("merge_seconds")),
+        "trial/eval_seconds": finite(record.get("eval_seconds")),
+        "trial/generation": float(record["generation"]),
+    }
+    for key, value in (record.get("metrics") or {}).items():
+        out[f"metrics/{key}"] = finite(value)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def generation_metrics(trials: list[dict], best_so_far: float | None) -> dict[str, float]:
+    ok = [t["fitness"] for t in trials if t.get("status") == Status.COMPLETE]
+    out: dict[str, float | None] = {
+        "generation/failed": float(sum(t.get("status") == Status.FAILED for t in trials)),
+        "generation/index": float(trials[0]["generation"]),
+        "search/best": best_so_far,
+    }
+    if ok:
+        mean = sum(ok) / len(ok)
+        out |= {
+            "generation/best": max(ok),
+            "generation/mean": mean,
+            "generation/worst": min(ok),
+            "generation/spread": math.sqrt(sum((f - mean) ** 2 for f in ok) / len(ok)),
+        }
+    return {k: v for k, v in ((k, finite(v)) for k, v in out.items()) if v is not None}
+
+
+class Tracker(Protocol):
+    """One backend. `open` starts or continues its run and returns what identifies it (kept in
+    trackers.json and handed back as `saved` on resume); every other call logs."""
+
+    name: str
+
+    def open(self, run: RunDir, saved: dict) -> dict: ...
+
+    def where(self) -> str: ...
+
+    def logged_steps(self) -> set[int]: ...
+
+    def config(self, config: dict) -> None: ...
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None: ...
+
+    def table(self, name: str, rows: list[dict], markdown: str) -> None: ...
+
+    def close(self, status: str) -> None: ...
+
+
+def _flat(data: object, prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted keys (MLflow params are flat strings)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out |= _flat(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): json.dumps(data) if not isinstance(data, str) else data}
+
+
+class TensorBoardTracker:
+    """Event files under RUN_DIR/tensorboard (`tensorboard --logdir runs` shows every search)."""
+
+    name = "tensorboard"
+
+    def open(self, run: RunDir, saved: dict) -> dict:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.logdir = run.path / "tensorboard"
+        # a new session writes a new event file; events of an earlier session past what the
+        # ledger recorded (a kill between a write and its ledger entry) are purged from view
+        last = saved.get("last_step")
+        self.writer = SummaryWriter(
+            str(self.logdir), purge_step=None if last is None else last + 1, flush_secs=30
+        )
+        return {"logdir": str(self.logdir)}
+
+    def where(self) -> str:
+        return f"tensorboard --logdir {self.logdir}"
+
+    def logged_steps(self) -> set[int]:
+        return set()  # the ledger and purge_step keep TensorBoard exact
+
+    def config(self, config: dict) -> None:
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", "```\n" + text + "```", 0)
+        self.writer.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # before the ledger says it is logged
+
+    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+        recipe = files["recipe.yaml"].read_text()
+        self.writer.add_text("best/recipe", "```\n" + recipe + "```", step)
+        self.writer.flush()
+
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
+        self.writer.add_text(name, markdown, 0)  # TensorBoard renders markdown tables
+        self.writer.flush()
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+class MLflowTracker:
+    """A run in MLFLOW_TRACKING_URI, else in a file store `mlruns/` in the working directory
+    (the MLflow convention: `mlflow ui` run there shows every search); the experiment is
+    MLFLOW_EXPERIMENT_NAME, else `evomerge`."""
+
+    name = "mlflow"
+
+    def open(self, run: RunDir, saved: dict) -> dict:
+        from urllib.parse import urlparse
+
+        # bounded retries: a dead server costs seconds once, not minutes per call (MLflow
+        # retries 7 times with exponential backoff by default)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self.Metric, self.Param = Metric, Param
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        # a resumed search goes on in the store it started in, unless told otherwise
+        uri = env_uri or saved.get("tracking_uri") or Path("mlruns").resolve().as_uri()
+        if urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 refuses a file store unless this is set; a local mlruns/ is the point
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
+        if run_id is not None:
+            self.client.get_run(run_id)  # raises if it is gone: one warning, no logging
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "evomerge")
+            found = self.client.get_experiment_by_name(name)
+            experiment = found.experiment_id if found else self.client.create_experiment(name)
+            tags = {"evomerge.run_dir": str(run.path.resolve())}
+            run_id = self.client.create_run(
+                experiment, run_name=run.config.name, tags=tags
+            ).info.run_id
+        self.run_id = run_id
+        return {"tracking_uri": uri, "run_id": run_id}
+
+    def where(self) -> str:
+        return f"mlflow run {self.run_id} in {self.uri}"
+
+    def logged_steps(self) -> set[int]:
+        history = self.client.get_metric_history(self.run_id, "trial/fitness")
+        return {m.step for m in history}
+
+    def config(self, config: dict) -> None:
+        # MLflow params: flat strings of at most 6000 characters, at most 100 per call
+        params = [self.Param(k, v[:6000]) for k, v in _flat(config).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "run.yaml")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [self.Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+        for path in files.values():
+            self.client.log_artifact(self.run_id, str(path), "best")
+        self.client.set_tag(self.run_id, "best_trial", f"{trial['generation']}:{trial['index']}")
+
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
+        self.client.log_text(self.run_id, markdown + "\n", f"{name}.md")
+        self.client.log_text(self.run_id, json.dumps(rows, indent=1), f"{name}.json")
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class WandbTracker:
+    """A W&B run in WANDB_PROJECT (else `evomerge`), its local files under RUN_DIR/wandb.
+    WANDB_MODE=offline logs without a network (`wandb sync RUN_DIR/wandb/offline-run-*`)."""
+
+    name = "wandb"
+
+    def open(self, run: RunDir, saved: dict) -> dict:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE", "online")
+        if mode == "online" and not _wandb_credentials():
+            # never let wandb ask for a key: the search is often on a node nobody watches
+            raise RuntimeError(
+                "not logged in; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline"
+            )
+        self.wandb = wandb
+        run_id = saved.get("run_id") or uuid.uuid4().hex[:12]  # W&B ids: [a-z0-9]
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "evomerge"),
+            name=run.config.name,
+            id=run_id,
+            resume="allow",  # the same run id continues the same W&B run
+            dir=str(run.path),
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+        # every series against evaluations, the x-axis of every tracker
+        self.run.define_metric("evaluations")
+        self.run.define_metric("*", step_metric="evaluations")
+        return {"run_id": run_id, "project": self.run.project}
+
+    def where(self) -> str:
+        url = getattr(self.run, "url", None)
+        return f"wandb run {self.run.id}" + (f": {url}" if url else f" (offline, {self.run.dir})")
+
+    def logged_steps(self) -> set[int]:
+        return set()
+
+    def config(self, config: dict) -> None:
+        self.run.config.update(config, allow_val_change=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({**values, "evaluations": step})
+
+    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+        artifact = self.wandb.Artifact(f"{self.run.id}-best-recipe", type="recipe")
+        for name, path in files.items():
+            artifact.add_file(str(path), name=name)
+        self.run.log_artifact(artifact)
+        self.run.summary["best_trial"] = f"{trial['generation']}:{trial['index']}"
+
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        data = [[r.get(c) for c in columns] for r in rows]
+        self.run.log({name: self.wandb.Table(columns=columns, data=data)})
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = base.split("://", 1)[-1].split("/", 1)[0]
+    return host in hosts
+
+
+BACKENDS: dict[str, Callable[[], Tracker]] = {
+    "tensorboard": TensorBoardTracker,
+    "mlflow": MLflowTracker,
+    "wandb": WandbTracker,
+}
+
+
+def _default_warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+class Reporter:
+    """The fan-out: driver events in, tracker calls out, on a background thread.
+
+    `hooks(progress)` returns a Progress that calls `progress` and this reporter; `close()`
+    ends the trackers' runs (call it in a `finally`). A tracker that raises is dropped after
+    one warning line; the search never sees the exception."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        names: list[str],
+        warn: Callable[[str], None] = _default_warn,
+        info: Callable[[str], None] | None = None,
+        backends: dict[str, Callable[[], Any]] | None = None,
+    ):
+        self.run, self.names, self.warn = run, list(names), warn
+        self.info = info or (lambda line: None)
+        self.backends = backends or BACKENDS
+        self.ledger = _read_ledger(run.path / LEDGER, warn)
+        self.steps: dict[tuple[int, int], int] = {}  # trial -> evaluations (journal order)
+        self.backlog = self._journal()  # read before the thread starts: it needs the steps
+        self.trackers: dict[str, Any] = {}
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="evomerge-trackers", daemon=True)
+        self.thread.start()
+        self.queue.put(("open",))
+
+    # -- the driver's side: cheap, never raises --------------------------------------------
+    def hooks(self, progress: Progress | None = None) -> Progress:
+        p = progress or Progress()
+
+        def start(done, budget, best, parents):
+            p.on_start(done, budget, best, parents)
+            self.started(parents)
+
+        def result(done, record, best):
+            self.result(record)  # first: the record is journaled, whatever the display does
+            p.on_result(done, record, best)
+
+        def generation_end(g, trials):
+            p.on_generation_end(g, trials)
+            self.generation(g, trials)
+
+        def finish(best):
+            p.on_finish(best)
+            self.finish(best)
+
+        return Progress(
+            on_start=start,
+            on_result=result,
+            on_generation=p.on_generation,
+            on_generation_end=generation_end,
+            on_finish=finish,
+        )
+
+    def started(self, parents: dict[str, float]) -> None:
+        """The search starts: the parents' scores, then the journal's finished trials and whole
+        generations, which each tracker logs where its ledger lacks them."""
+        self.queue.put(("parents", dict(parents)))
+        for event in self.backlog:
+            self.queue.put(event)
+        self.backlog = []
+
+    def _journal(self) -> list[tuple]:
+        """The journal's finished trials, numbered in order, each followed by its generation
+        when that is whole (every trial asked in it finished), as tracker events."""
+        state: dict[tuple[int, int], dict] = {}
+        order = []
+        for r in self.run.records():
+            key = (r["generation"], r["index"])
+            if "status" not in r:
+                continue  # a rescoring annotation, not a state change
+            state[key] = {**state.get(key, {}), **r}
+            if r["status"] in FINISHED and key not in self.steps:
+                self.steps[key] = len(self.steps) + 1
+                order.append(key)
+        by_gen: dict[int, list[dict]] = {}
+        for key, t in state.items():
+            by_gen.setdefault(key[0], []).append(t)
+        last_of = {
+            max(self.steps[(g, t["index"])] for t in ts): (g, ts)
+            for g, ts in by_gen.items()
+            if all(t["status"] in FINISHED for t in ts)
+        }
+        events: list[tuple] = []
+        for key in order:
+            step = self.steps[key]
+            events.append(("trial", key, step, state[key]))
+            if step in last_of:
+                g, ts = last_of[step]
+                events.append(("generation", g, step, sorted(ts, key=lambda t: t["index"])))
+        return events
+
+    def result(self, record: dict) -> None:
+        key = (record["generation"], record["index"])
+        if key not in self.steps:
+            self.steps[key] = len(self.steps) + 1
+        self.queue.put(("trial", key, self.steps[key], dict(record)))
+
+    def generation(self, g: int, trials: list[dict]) -> None:
+        step = max(self.steps.get((g, t["index"]), 0) for t in trials)
+        self.queue.put(("generation", g, step, [dict(t) for t in trials]))
+
+    def finish(self, best: dict | None) -> None:
+        if best is not None:
+            self.queue.put(("best", len(self.steps), dict(best)))
+
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
+        """A table the driver does not know (the held-out scores of `demo` and `export`)."""
+        self.queue.put(("table", name, rows, markdown))
+
+    def close(self, status: str = "FINISHED", timeout: float = CLOSE_TIMEOUT) -> None:
+        """Wait for what is queued (at most `timeout` seconds), then end the trackers' runs."""
+        self.queue.put(("close", status))
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.warn(
+                f"trackers still busy after {timeout:.0f} s ({', '.join(self.trackers)}); "
+                "leaving them (the run directory has everything)"
+            )
+
+    # -- the tracker thread ----------------------------------------------------------------
+    def _work(self) -> None:
+        best_so_far: float | None = None
+        while True:
+            event = self.queue.get()
+            kind = event[0]
+            if kind == "open":
+                self._open()
+            elif kind == "parents":
+                values = {f"parents/{k}": v for k, v in event[1].items() if finite(v) is not None}
+                if values:
+                    self._call("parents", None, "scalars", 0, values)
+            elif kind == "trial":
+                _, key, step, record = event
+                if record.get("status") == Status.COMPLETE:
+                    f = record["fitness"]
+                    best_so_far = f if best_so_far is None else max(best_so_far, f)
+                values = trial_metrics(record)
+                self._call("trials", f"{key[0]}:{key[1]}", "scalars", step, values, step=step)
+            elif kind == "generation":
+                _, g, step, trials = event
+                values = generation_metrics(trials, best_so_far)
+                self._call("generations", str(g), "scalars", step, values)
+            elif kind == "best":
+                self._best(event[1], event[2])
+            elif kind == "table":
+                _, name, rows, markdown = event
+                self._call("tables", name, "table", name, rows, markdown)
+            elif kind == "close":
+                for name, tracker in list(self.trackers.items()):
+                    self._guard(name, tracker.close, event[1])
+                self.trackers.clear()
+                return
+
+    def _open(self) -> None:
+        for name in self.names:
+            factory = self.backends.get(name)
+            if factory is None:
+                self.warn(f"report_to: unknown tracker {name!r}")
+                continue
+            saved = self.ledger.get(name, {})
+            tracker = factory()
+            try:
+                ids = tracker.open(self.run, saved)
+            except ImportError as e:
+                self.warn(
+                    f"report_to: {name} is not installed ({e.name or e}); "
+                    f"pip install 'evomerge[{EXTRAS[name]}]' (the search goes on without it)"
+                )
+                continue
+            except Exception as e:  # noqa: BLE001 - a tracker never stops a search
+                self.warn(f"{name}: {_why(e)}; not logging to {name} (the search goes on)")
+                continue
+            entry = saved if _same_target(saved, ids) else {}
+            if saved and not entry:
+                self.warn(f"{name}: a new tracker run ({ids}); the old one was elsewhere")
+            entry |= ids
+            entry.setdefault("logged", {})
+            self.ledger[name] = entry
+            self.trackers[name] = tracker
+            if not self._guard(name, self._reconcile, tracker, entry):
+                continue
+            self.info(f"{name}: {tracker.where()}")
+        self._call("config", None, "config", self.run.config.dump())
+        self._save()
+
+    def _reconcile(self, tracker: Any, entry: dict) -> None:
+        """Trials the tracker has (by its own record) that the ledger missed: a kill between
+        a tracker's write and the ledger's."""
+        have = tracker.logged_steps()
+        if have:
+            logged = set(entry["logged"].get("trials", []))
+            logged |= {f"{g}:{i}" for (g, i), s in self.steps.items() if s in have}
+            entry["logged"]["trials"] = sorted(logged)
+
+    def _call(
+        self, section: str, item: str | None, method: str, *args, step: int | None = None
+    ) -> None:
+        """Call `method(*args)` on each live tracker whose ledger lacks `item` of `section`
+        (None: the section is logged once), then record it in the ledger (and `step` as the
+        last step logged: TensorBoard's purge point on resume)."""
+        changed = False
+        for name, tracker in list(self.trackers.items()):
+            logged = self.ledger[name]["logged"]
+            if logged.get(section) is True or item in logged.get(section, []):
+                continue
+            if self._guard(name, getattr(tracker, method), *args):
+                if item is None:
+                    logged[section] = True
+                else:
+                    logged.setdefault(section, []).append(item)
+                if step is not None:
+                    entry = self.ledger[name]
+                    entry["last_step"] = max(step, entry.get("last_step") or 0)
+                changed = True
+        if changed:
+            self._save()
+
+    def _best(self, step: int, best: dict) -> None:
+        key = f"{best['generation']}:{best['index']}"
+        files = {
+            p.name: p
+            for p in (self.run.path / "best" / "recipe.yaml", self.run.path / "best" / "trial.json")
+            if p.is_file()
+        }
+        values = {"best/fitness": finite(best.get("fitness"))}
+        values["best/rescored_fitness"] = finite((best.get("rescored") or {}).get("fitness"))
+        values = {k: v for k, v in values.items() if v is not None}
+
+        def log(t, entry):
+            if entry["logged"].get("best") == key:
+                return
+            t.scalars(step, values)
+            if "recipe.yaml" in files:
+                t.best(step, best, files)
+            entry["logged"]["best"] = key
+
+        for name, tracker in list(self.trackers.items()):
+            self._guard(name, log, tracker, self.ledger[name])
+        self._save()
+
+    def _guard(self, name: str, fn, *args) -> bool:
+        """Run one tracker call; an exception is one warning and the tracker is dropped."""
+        if name not in self.trackers:
+            return False
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 - a tracker never stops a search
+            self.warn(f"{name}: {_why(e)}; no more logging to {name} (the search goes on)")
+            self.trackers.pop(name, None)
+            return False
+
+    def _save(self) -> None:
+        try:
+            write_atomic(self.run.path / LEDGER, json.dumps(self.ledger, indent=1) + "\n")
+        except OSError as e:
+            self.warn(f"{self.run.path / LEDGER}: {e.strerror}; tracker ledger not saved")
+
+
+def _same_target(saved: dict, ids: dict) -> bool:
+    """The tracker run is the one the ledger describes (same store and run id)."""
+    return bool(saved) and all(saved.get(k) == v for k, v in ids.items())
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _read_ledger(path: Path, warn: Callable[[str], None]) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if isinstance(v, dict)}
+    except (OSError, ValueError):
+        pass
+    warn(f"{path}: unreadable; trackers start new runs")
+    return {}
+
+
+def session_trackers(run: RunDir, override: list[str] | None = None) -> list[str]:
+    """The trackers of this session: `--report-to` when given; else the config's, plus any
+    tracker that already holds a run of this search (a resume keeps logging where the search
+    logged before)."""
+    if override is not None:
+        return override
+    ledger = run.path / LEDGER
+    names = list(run.config.report_to)
+    if ledger.is_file():
+        with contextlib.suppress(OSError, ValueError):  # an unreadable ledger adds nothing
+            names += [n for n in json.loads(ledger.read_text()) if n in TRACKERS]
+    return list(dict.fromkeys(names))
+
+
+def log_table(run: RunDir, name: str, rows: list[dict], markdown: str, warn=_default_warn) -> None:
+    """Add a table to the search's tracker runs after the search (demo, export)."""
+    names = session_trackers(run)
+    if not names:
+        return
+    reporter = Reporter(run, names, warn=warn)
+    reporter.table(name, rows, markdown)
+    reporter.close()
