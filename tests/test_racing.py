@@ -206,7 +206,7 @@ def test_a_stopped_candidate_is_below_what_it_was_stopped_against(tiny_zoo, tmp_
             for j, lower, upper, eps in race["pairs"]:
                 assert upper < eps
                 other = trials[g, j]["race"]
-                total = 0.0
+                total = np.zeros(2)
                 for task in METRIC:  # compared on the common prefix of the two
                     n = min(len(race["scores"][task]), len(other["scores"][task]))
                     x, y = race["scores"][task][:n], other["scores"][task][:n]
@@ -217,8 +217,8 @@ def test_a_stopped_candidate_is_below_what_it_was_stopped_against(tiny_zoo, tmp_
                         (1 - cfg.fitness.racing.confidence) / 2,
                         METRIC[task] != "score",
                     )
-                    total += hi / 2
-                assert total == pytest.approx(upper, abs=1e-6)
+                    total += np.array([lo, hi]) / 2  # the objective: the tasks' mean
+                assert total == pytest.approx([lower, upper], abs=1e-6)
                 if racing:  # certainty: really worse than each of them, on every item
                     truth = full_fitness(cfg, t["recipe"])
                     assert truth < full_fitness(cfg, trials[g, j]["recipe"])
