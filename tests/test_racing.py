@@ -17,6 +17,7 @@ import pytest
 from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_bounds
 from evomerge.fitness.scorer import objective
 from evomerge.search.driver import Progress, run_search
+from evomerge.search.report import summarize, trials_frame
 from evomerge.search.rundir import RunDir
 from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
 from tests.conftest import search_config
@@ -62,8 +63,10 @@ class Scripted:
         self.rng = random.Random(arrival_seed)
         self.specs = [s.model_copy(update={"metric": METRIC[s.name]}) for s in config.fitness.tasks]
         self.concurrent_chunks = 0  # most chunks of one candidate in flight at once
+        self.seen: list[Trial] = []
 
     def score(self, trial: Trial) -> TrialResult:
+        self.seen.append(trial)
         rc = self.config.fitness.racing
         if trial.chunk is None:
             docs = {t: list(range(ITEMS)) for t in METRIC}
@@ -225,8 +228,14 @@ def test_a_stopped_candidate_is_below_what_it_was_stopped_against(tiny_zoo, tmp_
 
 
 def test_journal_holds_a_stopped_candidate_as_a_complete_trial(tiny_zoo, tmp_path):
+    """A stopped candidate is COMPLETE with the items it was scored on, its estimate and the
+    bounds that stopped it; the report counts items per generation against full evaluation's;
+    the final rescoring of the best scores every item, never a chunk."""
     cfg = _config(tiny_zoo, {})
-    _, trials = _search(tmp_path / "r", cfg)
+    executor = Scripted(cfg)
+    run = RunDir.create(tmp_path / "r", cfg)
+    run_search(run, lambda: executor)
+    trials = RunDir.reopen(tmp_path / "r").trials()
     stopped = [t for t in trials.values() if t["race"]["decision"] in ("out", "settled")]
     assert stopped
     for t in stopped:
@@ -237,6 +246,18 @@ def test_journal_holds_a_stopped_candidate_as_a_complete_trial(tiny_zoo, tmp_pat
         assert race["scored"] >= race["items"]
         assert race["pairs"] and np.isfinite(race["estimate"])
         assert t["counts"] == {task: len(v) for task, v in race["scores"].items()}
+    rescored = [t for t in executor.seen if t.items == "rescore"]
+    assert len(rescored) == 5 and all(t.chunk is None and t.shard is None for t in rescored)
+    assert all(t["rescored"]["examples"] == 2 * ITEMS for t in trials.values() if "rescored" in t)
+
+    table = summarize(run, trials_frame(run))["racing: items per generation"]
+    for g in range(1, 7):
+        generation = [t for (tg, _), t in trials.items() if tg == g]
+        assert table.loc[g, "items scored"] == sum(t["race"]["scored"] for t in generation)
+        assert table.loc[g, "items full evaluation"] == 8 * 2 * ITEMS
+        assert table.loc[g, "out"] == sum(t["race"]["decision"] == "out" for t in generation)
+    assert table.loc["all", "items full evaluation"] == 48 * 2 * ITEMS
+    assert table.loc["all", "ratio"] < 1
 
 
 @pytest.mark.parametrize("stop_after", [3, 13, 30])
@@ -279,3 +300,5 @@ def test_racing_off_is_full_evaluation(tiny_zoo, tmp_path):
     """Off (the default), no trial carries a race and every item is scored."""
     _, trials = _search(tmp_path / "r", _config(tiny_zoo, None))
     assert all("race" not in t and t["examples"] == 2 * ITEMS for t in trials.values())
+    run = RunDir.reopen(tmp_path / "r")
+    assert "racing: items per generation" not in summarize(run, trials_frame(run))
