@@ -135,7 +135,9 @@ def materialize_vs_copy(params: float, method: str) -> None:
 
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
-    """Busy time / wall time of the workers when they outnumber the candidates in flight."""
+    """Busy time / wall time of the workers when they outnumber the candidates in flight: the
+    journal's per-trial busy seconds (materialize + evaluate, summed over a trial's shards or
+    racing chunks, those lost to a stop included) over workers x wall time once they are up."""
     import ray
 
     from evomerge.search.config import SearchConfig
@@ -147,8 +149,11 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
     data["workers"] |= {"count": workers, "cpus_per_worker": 1}
-    for shards in ("off", "auto"):
+    # sharding off, auto, and racing (its chunks take the place of shards: a racing candidate's
+    # next chunks go to whichever workers are free)
+    for shards, racing in (("off", False), ("auto", False), ("off", True)):
         data["fitness"]["shards"] = shards
+        data["fitness"]["racing"] = {"enabled": racing}
         cfg = SearchConfig.parse(data)
         # logical CPUs: on a small machine the workers share cores, but idle time is still idle
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -170,9 +175,10 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
                 if r.get("status") == "COMPLETE"
             )
         ray.shutdown()
+        mode = "racing" if racing else f"sharding {shards}"
         print(
-            f"utilization, {workers} workers, {popsize} candidates per generation, sharding "
-            f"{shards}: {100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
+            f"utilization, {workers} workers, {popsize} candidates per generation, {mode}: "
+            f"{100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
             f"{workers} x {wall:.1f} s)",
             flush=True,
         )
@@ -183,6 +189,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=96)
     ap.add_argument("--params", type=float, default=100e6)
     ap.add_argument("--only", choices=["split", "materialize", "utilization"], default=None)
+    ap.add_argument("--workers", type=int, default=4, help="utilization: Ray workers")
+    ap.add_argument("--popsize", type=int, default=2, help="utilization: candidates per generation")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.only in (None, "split"):
@@ -191,7 +199,7 @@ def main() -> None:
         for method in ("linear", "task_arithmetic", "ties"):
             materialize_vs_copy(args.params, method)
     if args.only in (None, "utilization"):
-        utilization(workers=4, popsize=2, generations=6)
+        utilization(workers=args.workers, popsize=args.popsize, generations=6)
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))
 
 

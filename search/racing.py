@@ -52,6 +52,10 @@ BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em"})
 
 OUT, SETTLED, FULL = "out", "settled", "full"
 
+# a worker's answer to a chunk of tasks whose metric is not a mean of per-item scores (BLEU,
+# perplexity): no prefix bounds it, so the search stops with this rather than fail every trial
+NOT_RACEABLE = "fitness.racing needs metrics that are means of per-item scores; turn it off"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -168,6 +172,8 @@ class Race:
             e.workers.add(result.worker)
         if not e.racing:
             return []  # a chunk scored ahead for a candidate stopped meanwhile: wasted
+        if result.error == NOT_RACEABLE:
+            raise EvomergeError(NOT_RACEABLE)
         if result.status != Status.COMPLETE or result.items is None:
             e.state = "failed"
             fields = result.as_dict() | {"worker": ",".join(sorted(e.workers))}

@@ -20,6 +20,7 @@ import torch
 
 from evomerge.search.config import SearchConfig
 from evomerge.search.env import QUIET_ENV, passed_on
+from evomerge.search.racing import NOT_RACEABLE
 from evomerge.search.trial import (
     Executor,
     ItemScores,
@@ -119,9 +120,7 @@ class TrialWorker:
         if trial.chunk is not None:
             shard = self._chunk(trial)
             if not self.scorer.shardable:
-                return TrialResult.failed(
-                    "racing needs metrics that are means of per-item scores", self.name
-                )
+                return TrialResult.failed(NOT_RACEABLE, self.name)
         result = self.scorer.score(shard, trial.items, per_item=trial.chunk is not None)
         fitness = math.nan if fault == "nan" else result.fitness
         items = None

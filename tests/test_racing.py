@@ -16,7 +16,10 @@ import pytest
 
 from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_bounds
 from evomerge.fitness.scorer import objective
+from evomerge.merge.errors import EvomergeError
+from evomerge.search.config import RacingConfig, SearchConfig
 from evomerge.search.driver import Progress, run_search
+from evomerge.search.racing import NOT_RACEABLE
 from evomerge.search.report import summarize, trials_frame
 from evomerge.search.rundir import RunDir
 from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
@@ -302,3 +305,51 @@ def test_racing_off_is_full_evaluation(tiny_zoo, tmp_path):
     assert all("race" not in t and t["examples"] == 2 * ITEMS for t in trials.values())
     run = RunDir.reopen(tmp_path / "r")
     assert "racing: items per generation" not in summarize(run, trials_frame(run))
+
+
+def test_tasks_that_cannot_race_stop_the_search_with_one_line(tiny_zoo, tmp_path):
+    """A corpus-level metric (BLEU, perplexity) has no per-item scores to bound: the first
+    chunk's answer stops the search with one line, instead of failing every candidate."""
+    cfg = _config(tiny_zoo, {})
+
+    class Corpus(Scripted):
+        def score(self, trial):
+            return (
+                TrialResult.failed(NOT_RACEABLE, "w")
+                if trial.chunk is not None
+                else (super().score(trial))
+            )
+
+    run = RunDir.create(tmp_path / "r", cfg)
+    with pytest.raises(EvomergeError, match="fitness.racing needs metrics") as e:
+        run_search(run, lambda: Corpus(cfg))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "racing, cma, error",
+    [
+        ({"enabled": True}, {"active": True}, "cma.active: racing decides only"),
+        ({"confidence": 0}, {}, "confidence"),
+        ({"confidence": 1.5}, {}, "confidence"),
+        ({"chunks": 0}, {}, "chunks"),
+        ({"first_chunk": 0}, {}, "first_chunk"),
+        ({"tolerance": -1}, {}, "tolerance"),
+        ({"confidance": 0.9}, {}, "confidance"),
+    ],
+)
+def test_wrong_racing_settings_are_refused(tiny_zoo, racing, cma, error):
+    """Each wrong setting: one line naming it."""
+    data = _config(tiny_zoo, None).dump()
+    data["fitness"]["racing"] = racing
+    data["cma"] |= cma
+    with pytest.raises(EvomergeError, match=error) as e:
+        SearchConfig.parse(data)
+    assert "\n" not in str(e.value).strip()
+
+
+def test_racing_true_is_racing_with_its_defaults(tiny_zoo):
+    data = _config(tiny_zoo, None).dump()
+    data["fitness"]["racing"] = True
+    rc = SearchConfig.parse(data).fitness.racing
+    assert rc.enabled and rc == RacingConfig(enabled=True)
