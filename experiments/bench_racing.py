@@ -121,7 +121,9 @@ def main() -> None:
     args = ap.parse_args()
     racing = {k: float(v) if "." in v else int(v) for k, v in (a.split("=") for a in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [one(seed, mode, args.out, racing, args.budget) for seed in args.seeds for mode in args.modes]
+    rows = [
+        one(seed, mode, args.out, racing, args.budget) for seed in args.seeds for mode in args.modes
+    ]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     by = {mode: [r for r in rows if r["mode"] == mode] for mode in args.modes}
     for mode, rs in by.items():

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from evomerge.fitness.bounds import chunk_ends, difference_bounds, is_binary
+from evomerge.fitness.bounds import chunk_ends, difference_bounds
 from evomerge.fitness.scorer import objective
 from evomerge.fitness.tasks import TaskSpec
 from evomerge.merge.errors import EvomergeError
@@ -101,9 +101,19 @@ class Entry:
     metric: dict[str, str] = field(default_factory=dict)  # task -> its metric's name
     told: float | None = None
     known: dict | None = None  # its journal record, when an earlier session finished it
+    _arrays: dict = field(default_factory=dict, repr=False)  # (task, upto) -> prefix, binary
 
     def prefix(self, task: str, upto: int) -> list[float]:
         return [v for c in range(upto + 1) for v in self.chunks[c].scores.get(task, [])]
+
+    def array(self, task: str, upto: int) -> tuple[np.ndarray, bool]:
+        """The prefix as an array and whether it is all 0/1, computed once per round: a round
+        compares every pair, and on small CPU chunks the driver's time idles the workers."""
+        key = (task, upto)
+        if key not in self._arrays:
+            values = np.asarray(self.prefix(task, upto), dtype=float)
+            self._arrays[key] = (values, bool(np.isin(values, (0.0, 1.0)).all()))
+        return self._arrays[key]
 
     @property
     def racing(self) -> bool:
@@ -286,15 +296,15 @@ class Race:
         """(lower, upper) bounds on F_i - F_j and the tolerance eps, from chunks 0..upto."""
         lower = upper = var = 0.0
         for task, total in self.totals.items():
-            x, y = i.prefix(task, upto), j.prefix(task, upto)
-            if not x:
+            (x, xbin), (y, ybin) = i.array(task, upto), j.array(task, upto)
+            if not len(x):
                 lo, hi = -1.0, 1.0  # nothing scored of this task yet: anything is possible
             else:
-                binary = self._binary(task, i, j, x, y)
+                binary = self._binary(task, i, j) and xbin and ybin
                 lo, hi = difference_bounds(x, y, total, self.plan.delta, binary)
                 # the variance of one item's difference, with one pseudo-win and one
                 # pseudo-loss (identical prefixes do not promise identical candidates)
-                d = np.asarray(x) - np.asarray(y)
+                d = x - y
                 s2 = (float((d**2).sum()) + 2) / (len(d) + 2) - (float(d.sum()) / (len(d) + 2)) ** 2
                 var += self.plan.coefficient(task) ** 2 * s2 / total
             c = self.plan.coefficient(task)
@@ -302,9 +312,9 @@ class Race:
             upper += c * (hi if c >= 0 else lo)
         return lower, upper, self.plan.tolerance * math.sqrt(var)
 
-    def _binary(self, task: str, i: Entry, j: Entry, x: list, y: list) -> bool:
+    def _binary(self, task: str, i: Entry, j: Entry) -> bool:
         metric = (i.metric.get(task) or j.metric.get(task) or "").split(",")[0]
-        return metric in BINARY_METRICS and is_binary(x) and is_binary(y)
+        return metric in BINARY_METRICS
 
     def estimate(self, e: Entry, upto: int) -> float:
         """The objective on chunks 0..upto, computed as full evaluation computes it (per task,
