@@ -135,9 +135,10 @@ def materialize_vs_copy(params: float, method: str) -> None:
 
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
-    """Busy time / wall time of the workers when they outnumber the candidates in flight: the
-    journal's per-trial busy seconds (materialize + evaluate, summed over a trial's shards or
-    racing chunks, those lost to a stop included) over workers x wall time once they are up."""
+    """Busy time / wall time of the workers when they outnumber the candidates in flight, over
+    the generations: the journal's per-trial busy seconds (materialize + evaluate, summed over a
+    trial's shards or racing chunks, chunks lost to a stop included) over workers x the time
+    from the first candidate asked to the last one finished."""
     import ray
 
     from evomerge.search.config import SearchConfig
@@ -169,17 +170,23 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
 
             run_search(run, factory)
             wall = time.perf_counter() - ready[0]
-            busy = sum(
-                (r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
-                for r in run.records()
-                if r.get("status") == "COMPLETE"
-            )
+            records = run.records()
         ray.shutdown()
+        done = [r for r in records if r.get("status") == "COMPLETE"]
+        # the generations alone (what sharding and racing change): from the first candidate
+        # asked to the last one finished, by the journal's times; the parents scored before and
+        # the best rescored after are a handful of whole trials on more workers than them
+        start = min(r["time"] for r in records if r.get("status") == "ASKED")
+        searched = max(r["time"] for r in done)
+        span = searched - start
+        search_busy = sum(r["merge_seconds"] + r["eval_seconds"] for r in done)
         mode = "racing" if racing else f"sharding {shards}"
         print(
             f"utilization, {workers} workers, {popsize} candidates per generation, {mode}: "
-            f"{100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
-            f"{workers} x {wall:.1f} s)",
+            f"generations {100 * search_busy / (workers * span):.0f} % (busy {search_busy:.1f} s "
+            f"over {workers} x {span:.1f} s; the run {wall:.1f} s after start-up, with the "
+            f"parents and the rescored best); load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores",
             flush=True,
         )
 
