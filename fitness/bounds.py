@@ -134,7 +134,11 @@ def score_bounds(
 
 
 def difference_bounds(
-    x: Sequence[float], y: Sequence[float], population: int, delta: float, binary: bool
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    population: int,
+    delta: float,
+    binary: bool,
 ) -> tuple[float, float]:
     """Bounds on mean(x) - mean(y) over the population, from both candidates' scores on the same
     prefix of items (paired: common random numbers). Each side holds w.p. >= 1 - delta."""

@@ -239,7 +239,11 @@ class Race:
         the `mu`-th best of the rest (so they stay outside the ranks that carry weight)."""
         assert self.done()
         kept = sorted(
-            (e.told for e in self.entries.values() if e.state in (SETTLED, FULL)),
+            (
+                e.told
+                for e in self.entries.values()
+                if e.state in (SETTLED, FULL) and e.told is not None
+            ),
             reverse=True,
         )
         threshold = kept[min(self.plan.mu, len(kept)) - 1] if kept else math.inf
