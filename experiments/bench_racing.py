@@ -129,7 +129,7 @@ def main() -> None:
     for mode, rs in by.items():
         mean = sum(r["heldout"] for r in rs) / len(rs)
         ratio = sum(r["scored"] for r in rs) / sum(r["full"] for r in rs)
-        print(f"{mode}: items {ratio:.3f} of full, held-out mean {mean:.4f} over {len(rs)} seeds")
+        print(f"mode {mode}: items {ratio:.3f} of full, held-out mean {mean:.4f}, {len(rs)} seeds")
     if by.get("racing") and by.get("full"):
         racing, full = by["racing"], by["full"]
         ratio = sum(r["scored"] for r in racing) / sum(r["full"] for r in full)
