@@ -150,3 +150,37 @@ def test_chunks_take_every_task_in_proportion():
         assert ends[-1] == total and ends == sorted(ends)
         assert all(abs(e - total * q) <= 1 for e, q in zip(ends[:-1], fractions, strict=False))
     assert chunk_fractions(0.5, 1) == (1.0,) and chunk_fractions(1.0, 5) == (1.0,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    population=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=20, max_size=120),
+    pair=st.lists(st.sampled_from([0.0, 1.0]), min_size=120, max_size=120),
+    share=st.floats(0.05, 0.95),
+    delta=st.sampled_from([0.05, 0.2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_score_streams_are_covered_as_often_as_promised(
+    population, pair, share, delta, seed
+):
+    """Any population of graded scores (Bernstein-Serfling) and any paired 0/1 population
+    (hypergeometric): over 300 seeded orders scored to a prefix, each one-sided bound misses
+    full evaluation's mean (or difference) at most delta of the time, plus four binomial
+    standard errors of the estimate."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(population)
+    a, b = np.asarray(pair[: len(x)]), np.asarray(pair[::-1][: len(x)])
+    n = max(1, int(share * len(x)))
+    trials, misses = 300, np.zeros(4)
+    for _ in range(trials):
+        order = rng.permutation(len(x))[:n]
+        lo, hi = mean_bounds(x[order], len(x), 0.0, 1.0, delta)
+        dlo, dhi = difference_bounds(a[order], b[order], len(x), delta, binary=True)
+        misses += [
+            hi < x.mean() - 1e-12,
+            lo > x.mean() + 1e-12,
+            dhi < a.mean() - b.mean() - 1e-12,
+            dlo > a.mean() - b.mean() + 1e-12,
+        ]
+    slack = 4 * math.sqrt(delta * (1 - delta) / trials)
+    assert (misses / trials <= delta + slack).all()
