@@ -186,7 +186,8 @@ def test_certainty_makes_the_decisions_of_full_evaluation(tiny_zoo, tmp_path, wo
     assert _weighted(raced, 8, 4) == _weighted(ref, 8, 4)
     stopped = [t for t in raced.values() if t["race"]["decision"] != "full"]
     assert len(stopped) >= 4  # it did stop candidates: the test compares something
-    assert sum(t["race"]["scored"] for t in raced.values()) < len(raced) * 2 * ITEMS
+    if workers == 1:  # many workers score ahead the late chunks certainty stops before
+        assert sum(t["race"]["scored"] for t in raced.values()) < len(raced) * 2 * ITEMS
     for t in raced.values():  # and what each was told is consistent with the truth
         truth = full_fitness(cfg, t["recipe"])
         if t["race"]["decision"] == "full":
