@@ -5,8 +5,11 @@
 Part 1: the demo search (demo zoo, TIES, serial worker so the split is exact) from start to end:
 wall time split into worker start-up, materialize (merge into the resident model), evaluate
 (lm-eval), and everything else (optimizer, journal, fsync, snapshots, decode): the overhead.
-Part 2: in-memory materialization of one candidate on a generated Llama of --params parameters,
-beside one plain copy of the model's bytes (param.copy_ from resident tensors).
+Part 2 (`--only materialize [--methods ...] [--models DIR] [--threads N]`): in-memory
+materialization of one candidate on a generated Llama of --params parameters, beside one plain
+copy of the model's bytes (param.copy_ from resident tensors), interleaved, fastest of --repeats.
+Part 3 (`--only from-recipe --models DIR`): `eval --recipe`'s model built in memory beside
+`eval --model`'s load of the same merge written to disk.
 """
 
 from __future__ import annotations
@@ -70,68 +73,89 @@ def search_split(budget: int) -> None:
     )
 
 
-def materialize_vs_copy(params: float, method: str) -> None:
+def two_expert_recipe(method: str, paths: dict[str, Path], layers: int):
+    """One group over every layer, each expert given only the parameters `method` declares."""
+    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.registry import get_method
+
+    declared = {p.name for p in get_method(method).model_params}
+    given = {"expert1": {"weight": 0.6, "density": 0.5}, "expert2": {"weight": 0.4, "density": 0.5}}
+    params = {a: {k: v for k, v in p.items() if k in declared} for a, p in given.items()}
+    return Recipe.parse(
+        {
+            "dtype": "float32",
+            "models": {a: {"path": str(p)} for a, p in paths.items()},
+            "parameter_space": {
+                "method": method,
+                "base": "base",
+                "groups": [{"layers": [0, layers], "params": params}],
+            },
+        }
+    )
+
+
+def materialize_vs_copy(
+    params: float, methods: list[str], models: Path | None, repeats: int
+) -> None:
+    """Each method's materialize beside one plain copy of the model's bytes, interleaved, the
+    fastest of `repeats` each; the family is written under `models` (or reused from there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.registry import get_method
     from evomerge.merge.resident import ResidentSources
     from evomerge.merge.synthetic import make_family
 
     hidden = 1024
     layers = max(1, round((params - 2 * 32000 * hidden) / (4 * hidden**2 + 3 * hidden * 2816)))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_family(
-            Path(tmp),
-            "llama",
-            experts=2,
-            hidden_size=hidden,
-            intermediate_size=2816,
-            num_hidden_layers=layers,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        )
-        sources = ResidentSources(paths, "base", "cpu", task_vectors=method != "linear")
+        root = models or Path(tmp)
+        paths = {a: root / a for a in ("base", "expert1", "expert2")}
+        if not (root / "expert2" / "model.safetensors").exists():
+            paths = make_family(
+                root,
+                "llama",
+                experts=2,
+                hidden_size=hidden,
+                intermediate_size=2816,
+                num_hidden_layers=layers,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                vocab_size=32000,
+                tie_word_embeddings=False,
+            )
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["base"]))
         n = sum(p.numel() for p in model.parameters())
-        recipe = Recipe.parse(
-            {
-                "dtype": "float32",
-                "models": {a: {"path": str(p)} for a, p in paths.items()},
-                "parameter_space": {
-                    "method": method,
-                    "base": "base",
-                    "groups": [
-                        {
-                            "layers": [0, layers],
-                            "params": {
-                                "expert1": {"weight": 0.6, "density": 0.5},
-                                "expert2": {"weight": 0.4, "density": 0.5},
-                            },
-                        }
-                    ],
-                },
-            }
-        )
-        src = sources.models["base"].tensors
         params_by_name = dict(model.named_parameters())
-        copies, merges = [], []
-        for _ in range(3):
-            t = time.perf_counter()
-            with torch.no_grad():
-                for name, p in params_by_name.items():
-                    p.copy_(src[name])
-            copies.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            sources.materialize(recipe, model)
-            merges.append(time.perf_counter() - t)
-    copy_s, merge_s = min(copies), min(merges)
-    print(
-        f"materialize ({method}, {n / 1e6:.0f}M params, 2 experts, fp32, CPU): {merge_s:.2f} s "
-        f"per candidate; one plain copy of the model's bytes {copy_s:.3f} s "
-        f"-> {merge_s / copy_s:.1f}x a copy"
-    )
+        print(
+            f"materialize: {n / 1e6:.0f}M parameters, 2 experts, fp32, CPU, torch threads "
+            f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        for method in methods:
+            recipe = two_expert_recipe(method, paths, layers)
+            sources = ResidentSources(
+                paths, "base", "cpu", task_vectors=get_method(method).uses_deltas
+            )
+            src = sources.models["base"].tensors
+            copies, merges = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    for name, p in params_by_name.items():
+                        p.copy_(src[name])
+                copies.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                sources.materialize(recipe, model)
+                merges.append(time.perf_counter() - t)
+            copy_s, merge_s = min(copies), min(merges)
+            print(
+                f"materialize {method}: {merge_s:.3f} s per candidate "
+                f"({sources.workers.threads} merge threads); one plain copy {copy_s:.3f} s "
+                f"-> {merge_s / copy_s:.1f}x a copy; load average {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+            sources.workers.close()
+            del sources
 
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
@@ -191,20 +215,63 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
         )
 
 
+def from_recipe(methods: list[str], models: Path, repeats: int) -> None:
+    """`eval --recipe` against `eval --model`: the model built from the recipe in memory
+    (fitness.models.model_from_recipe) beside the merged checkpoint loaded
+    (fitness.models.load_model), on the --models family (written by --only materialize)."""
+    from evomerge.fitness import models as fm
+    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.engine import merge_to_dir
+
+    fm.load_tokenizer = lambda path: None  # the generated family has no tokenizer
+    paths = {a: models / a for a in ("base", "expert1", "expert2")}
+    layers = Checkpoint(paths["base"]).info.num_layers
+    for method in methods:
+        recipe = two_expert_recipe(method, paths, layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            merge_to_dir(recipe, Path(tmp) / "m")
+            merge_s = time.perf_counter() - t
+            loads, builds = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                loaded, _ = fm.load_model(Path(tmp) / "m")
+                loads.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                built, _ = fm.model_from_recipe(recipe)
+                builds.append(time.perf_counter() - t)
+                del loaded, built
+        print(
+            f"from recipe {method}: model_from_recipe {min(builds):.2f} s, load_model of the merged "
+            f"checkpoint {min(loads):.2f} s (lazy: safetensors maps the file), merge_to_dir "
+            f"{merge_s:.2f} s; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=96)
     ap.add_argument("--params", type=float, default=100e6)
-    ap.add_argument("--only", choices=["split", "materialize", "utilization"], default=None)
+    ap.add_argument(
+        "--only", choices=["split", "materialize", "from-recipe", "utilization"], default=None
+    )
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties", help="materialize")
+    ap.add_argument("--models", type=Path, help="materialize: write (or reuse) the family here")
+    ap.add_argument("--repeats", type=int, default=5, help="materialize: runs, the fastest kept")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--workers", type=int, default=4, help="utilization: Ray workers")
     ap.add_argument("--popsize", type=int, default=2, help="utilization: candidates per generation")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.only in (None, "split"):
         search_split(args.budget)
     if args.only in (None, "materialize"):
-        for method in ("linear", "task_arithmetic", "ties"):
-            materialize_vs_copy(args.params, method)
+        materialize_vs_copy(args.params, args.methods.split(","), args.models, args.repeats)
+    if args.only == "from-recipe":
+        if args.models is None:
+            raise SystemExit("--only from-recipe needs --models DIR (see --only materialize)")
+        from_recipe(args.methods.split(","), args.models, args.repeats)
     if args.only in (None, "utilization"):
         utilization(workers=args.workers, popsize=args.popsize, generations=6)
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))

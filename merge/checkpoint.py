@@ -11,7 +11,13 @@ import torch
 
 from evomerge.merge.architecture import ModelInfo, layer_indices, network_order
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.safetensors_io import TensorEntry, read_header, read_tensor
+from evomerge.merge.safetensors_io import (
+    BufferPool,
+    TensorEntry,
+    map_tensor,
+    read_header,
+    read_tensor,
+)
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -104,12 +110,32 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name].dtype if self._entries else self._loaded[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, checked: NaN or inf in a source would be hidden by some merges (TIES
-        drops what it cannot compare) and must never reach a merged model silently."""
+    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """The tensor, read now (into a buffer of `pool`, if given: give it back once done)."""
+        self._known(name)
+        if self._entries:
+            return self._finite(name, read_tensor(self._entries[name], pool))
+        return self._finite(name, self._loaded[name])
+
+    def pooled(self, name: str) -> bool:
+        """Whether `get(name, pool)` reads into a buffer of the pool (not a pickle's tensor)."""
+        return bool(self._entries)
+
+    def map(self, name: str) -> torch.Tensor | None:
+        """The tensor mapped read-only from the file (safetensors_io.map_tensor), or None."""
+        if not self._entries:
+            return None
+        self._known(name)
+        mapped = map_tensor(self._entries[name])
+        return None if mapped is None else self._finite(name, mapped)
+
+    def _known(self, name: str) -> None:
         if name not in self._entries and name not in self._loaded:
             raise EvomergeError(f"{self.label}: tensor {name!r} is missing from {self.path}")
-        tensor = read_tensor(self._entries[name]) if self._entries else self._loaded[name]
+
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """NaN or inf in a source would be hidden by some merges (TIES drops what it cannot
+        compare) and must never reach a merged model silently."""
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise EvomergeError(
                 f"{self.label}: tensor {name!r} in {self.path} holds NaN or inf values; the "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -14,9 +16,12 @@ from evomerge.merge.architecture import classify
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import guard_output, staged_dir, write_marker
-from evomerge.merge.recipe import ParameterSpace, Recipe
-from evomerge.merge.registry import TensorInputs, merge_tensor
-from evomerge.merge.safetensors_io import ShardWriter, TensorSpec, plan_shards
+from evomerge.merge.kernels import NonFinite
+from evomerge.merge.parallel import Workers, merge_threads, single_thread
+from evomerge.merge.pipeline import ReadAhead, WriteBehind
+from evomerge.merge.recipe import Group, ParameterSpace, Recipe
+from evomerge.merge.registry import Method, TensorInputs, merge_tensor_into
+from evomerge.merge.safetensors_io import BufferPool, ShardWriter, TensorSpec, plan_shards
 from evomerge.merge.sources import DeltaSource, TensorSource
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
@@ -94,14 +99,26 @@ def check_compatible(ckpts: dict[str, Checkpoint], reference: str) -> None:
                 )
 
 
-def iter_merged(
-    recipe: Recipe, ckpts: Mapping[str, TensorSource], device: str = "cpu", to_cpu: bool = True
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the recipe dtype), in the reference's order.
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor of a parameter-space merge: what it reads and how it merges."""
 
-    `ckpts` are Checkpoints, or the search's resident sources, which may also keep task vectors
-    (`DeltaSource`): methods that work on task vectors then skip the subtraction.
-    """
+    name: str
+    dtype: torch.dtype  # of the output: the recipe's for floating tensors, else the source's
+    shape: tuple[int, ...]
+    group: Group | None  # None: an integer buffer, copied from the reference model, never merged
+    base: str | None  # alias of the base the method reads, if it needs one
+    aliases: tuple[str, ...]  # the merged models
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (*((self.base,) if self.base else ()), *self.aliases)
+
+
+def plan_merge(
+    recipe: Recipe, ckpts: Mapping[str, TensorSource], names: Iterable[str] | None = None
+) -> list[TensorJob]:
+    """The jobs of a parameter-space merge in the reference's order (only `names`, if given)."""
     ps = recipe.parameter_space
     if ps is None:
         raise EvomergeError("recipe: no parameter_space stage to merge")
@@ -110,42 +127,168 @@ def iter_merged(
     table = ps.layout(num_layers)
     method = ps.merge_method
     out_dtype = getattr(torch, recipe.dtype)
+    wanted = None if names is None else set(names)
+    jobs = []
     for name in ref.names:
+        if wanted is not None and name not in wanted:
+            continue
+        shape = tuple(ref.shape(name))
         if not ref.dtype(name).is_floating_point:  # integer buffers are copied, never averaged
-            yield name, ref.get(name)
+            jobs.append(TensorJob(name, ref.dtype(name), shape, None, None, (recipe.main_alias,)))
             continue
         group = ParameterSpace.group_for(table, classify(name), num_layers)
-        aliases = ps.merged_models(group)
-        base = ckpts[ps.base].get(name).to(device) if ps.base and method.needs_base else None
-        resident = [ckpts[a] for a in aliases]
-        deltas = None
-        if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
-            deltas, sources = [s.delta(name) for s in resident], []  # type: ignore[attr-defined]
-        else:
-            sources = [s.get(name).to(device) for s in resident]
-        generator = None
-        if method.random:
-            generator = torch.Generator().manual_seed(tensor_seed(ps.seed, name))
-        inputs = TensorInputs(
-            base=base,
-            sources=sources,
-            params=[ps.model_values(group, a) for a in aliases],
-            group=ps.group_values(group),
-            normalize=ps.options_normalize,
-            rescale=ps.options_rescale,
-            generator=generator,
-            deltas=deltas,
-        )
-        try:
-            merged = merge_tensor(method, inputs)
-        except ValueError as e:
-            raise EvomergeError(f"tensor {name!r} (group {group.label()}): {e}") from None
-        if not torch.isfinite(merged).all():
-            raise EvomergeError(
-                f"tensor {name!r}: the merge produced NaN or inf; check the weights"
-            )
-        merged = merged.to(out_dtype)
-        yield name, merged.cpu() if to_cpu else merged
+        base = ps.base if ps.base and method.needs_base else None
+        jobs.append(TensorJob(name, out_dtype, shape, group, base, tuple(ps.merged_models(group))))
+    return jobs
+
+
+def _load(
+    job: TensorJob,
+    ckpts: Mapping[str, TensorSource],
+    method: Method,
+    device: str,
+    pool: BufferPool | None,
+) -> dict:
+    """The tensors a job reads, as stored (the merge converts to fp32 a chunk at a time); resident
+    sources that keep task vectors give those instead, for methods that use them. Tensors read
+    from a checkpoint onto the CPU go into buffers of `pool` (listed under "pooled")."""
+    pooled: list[torch.Tensor] = []
+
+    def get(alias: str) -> torch.Tensor:
+        src = ckpts[alias]
+        if MAP_INPUTS and device == "cpu" and isinstance(src, Checkpoint):
+            mapped = src.map(job.name)
+            if mapped is not None:
+                return mapped
+        if (
+            pool is not None
+            and device == "cpu"
+            and isinstance(src, Checkpoint)
+            and src.pooled(job.name)
+        ):
+            t = src.get(job.name, pool)
+            pooled.append(t)
+            return t
+        return src.get(job.name).to(device)
+
+    if job.group is None:
+        return {"copy": get(job.aliases[0]), "pooled": pooled}
+    resident = [ckpts[a] for a in job.aliases]
+    if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
+        deltas, sources = [s.delta(job.name) for s in resident], []  # type: ignore[attr-defined]
+    else:
+        deltas, sources = None, [get(a) for a in job.aliases]
+    base = get(job.base) if job.base else None
+    return {"base": base, "sources": sources, "deltas": deltas, "pooled": pooled}
+
+
+def _input_bytes(job: TensorJob, ckpts: Mapping[str, TensorSource]) -> int:
+    n = 1
+    for d in job.shape:
+        n *= d
+    return sum(n * ckpts[a].dtype(job.name).itemsize for a in job.reads)
+
+
+def merge_job(
+    recipe: Recipe, job: TensorJob, loaded: dict, out: torch.Tensor, workers: Workers
+) -> None:
+    """Merge one tensor into `out` (its shape, the job's dtype): the bits of the reference."""
+    if job.group is None:
+        out.copy_(loaded["copy"])
+        return
+    ps = recipe.parameter_space
+    assert ps is not None
+    method = ps.merge_method
+    generator = None
+    if method.random:
+        generator = torch.Generator().manual_seed(tensor_seed(ps.seed, job.name))
+    inputs = TensorInputs(
+        base=loaded["base"],
+        sources=loaded["sources"],
+        params=[ps.model_values(job.group, a) for a in job.aliases],
+        group=ps.group_values(job.group),
+        normalize=ps.options_normalize,
+        rescale=ps.options_rescale,
+        generator=generator,
+        deltas=loaded["deltas"],
+    )
+    try:
+        merge_tensor_into(method, inputs, out, workers)
+    except ValueError as e:
+        raise EvomergeError(f"tensor {job.name!r} (group {job.group.label()}): {e}") from None
+    except NonFinite:
+        raise EvomergeError(
+            f"tensor {job.name!r}: the merge produced NaN or inf; check the weights"
+        ) from None
+
+
+READ_AHEAD = 256 * 2**20  # bytes of inputs read ahead of the merge
+MAP_INPUTS = True  # map checkpoint tensors (no copy) rather than read them into buffers
+WRITE_BEHIND = 256 * 2**20  # bytes of merged tensors waiting for the writer
+
+
+def merge_stream(
+    recipe: Recipe,
+    ckpts: Mapping[str, TensorSource],
+    device: str = "cpu",
+    out_for: Callable[[TensorJob], torch.Tensor | None] | None = None,
+    names: Iterable[str] | None = None,
+    workers: Workers | None = None,
+    read_ahead: bool = True,
+    buffers: BufferPool | None = None,
+) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+    """Yield (job, merged tensor) in the reference's order, each tensor merged into
+    `out_for(job)` (e.g. a model's parameter, written in place) or, where that gives None, into
+    a new tensor. With `read_ahead`, a background thread reads the next tensors' inputs; inputs
+    read from checkpoints go into `buffers` (reused from tensor to tensor)."""
+    ps = recipe.parameter_space
+    if ps is None:
+        raise EvomergeError("recipe: no parameter_space stage to merge")
+    method = ps.merge_method
+    jobs = plan_merge(recipe, ckpts, names)
+    own = workers is None
+    pool = workers if workers is not None else Workers(merge_threads() if device == "cpu" else 1)
+    buffers = buffers if buffers is not None else BufferPool()
+
+    def load(job: object) -> dict:
+        return _load(job, ckpts, method, device, buffers)  # type: ignore[arg-type]
+
+    def size(job: object) -> int:
+        return _input_bytes(job, ckpts)  # type: ignore[arg-type]
+
+    reader: ReadAhead | None = ReadAhead(jobs, load, size, READ_AHEAD) if read_ahead else None
+    try:
+        loads: Iterable = reader if reader is not None else ((j, load(j), None) for j in jobs)
+        for job, loaded, release in loads:
+            job = cast(TensorJob, job)
+            out = out_for(job) if out_for is not None else None
+            if out is None:
+                out = torch.empty(job.shape, dtype=job.dtype, device=device)
+            with single_thread():  # an OpenMP region here would leave threads spinning
+                merge_job(recipe, job, loaded, out, pool)
+            for t in loaded["pooled"]:
+                buffers.give(t)
+            del loaded
+            if release is not None:
+                release()
+            yield job, out
+    finally:
+        if reader is not None:
+            reader.close()
+        if own:
+            pool.close()
+
+
+def iter_merged(
+    recipe: Recipe, ckpts: Mapping[str, TensorSource], device: str = "cpu", to_cpu: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the recipe dtype), in the reference's order.
+
+    `ckpts` are Checkpoints, or the search's resident sources, which may also keep task vectors
+    (`DeltaSource`): methods that work on task vectors then skip the subtraction.
+    """
+    for job, tensor in merge_stream(recipe, ckpts, device):
+        yield job.name, tensor.cpu() if to_cpu else tensor
 
 
 def output_specs(recipe: Recipe, ref: Checkpoint) -> list[TensorSpec]:
@@ -179,8 +322,10 @@ def _write_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]],
     limit: int,
     progress: Progress | None,
+    buffers: BufferPool | None = None,
 ) -> None:
-    """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index."""
+    """Stream tensors (in `specs` order) into shards of at most `limit` bytes, plus the index;
+    each tensor written is given back to `buffers`, if given."""
     shards = plan_shards(specs, limit)
     names = [
         "model.safetensors"
@@ -190,15 +335,30 @@ def _write_checkpoint(
     ]
     shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
     writers: dict[int, ShardWriter] = {}
-    for done, (name, tensor) in enumerate(tensors, start=1):
+
+    def write(item: object) -> None:  # in the writer thread, in order
+        name, tensor = cast(tuple[str, torch.Tensor], item)
         i = shard_of[name]
         if i not in writers:
             writers[i] = ShardWriter(tmp / names[i], shards[i])
         writers[i].write(name, tensor)
+        if buffers is not None:
+            buffers.give(tensor)
         if writers[i].done:
             writers.pop(i).close()
-        if progress:
-            progress(done, len(specs), name)
+
+    writer = WriteBehind(write, WRITE_BEHIND)
+    try:
+        for done, (name, tensor) in enumerate(tensors, start=1):
+            writer.submit((name, tensor), tensor.numel() * tensor.element_size())
+            if progress:
+                progress(done, len(specs), name)
+        writer.finish()
+    except BaseException:
+        writer.abandon()
+        for w in writers.values():
+            w.abandon()
+        raise
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
@@ -267,7 +427,19 @@ def merge_to_dir(
     ref = ckpts[recipe.main_alias]
     specs = output_specs(recipe, ref)
     with staged_dir(out, force) as tmp:
-        _write_checkpoint(tmp, specs, iter_merged(recipe, ckpts, device), limit, progress)
+        buffers = BufferPool()
+
+        def out_for(job: TensorJob) -> torch.Tensor | None:
+            if device != "cpu":
+                return None
+            n = job.dtype.itemsize
+            for d in job.shape:
+                n *= d
+            return buffers.take(n).view(job.dtype).reshape(job.shape)
+
+        stream = merge_stream(recipe, ckpts, device, out_for, buffers=buffers)
+        merged = ((job.name, t) for job, t in stream)
+        _write_checkpoint(tmp, specs, merged, limit, progress, buffers if device == "cpu" else None)
         ref.copy_side_files(tmp, getattr(torch, recipe.dtype))
         recipe.save(tmp / "evomerge_recipe.yaml")
         write_marker(tmp, MERGE_MARKER)

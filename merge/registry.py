@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from evomerge.merge import methods, sparsify
+from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.parallel import Workers, single_thread
 from evomerge.merge.sparsify import Rescale
 
 
@@ -74,6 +75,10 @@ class TensorInputs:
 
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
+# Writes the merge into `out` (the tensor's shape, any float dtype, contiguous): on a CPU the
+# same bits as `merge(...).to(out.dtype)`, raising kernels.NonFinite where the result is not
+# finite. Returns False for inputs it does not take (the reference `merge` then runs).
+MergeIntoFn = Callable[[TensorInputs, torch.Tensor, Workers], bool]
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Method:
     default_normalize: bool = False
     default_rescale: Rescale = Rescale.none
     mergekit: bool = True  # mergekit has it under this name, with the same parameter names
+    merge_into: MergeIntoFn | None = None  # optional: `merge` chunked, in place (merge.kernels)
 
     def param(self, name: str) -> Param:
         for p in (*self.model_params, *self.group_params):
@@ -137,10 +143,33 @@ def get_method(name: str) -> Method:
 
 
 def merge_tensor(method: Method, inputs: TensorInputs) -> torch.Tensor:
-    """Merge one tensor in fp32."""
+    """Merge one tensor in fp32: the reference computation."""
     if method.random and inputs.generator is None:
         raise ValueError(f"{method.name} is random and needs a seeded generator")
     return method.merge(inputs)
+
+
+def merge_tensor_into(
+    method: Method, inputs: TensorInputs, out: torch.Tensor, workers: Workers
+) -> None:
+    """Merge one tensor into `out`, cast to its dtype: the bits of `merge_tensor(...).to(out.dtype)`.
+
+    Chunked over `workers` where the method has a `merge_into` that takes these inputs on this
+    device; otherwise the reference, single-threaded (merge.parallel: reductions then do not
+    depend on the thread count). Raises kernels.NonFinite on NaN or inf."""
+    if method.random and inputs.generator is None:
+        raise ValueError(f"{method.name} is random and needs a seeded generator")
+    with single_thread():
+        if (
+            method.merge_into is not None
+            and out.is_contiguous()
+            and method.merge_into(inputs, out, workers)
+        ):
+            return
+        merged = method.merge(inputs)
+        if not bool(torch.isfinite(merged).all()):
+            raise kernels.NonFinite
+        out.copy_(merged.reshape(out.shape))
 
 
 # -- the parameters ---------------------------------------------------------------------------
@@ -171,6 +200,7 @@ class Sparsifier:
     params: tuple[Param, ...]
     thin: Callable[[torch.Tensor, dict[str, float], Rescale, torch.Generator | None], torch.Tensor]
     random: bool = False
+    kernel: str | None = None  # its name in merge.kernels' chunked path, if it has one
 
 
 def _magnitude(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
@@ -191,9 +221,9 @@ def _della(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None
     return sparsify.della_magprune(d, p["density"], p["epsilon"], g, rescale)
 
 
-MAGNITUDE = Sparsifier((DENSITY,), _magnitude)  # TIES
-OUTLIERS = Sparsifier((DENSITY, GAMMA), _outliers)  # breadcrumbs
-RANDOM = Sparsifier((DENSITY,), _random, random=True)  # DARE
+MAGNITUDE = Sparsifier((DENSITY,), _magnitude, kernel="magnitude")  # TIES
+OUTLIERS = Sparsifier((DENSITY, GAMMA), _outliers, kernel="outliers")  # breadcrumbs
+RANDOM = Sparsifier((DENSITY,), _random, random=True, kernel="random")  # DARE
 DELLA = Sparsifier((DENSITY, EPSILON), _della, random=True)
 
 
@@ -222,6 +252,40 @@ def task_vector_method(
             base, deltas, weights, consensus, x.normalize, x.group["lambda"]
         )
 
+    def merge_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
+        assert x.base is not None
+        if sparsifier is not None and (sparsifier.kernel is None or x.rescale is Rescale.l1):
+            return False
+        devices = {t.device.type for t in [out, x.base, *x.sources, *(x.deltas or [])]}
+        if devices == {"cuda"}:  # TIES fused and compiled on a GPU; the rest: the reference
+            fusable = consensus and x.rescale is Rescale.none and sparsifier in (None, MAGNITUDE)
+            return fusable and fused.ties_into(
+                x.base,
+                x.sources,
+                x.deltas,
+                [{**p, "density": p.get("density", 1.0)} for p in x.params],
+                x.group["lambda"],
+                x.normalize,
+                out,
+            )
+        if devices != {"cpu"}:
+            return False
+        kernels.task_vector_into(
+            sparsifier.kernel if sparsifier else None,
+            consensus,
+            x.base,
+            x.sources,
+            x.deltas,
+            x.params,
+            x.group["lambda"],
+            x.normalize,
+            x.rescale,
+            x.generator,
+            out,
+            workers,
+        )
+        return True
+
     return Method(
         name,
         paper,
@@ -235,6 +299,7 @@ def task_vector_method(
         options=("normalize", "rescale"),
         default_normalize=default_normalize,
         default_rescale=default_rescale,
+        merge_into=merge_into,
     )
 
 
@@ -256,6 +321,24 @@ def _passthrough(x: TensorInputs) -> torch.Tensor:
     return x.sources[0].float()
 
 
+def _cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _linear_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
+    if not _cpu(out, *x.sources):
+        return False
+    kernels.linear_into(x.sources, [p["weight"] for p in x.params], x.normalize, out, workers)
+    return True
+
+
+def _passthrough_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
+    if not _cpu(out, x.sources[0]):
+        return False
+    kernels.copy_into(x.sources[0], out, workers)
+    return True
+
+
 _DARE = "Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)"
 _CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
 _DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
@@ -269,6 +352,7 @@ for _method in [
         model_params=(WEIGHT,),
         options=("normalize",),
         default_normalize=True,
+        merge_into=_linear_into,
     ),
     Method(
         "slerp",
@@ -278,7 +362,13 @@ for _method in [
         needs_base=True,
         max_models=1,
     ),
-    Method("passthrough", "copies a single source unchanged", _passthrough, max_models=1),
+    Method(
+        "passthrough",
+        "copies a single source unchanged",
+        _passthrough,
+        max_models=1,
+        merge_into=_passthrough_into,
+    ),
     task_vector_method(
         "task_arithmetic",
         "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",

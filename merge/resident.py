@@ -8,15 +8,18 @@ merge straight into one preallocated eval model's parameters. Same math as `evom
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.checkpoint import Checkpoint
-from evomerge.merge.engine import check_compatible, iter_merged
+from evomerge.merge.engine import TensorJob, check_compatible, merge_stream
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.parallel import Workers, merge_threads
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.sources import TensorSource
 
 
 class ResidentModel:
@@ -27,6 +30,7 @@ class ResidentModel:
         self.path = ckpt.path
         self.names = ckpt.names
         self._dtypes = {n: ckpt.dtype(n) for n in self.names}
+        self._shapes = {n: ckpt.shape(n) for n in self.names}
         self.tensors = {
             n: ckpt.get(n).to(device, torch.float32 if ckpt.dtype(n).is_floating_point else None)
             for n in self.names
@@ -34,6 +38,9 @@ class ResidentModel:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -45,7 +52,7 @@ class ResidentTaskVector(ResidentModel):
 
     def __init__(self, model: ResidentModel, base: ResidentModel):
         self.info, self.path, self.names = model.info, model.path, model.names
-        self._dtypes, self._base = model._dtypes, base
+        self._dtypes, self._shapes, self._base = model._dtypes, model._shapes, base
         self._deltas = {
             n: t - base.tensors[n] for n, t in model.tensors.items() if t.is_floating_point()
         }
@@ -65,7 +72,14 @@ class ResidentTaskVector(ResidentModel):
 class ResidentSources:
     """Every model of a search, resident on `device`."""
 
-    def __init__(self, models: dict[str, Path], base: str, device: str, task_vectors: bool):
+    def __init__(
+        self,
+        models: dict[str, Path],
+        base: str,
+        device: str,
+        task_vectors: bool,
+        threads: int | None = None,
+    ):
         ckpts = {a: Checkpoint(p, label=f"models.{a}") for a, p in models.items()}
         check_compatible(ckpts, reference=base)
         self.base = base
@@ -77,16 +91,44 @@ class ResidentSources:
             for alias, m in self.models.items():
                 if alias != base:
                     self.models[alias] = ResidentTaskVector(m, self.models[base])
+        # the threads that merge every candidate, with their scratch buffers: at most the torch
+        # threads this worker was given, fewer on a busy machine (merge.parallel)
+        if threads is None:
+            threads = min(merge_threads(), torch.get_num_threads())
+        self.workers = Workers(threads if device == "cpu" else 1)
 
-    @torch.no_grad()
     def materialize(self, recipe: Recipe, model: torch.nn.Module) -> None:
         """Write the recipe's merge into `model`'s parameters in place."""
-        params = dict(model.named_parameters())
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        for name, tensor in iter_merged(recipe, self.models, self.device, to_cpu=False):
-            target = params.get(name)
-            if target is None:
-                if tied and name == "lm_head.weight":
-                    continue
-                raise EvomergeError(f"tensor {name!r} has no parameter in the eval model")
-            target.copy_(tensor)
+        merge_into_model(recipe, self.models, model, self.device, self.workers, read_ahead=False)
+
+
+@torch.no_grad()
+def merge_into_model(
+    recipe: Recipe,
+    sources: Mapping[str, TensorSource],
+    model: torch.nn.Module,
+    device: str = "cpu",
+    workers: Workers | None = None,
+    read_ahead: bool = True,
+) -> None:
+    """Write the recipe's merge into `model`'s parameters: each merged tensor is computed a chunk
+    at a time straight into its parameter (no temporary of its size) when the parameter has the
+    recipe's dtype. A tied head (a checkpoint's `lm_head.weight` that is the embedding in the
+    model) is not written. Sources on disk are read ahead with `read_ahead`."""
+    params = dict(model.named_parameters())
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    ref = sources[recipe.main_alias]
+    names = [n for n in ref.names if not (tied and n == "lm_head.weight" and n not in params)]
+    for name in names:
+        if name not in params:
+            raise EvomergeError(f"tensor {name!r} has no parameter in the eval model")
+
+    def target(job: TensorJob) -> torch.Tensor | None:
+        p = params[job.name]
+        ok = p.dtype == job.dtype and p.is_contiguous() and tuple(p.shape) == job.shape
+        return p.data if ok else None
+
+    for job, tensor in merge_stream(recipe, sources, device, target, names, workers, read_ahead):
+        p = params[job.name]
+        if tensor is not p.data:
+            p.copy_(tensor)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -76,6 +78,22 @@ OFFLINE = typer.Option(
 )
 
 
+@contextlib.contextmanager
+def heavy_imports():
+    """Import torch and friends with the cyclic GC off, then freeze what they made: the GC
+    otherwise rescans the ~180k objects they create again and again (~0.25 s of a 2.5 s start-up,
+    measured), and again at every later full collection. Nothing collectable is lost: import
+    creates no garbage cycles worth collecting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def progress_bar(description: str):
     from rich.progress import (
         BarColumn,
@@ -108,8 +126,9 @@ def merge(
 ):
     """Rebuild a recipe's merged model as a safetensors checkpoint."""
     set_env(offline)
-    from evomerge.merge.engine import merge_to_dir
-    from evomerge.merge.recipe import Recipe
+    with heavy_imports():
+        from evomerge.merge.engine import merge_to_dir
+        from evomerge.merge.recipe import Recipe
 
     r = Recipe.load(recipe)
     bar = progress_bar("merging")
@@ -183,12 +202,13 @@ def eval_cmd(
     set_env(offline)
     from rich.table import Table
 
-    from evomerge.fitness.models import load_model, model_from_recipe
-    from evomerge.fitness.scorer import Scorer
-    from evomerge.fitness.tasks import parse_task_list
-    from evomerge.fitness.zoo.build import default_zoo_dir
-    from evomerge.merge.engine import check_device
-    from evomerge.merge.recipe import Recipe
+    with heavy_imports():
+        from evomerge.fitness.models import load_model, model_from_recipe
+        from evomerge.fitness.scorer import Scorer
+        from evomerge.fitness.tasks import parse_task_list
+        from evomerge.fitness.zoo.build import default_zoo_dir
+        from evomerge.merge.engine import check_device
+        from evomerge.merge.recipe import Recipe
 
     if (model is None) == (recipe is None):
         raise EvomergeError("give exactly one of --model DIR or --recipe FILE")

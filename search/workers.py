@@ -210,9 +210,14 @@ class RayExecutor:
                 runtime_env={"env_vars": env},
                 logging_level="ERROR",
             )
-            if wc.address:
-                kwargs["address"] = wc.address
+            # Without an address, Ray would attach to the last cluster `ray start` (or another
+            # search, or a test) left on this machine: start our own instead, unless the user
+            # names one (workers.address, --address, or Ray's own RAY_ADDRESS).
+            address = wc.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                kwargs["address"] = address
             else:
+                kwargs["address"] = "local"
                 kwargs["object_store_memory"] = wc.object_store_mb * 1024 * 1024
             ray.init(**kwargs)
         gpus = int(ray.cluster_resources().get("GPU", 0))

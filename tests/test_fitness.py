@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,26 @@ def test_zoo_is_reused_when_parameters_match(tiny_zoo):
     assert build_zoo(tiny_zoo, size="tiny", log=lambda *_: None) == tiny_zoo
     assert (tiny_zoo / "zoo.json").stat().st_mtime_ns == stamp
     assert zoo_key("tiny", 0) != zoo_key("tiny", 1) != zoo_key("demo", 0)
+
+
+@pytest.mark.slow
+def test_a_second_build_gives_the_same_bytes(tiny_zoo, tmp_path):
+    """The zoo is rebuilt by code, never shipped: the same seed must give the same models and
+    data, or two machines' demos (and a cache rebuilt after a crash) would disagree."""
+    import hashlib
+
+    again = build_zoo(tmp_path / "again", size="tiny", log=lambda *_: None)
+    files = sorted(
+        p.relative_to(tiny_zoo)
+        for p in tiny_zoo.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".jsonl")
+    )
+    assert len(files) > 10
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert [digest(again / f) for f in files] == [digest(tiny_zoo / f) for f in files]
 
 
 def test_tokenizer_round_trip_and_bos_only(tiny_zoo):

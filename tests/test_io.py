@@ -112,3 +112,56 @@ def test_staged_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "half.txt").write_text("x")
         raise RuntimeError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_and_buffered_shards_are_the_same_bytes(tmp_path, monkeypatch, direct):
+    """O_DIRECT writes (staged, last block padded, file truncated) give the buffered file."""
+    from evomerge.merge import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "DIRECT_IO", direct)
+    monkeypatch.setattr(safetensors_io._StreamFile, "STAGE", 8192)  # tensors span stages
+    g = torch.Generator().manual_seed(1)
+    ts = {"a": torch.randn(3001, generator=g), "b": torch.randn(7, generator=g).bfloat16()}
+    ts["c"] = torch.randn(5000, generator=g)
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in ts.items()]
+    w = ShardWriter(tmp_path / "d.safetensors", specs)
+    for n, t in ts.items():
+        w.write(n, t)
+    w.close()
+    save_file(ts, tmp_path / "ref.safetensors")
+    back = load_file(tmp_path / "d.safetensors")
+    assert all(torch.equal(back[n], ts[n]) for n in ts)
+    size = (tmp_path / "d.safetensors").stat().st_size
+    header = read_header(tmp_path / "d.safetensors")
+    assert size == max(e.end for e in header.values())  # no padding left at the end
+
+
+def test_mapped_tensor_matches_read_and_truncation_is_named(tmp_path):
+    from evomerge.merge.safetensors_io import map_tensor
+
+    ts = _tensors()
+    save_file(ts, tmp_path / "x.safetensors")
+    entries = read_header(tmp_path / "x.safetensors")
+    for name, t in ts.items():
+        got = map_tensor(entries[name])
+        assert got is None if t.numel() == 0 else torch.equal(got, t)
+    last = max(entries.values(), key=lambda e: e.end)
+    with open(tmp_path / "x.safetensors", "r+b") as f:  # truncated after the header was read
+        f.truncate(last.begin + 2)
+    with pytest.raises(EvomergeError, match="truncated"):
+        map_tensor(last)
+
+
+def test_buffer_pool_reuses_buffers_and_keeps_a_bounded_amount():
+    from evomerge.merge.safetensors_io import BufferPool
+
+    pool = BufferPool(keep=3000)
+    a = pool.take(1000)
+    ptr = a.data_ptr()
+    pool.give(a.view(torch.float32).reshape(10, 25))  # a view of the whole buffer
+    b = pool.take(1000)
+    assert b.data_ptr() == ptr and b.numel() == 1000 and b.dtype == torch.uint8
+    for _ in range(5):
+        pool.give(torch.empty(1000, dtype=torch.uint8))
+    assert pool._bytes <= 3000

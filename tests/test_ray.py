@@ -60,7 +60,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_zoo, tmp_path, ray_shut
             tiny_zoo, workers={"count": 2, "cpus_per_worker": 1, "address": cluster.address}
         )
         run = RunDir.create(tmp_path / "r", cfg)
-        run_search(run, lambda: RayExecutor(cfg), Progress())
+        executor = RayExecutor(cfg)
+        # trials go only to started workers: under load one node's worker could still be loading
+        # when the 12 trials are done; what this test checks is placement, so wait for both
+        executor.wait_ready()
+        run_search(run, lambda: executor, Progress())
         trials = run.trials()
         assert len(trials) == 12 and all(t["status"] == "COMPLETE" for t in trials.values())
         nodes = {t["worker"].rsplit(":node-", 1)[1] for t in trials.values()}
@@ -110,3 +114,39 @@ def test_removing_a_worker_node_mid_search_loses_no_trial(tiny_zoo, tmp_path, ra
         assert late and all(node not in t["worker"] for t in late)  # the removed node ran no more
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "expected"),
+    [
+        (None, None, "local"),  # never the cluster `ray start` last left on this machine
+        ("auto", None, "auto"),
+        (None, "10.0.0.1:6379", "10.0.0.1:6379"),  # Ray's own variable is the user's choice
+    ],
+)
+def test_ray_starts_its_own_instance_unless_told_where(
+    tiny_zoo, monkeypatch, address, env, expected
+):
+    import ray
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    cfg = search_config(tiny_zoo, workers={"count": 1, "address": address})
+    with pytest.raises(Stop):
+        RayExecutor(cfg)
+    assert seen["address"] == expected
+    # Ray refuses an object store size when it attaches to a running cluster
+    assert ("object_store_memory" in seen) == (expected == "local")

@@ -31,7 +31,7 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
 
 
 # Skills are sized so a 0.9M-parameter model learns them in ~2 minutes on 2 CPU cores
-# (2-digit addition needs ~4x the steps: see FACTS.md); each has 400+ distinct prompts.
+# (2-digit addition needs ~4x the pretraining steps); each has 400+ distinct prompts.
 def _add(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 39), rng.randint(0, 9)  # 400 distinct prompts
     return f"{a}+{b}", str(a + b)
