@@ -159,7 +159,10 @@ def materialize_vs_copy(
 
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
-    """Busy time / wall time of the workers when they outnumber the candidates in flight."""
+    """Busy time / wall time of the workers when they outnumber the candidates in flight, over
+    the generations: the journal's per-trial busy seconds (materialize + evaluate, summed over a
+    trial's shards or racing chunks, chunks lost to a stop included) over workers x the time
+    from the first candidate asked to the last one finished."""
     import ray
 
     from evomerge.search.config import SearchConfig
@@ -171,8 +174,11 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
     data["workers"] |= {"count": workers, "cpus_per_worker": 1}
-    for shards in ("off", "auto"):
+    # sharding off, auto, and racing (its chunks take the place of shards: a racing candidate's
+    # next chunks go to whichever workers are free)
+    for shards, racing in (("off", False), ("auto", False), ("off", True)):
         data["fitness"]["shards"] = shards
+        data["fitness"]["racing"] = {"enabled": racing}
         cfg = SearchConfig.parse(data)
         # logical CPUs: on a small machine the workers share cores, but idle time is still idle
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -188,16 +194,23 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
 
             run_search(run, factory)
             wall = time.perf_counter() - ready[0]
-            busy = sum(
-                (r.get("merge_seconds") or 0) + (r.get("eval_seconds") or 0)
-                for r in run.records()
-                if r.get("status") == "COMPLETE"
-            )
+            records = run.records()
         ray.shutdown()
+        done = [r for r in records if r.get("status") == "COMPLETE"]
+        # the generations alone (what sharding and racing change): from the first candidate
+        # asked to the last one finished, by the journal's times; the parents scored before and
+        # the best rescored after are a handful of whole trials on more workers than them
+        start = min(r["time"] for r in records if r.get("status") == "ASKED")
+        searched = max(r["time"] for r in done)
+        span = searched - start
+        search_busy = sum(r["merge_seconds"] + r["eval_seconds"] for r in done)
+        mode = "racing" if racing else f"sharding {shards}"
         print(
-            f"utilization, {workers} workers, {popsize} candidates per generation, sharding "
-            f"{shards}: {100 * busy / (workers * wall):.0f} % (busy {busy:.1f} s over "
-            f"{workers} x {wall:.1f} s)",
+            f"utilization, {workers} workers, {popsize} candidates per generation, {mode}: "
+            f"generations {100 * search_busy / (workers * span):.0f} % (busy {search_busy:.1f} s "
+            f"over {workers} x {span:.1f} s; the run {wall:.1f} s after start-up, with the "
+            f"parents and the rescored best); load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores",
             flush=True,
         )
 
@@ -247,6 +260,8 @@ def main() -> None:
     ap.add_argument("--models", type=Path, help="materialize: write (or reuse) the family here")
     ap.add_argument("--repeats", type=int, default=5, help="materialize: runs, the fastest kept")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--workers", type=int, default=4, help="utilization: Ray workers")
+    ap.add_argument("--popsize", type=int, default=2, help="utilization: candidates per generation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.only in (None, "split"):
@@ -258,7 +273,7 @@ def main() -> None:
             raise SystemExit("--only from-recipe needs --models DIR (see --only materialize)")
         from_recipe(args.methods.split(","), args.models, args.repeats)
     if args.only in (None, "utilization"):
-        utilization(workers=4, popsize=2, generations=6)
+        utilization(workers=args.workers, popsize=args.popsize, generations=6)
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}))
 
 

@@ -219,10 +219,15 @@ class TaskRequests:
 
 
 def answer(
-    lm, tasks: list[TaskRequests], samples: dict[str, list[int]] | None = None
+    lm,
+    tasks: list[TaskRequests],
+    samples: dict[str, list[int]] | None = None,
+    per_doc: dict[str, dict[str, list]] | None = None,
 ) -> dict[str, tuple[dict[str, float], int]]:
     """Run the model on the tasks' requests (only `samples`' documents when given) and return,
-    per task, its aggregated metrics ("metric,filter" -> value) and the documents scored."""
+    per task, its aggregated metrics ("metric,filter" -> value) and the documents scored.
+    `per_doc`, when given, receives each task's per-document scores ("metric,filter" -> one
+    value per document, in the order the documents were asked for)."""
     chosen = {t.name: list(t.by_doc) if samples is None else samples[t.name] for t in tasks}
     by_type: dict[str, list[Instance]] = defaultdict(list)
     for t in tasks:
@@ -258,4 +263,6 @@ def answer(
             for (m, key), values in raw.items()
         }
         out[t.name] = (metrics, len(docs))
+        if per_doc is not None:
+            per_doc[t.name] = {f"{m},{key}": values for (m, key), values in raw.items()}
     return out

@@ -34,6 +34,8 @@ class FitnessResult:
     seconds: float = 0.0
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # task -> examples scored (for shards)
+    # task -> each scored document's score on the task's metric, in the order asked (racing)
+    scores: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def failed(cls, error: str, seconds: float = 0.0) -> FitnessResult:
@@ -172,6 +174,16 @@ class Scorer:
         """Shard i of k: every k-th example of each task's item set, from the i-th."""
         return {name: docs[i::k] for name, docs in self.items(which).items()}
 
+    def order(self, key: str, which: str = "search") -> dict[str, list[int]]:
+        """Each task's item set in a random order seeded by `key` (racing scores a candidate
+        along it, a prefix at a time: every prefix is a uniform sample without replacement)."""
+        out = {}
+        for name, docs in self.items(which).items():
+            shuffled = list(docs)
+            random.Random(f"{key}/{name}/order").shuffle(shuffled)
+            out[name] = shuffled
+        return out
+
     def _first_metric(self, name: str) -> str:
         metric_list = self.loaded["tasks"][name].config.metric_list or [{"metric": "acc"}]
         return str(metric_list[0]["metric"])
@@ -239,10 +251,14 @@ class Scorer:
         return self.requests[which]
 
     def score(
-        self, samples: dict[str, list[int]] | None = None, which: str = "search"
+        self,
+        samples: dict[str, list[int]] | None = None,
+        which: str = "search",
+        per_item: bool = False,
     ) -> FitnessResult:
         """Evaluate the bound model on an item set (only `samples` of it, a shard, when given);
-        any exception or non-finite metric is a failed result."""
+        any exception or non-finite metric is a failed result. `per_item`: also return each
+        document's score (`FitnessResult.scores`, in the order of `samples`)."""
         if self.lm is None:
             raise RuntimeError("Scorer.bind(model, tokenizer) first")
         from evomerge.fitness.requests import answer
@@ -252,8 +268,10 @@ class Scorer:
             # lm-eval's request progress bars pass disable=False explicitly; keep them off the
             # terminal (errors still arrive as exceptions)
             with contextlib.redirect_stderr(io.StringIO()):
-                results = answer(self.lm, self._requests(which), samples)
+                per_doc: dict[str, dict[str, list]] | None = {} if per_item else None
+                results = answer(self.lm, self._requests(which), samples, per_doc)
             metrics: dict[str, float] = {}
+            scores: dict[str, list[float]] = {}
             for spec in self.specs:
                 task_metrics, count = results[spec.name]
                 metric = str(spec.metric)
@@ -266,6 +284,8 @@ class Scorer:
                         f"task {spec.name} has no metric {spec.metric!r} ({list(task_metrics)})"
                     )
                 metrics[f"{spec.name}/{spec.metric}"] = float(value)
+                if per_doc is not None:
+                    scores[spec.name] = [float(v) for v in per_doc[spec.name].get(key, [])]
             counts = {name: count for name, (_, count) in results.items()}
             examples = sum(counts.values())
         except Exception as e:  # a candidate's failure is data, not a crash
@@ -277,5 +297,11 @@ class Scorer:
                 False, math.nan, metrics, examples, seconds, f"non-finite metric {bad[0]}"
             )
         return FitnessResult(
-            True, objective(self.specs, metrics), metrics, examples, seconds, counts=counts
+            True,
+            objective(self.specs, metrics),
+            metrics,
+            examples,
+            seconds,
+            counts=counts,
+            scores=scores,
         )

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evomerge.fitness.bounds import chunk_fractions
 from evomerge.merge.errors import EvomergeError
+from evomerge.search import racing
 from evomerge.search.optimizer import Optimizer, RandomSearch
 from evomerge.search.rundir import RunDir
 from evomerge.search.space import SearchSpace
@@ -55,6 +57,18 @@ def new_optimizer(run: RunDir, space: SearchSpace) -> Optimizer | RandomSearch:
         c.seed,
         c.popsize,
         diagonal=space.dim > c.diagonal_above,
+        active=c.active if c.active is not None else not run.config.fitness.racing.enabled,
+    )
+
+
+def race_plan(config, opt: Optimizer | RandomSearch) -> racing.Plan:
+    rc = config.fitness.racing
+    return racing.Plan(
+        chunk_fractions(rc.first_chunk, rc.chunks),
+        rc.confidence,
+        rc.tolerance,
+        opt.mu,
+        list(config.fitness.tasks),
     )
 
 
@@ -74,11 +88,13 @@ class _Executor:
         self.make = make
         self.started: Executor | None = None
 
+    def start(self) -> Executor:
+        self.started = self.started or self.make()
+        return self.started
+
     def run(self, trials: list[Trial], on_result) -> None:
         if trials:
-            if self.started is None:
-                self.started = self.make()
-            self.started.run(trials, on_result)
+            self.start().run(trials, on_result)
 
     def shutdown(self) -> None:
         if self.started is not None:
@@ -135,25 +151,30 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                 if state[(g, i)]["status"] == Status.ASKED
             ]
 
-            def on_result(trial: Trial, result: TrialResult, g=g) -> None:
+            def finish(key: tuple[int, int], fields: dict) -> None:
                 nonlocal best, done
-                fitness = result.fitness if result.status == Status.COMPLETE else config.penalty
+                ok = fields["status"] == Status.COMPLETE
+                fitness = fields["fitness"] if ok else config.penalty
                 record = {
-                    "generation": trial.generation,
-                    "index": trial.index,
-                    **result.as_dict(),
+                    "generation": key[0],
+                    "index": key[1],
+                    **fields,
                     "fitness": fitness,
                     "time": time.time(),
                 }
                 run.append([record])
-                state[trial.key] = {**state[trial.key], **record}
+                state[key] = {**state[key], **record}
                 done += 1
-                if result.status == Status.COMPLETE and (best is None or fitness > best["fitness"]):
-                    best = state[trial.key]
+                if ok and (best is None or fitness > best["fitness"]):
+                    best = state[key]
                     run.write_best(best)
                 progress.on_result(done, record, best["fitness"] if best else math.nan)
 
-            executor.run(pending, on_result)
+            if config.fitness.racing.enabled and pending:
+                known = {i: state[(g, i)] for i in range(len(xs)) if "race" in state[(g, i)]}
+                racing.run_race(executor.start(), race_plan(config, opt), pending, known, finish)
+            else:
+                executor.run(pending, lambda trial, result: finish(trial.key, result.as_dict()))
             opt.tell(xs, [state[(g, i)]["fitness"] for i in range(len(xs))])
             if not replayed:  # a replayed generation was logged by the session that ran it
                 trials = [state[(g, i)] for i in range(len(xs))]

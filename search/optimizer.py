@@ -27,7 +27,10 @@ class Optimizer:
         seed: int,
         popsize: int | None = None,
         diagonal: bool = False,
+        active: bool = True,
     ):
+        """`active`: active CMA (negative recombination weights for the worst candidates:
+        cma's default). Off, only the best half's ranks carry weight (racing needs no more)."""
         self.seed = seed
         self.generation = 0  # generations told so far
         # The budget decides when a search ends. Discrete metrics (exact match) are often flat
@@ -37,6 +40,7 @@ class Optimizer:
             "bounds": [bounds[0], bounds[1]],
             "verbose": -9,
             "CMA_diagonal": diagonal,
+            "CMA_active": active,
             "tolflatfitness": 10**9,
             "tolfun": 0,
             "tolfunhist": 0,
@@ -51,6 +55,11 @@ class Optimizer:
     @property
     def popsize(self) -> int:
         return int(self.es.popsize)
+
+    @property
+    def mu(self) -> int:
+        """How many of a generation's best carry positive recombination weights."""
+        return int(self.es.sp.weights.mu)
 
     def _generation_seed(self, generation: int) -> int:
         return (self.seed * 1_000_003 + generation * 7919 + 17) % (2**32)
@@ -80,6 +89,7 @@ class RandomSearch:
         seed: int,
         popsize: int | None = None,
         diagonal: bool = False,
+        active: bool = True,
     ):
         x0 = np.asarray(x0, dtype=float)
         lo, hi = np.asarray(bounds[0], dtype=float), np.asarray(bounds[1], dtype=float)
@@ -88,6 +98,7 @@ class RandomSearch:
         self.hi = np.where(np.isfinite(hi), hi, x0 + 4)
         self.seed = seed
         self.popsize = popsize or 4 + int(3 * np.log(max(len(x0), 1)))
+        self.mu = 1  # only a generation's best can be the search's best
         self.generation = 0
 
     def ask(self) -> list[np.ndarray]:

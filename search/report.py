@@ -39,10 +39,40 @@ def trials_frame(run: RunDir) -> pd.DataFrame:
                     "time",
                 )
             },
+            **_items(t),
         }
         for (g, i), t in sorted(run.trials().items())
     ]
     return pd.DataFrame(rows)
+
+
+def _items(t: dict) -> dict:
+    """A trial's search items: scored (racing: every chunk a worker scored, those lost to a
+    stop included) and what full evaluation scores; its racing decision, if it raced."""
+    race = t.get("race")
+    if race is None:
+        n = t.get("examples") if t.get("status") == Status.COMPLETE else None
+        return {"items scored": n, "items full": n, "decision": None}
+    return {"items scored": race["scored"], "items full": race["of"], "decision": race["decision"]}
+
+
+def racing_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per generation of a racing search: items scored against items full evaluation would
+    have scored, and how its candidates were decided (empty without racing)."""
+    raced = df[df.decision.notna()] if "decision" in df else df.iloc[:0]
+    if not len(raced):
+        return pd.DataFrame()
+    per_gen = raced.groupby("generation").agg(
+        scored=("items scored", "sum"), full=("items full", "sum")
+    )
+    per_gen["ratio"] = (per_gen["scored"] / per_gen["full"]).round(3)
+    decisions = raced.groupby(["generation", "decision"]).size().unstack(fill_value=0)
+    per_gen = per_gen.join(decisions).fillna(0)
+    total = per_gen.drop(columns="ratio").sum()
+    per_gen.loc["all"] = {**total, "ratio": round(total["scored"] / total["full"], 3)}
+    counts = [c for c in per_gen if c != "ratio"]
+    per_gen[counts] = per_gen[counts].astype(int)
+    return per_gen.rename(columns={"scored": "items scored", "full": "items full evaluation"})
 
 
 def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -59,11 +89,15 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         {"seconds": [merge, evaluate, wall]},
         index=["materialize (all workers)", "evaluate (all workers)", "wall clock"],
     )
-    return {
+    tables = {
         "trials by status": by_status,
         "fitness per generation": per_gen.round(4),
         "time": split.round(2),
     }
+    racing = racing_frame(df)
+    if len(racing):
+        tables["racing: items per generation"] = racing
+    return tables
 
 
 def plot_fitness(df: pd.DataFrame, path: Path) -> None:

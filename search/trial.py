@@ -31,10 +31,21 @@ class Trial:
     recipe: dict  # a Recipe as plain data: small, picklable, versionless
     shard: tuple[int, int] | None = None  # (i, k): score only the i-th of k example shards
     items: str = "search"  # the item set: "search" (fitness.limit) or "rescore"
+    chunk: int | None = None  # racing: score only chunk c of the generation's seeded item order
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.generation, self.index)
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """A racing chunk's per-item scores: task -> each item's score on the task's metric, the
+    items' document ids (in the race order), and the size of the task's whole item set."""
+
+    scores: dict[str, list[float]]
+    docs: dict[str, list[int]]
+    totals: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -48,16 +59,21 @@ class TrialResult:
     worker: str = ""
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # task -> examples scored
+    items: ItemScores | None = None  # racing chunks only
 
     @classmethod
     def failed(cls, error: str, worker: str = "", **kw) -> TrialResult:
         return cls(status=Status.FAILED, fitness=math.nan, error=error, worker=worker, **kw)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "status": self.status.value}
+        out = {**asdict(self), "status": self.status.value}
+        if out["items"] is None:
+            del out["items"]
+        return out
 
 
 OnResult = Callable[[Trial, TrialResult], None]
+Take = Callable[[int], "Trial | None"]  # worker key -> its next trial, None: nothing now
 
 
 class Executor(Protocol):
@@ -66,5 +82,7 @@ class Executor(Protocol):
     workers: int
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None: ...
+
+    # optional (racing): `stream(take, on_result)` runs what `take` hands out as workers free
 
     def shutdown(self) -> None: ...

@@ -20,7 +20,16 @@ import torch
 
 from evomerge.search.config import SearchConfig
 from evomerge.search.env import QUIET_ENV, passed_on
-from evomerge.search.trial import Executor, OnResult, Status, Trial, TrialResult
+from evomerge.search.racing import NOT_RACEABLE
+from evomerge.search.trial import (
+    Executor,
+    ItemScores,
+    OnResult,
+    Status,
+    Take,
+    Trial,
+    TrialResult,
+)
 
 
 def _ray_node() -> str:
@@ -70,6 +79,9 @@ class TrialWorker:
             rescore_limit=fc.rescore.limit,
         )
         self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
+        self.seed, self.racing = config.cma.seed, fc.racing
+        self.materialized: dict | None = None  # the recipe now in the model (racing chunks)
+        self.orders: dict[int, dict[str, list[int]]] = {}  # generation -> racing item order
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
         gc.freeze()
@@ -92,7 +104,10 @@ class TrialWorker:
         try:
             if fault == "raise":
                 raise RuntimeError("injected fault")
-            self.candidate.materialize(Recipe.parse(trial.recipe))
+            if trial.recipe != self.materialized:  # a racing candidate's next chunk: in place
+                self.materialized = None
+                self.candidate.materialize(Recipe.parse(trial.recipe))
+                self.materialized = trial.recipe
         except Exception as e:  # noqa: BLE001 - any failure of one candidate is data
             self._recover()
             return TrialResult.failed(
@@ -102,14 +117,23 @@ class TrialWorker:
             )
         merged = time.perf_counter()
         shard = self.scorer.shard(*trial.shard, trial.items) if trial.shard else None
-        result = self.scorer.score(shard, trial.items)
+        if trial.chunk is not None:
+            shard = self._chunk(trial)
+            if not self.scorer.shardable:
+                return TrialResult.failed(NOT_RACEABLE, self.name)
+        result = self.scorer.score(shard, trial.items, per_item=trial.chunk is not None)
         fitness = math.nan if fault == "nan" else result.fitness
+        items = None
+        if shard is not None and trial.chunk is not None:
+            totals = {name: len(docs) for name, docs in self.scorer.items(trial.items).items()}
+            items = ItemScores(result.scores, shard, totals)
         common: dict = dict(
             metrics=result.metrics,
             merge_seconds=merged - start,
             eval_seconds=result.seconds,
             examples=result.examples,
             counts=result.counts,
+            items=items,
         )
         if not result.ok:
             self._recover()
@@ -117,6 +141,22 @@ class TrialWorker:
         if not math.isfinite(fitness):
             return TrialResult.failed(f"non-finite fitness {fitness}", self.name, **common)
         return TrialResult(Status.COMPLETE, fitness, worker=self.name, **common)
+
+    def _chunk(self, trial: Trial) -> dict[str, list[int]]:
+        """Chunk c of the generation's race: the same items for every candidate of it."""
+        from evomerge.fitness.bounds import chunk_ends, chunk_fractions
+
+        order = self.orders.get(trial.generation)
+        if order is None:
+            order = self.scorer.order(f"{self.seed}/{trial.generation}", trial.items)
+            self.orders = {trial.generation: order}
+        fractions = chunk_fractions(self.racing.first_chunk, self.racing.chunks)
+        c = int(trial.chunk or 0)
+        out = {}
+        for name, docs in order.items():
+            ends = chunk_ends(len(docs), fractions)
+            out[name] = docs[(ends[c - 1] if c else 0) : ends[c]]
+        return out
 
     def _recover(self) -> None:
         if self.device.startswith("cuda"):
@@ -135,7 +175,13 @@ class SerialExecutor:
         self.workers = 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
-        for trial in trials:
+        queue = collections.deque(trials)
+        self.stream(lambda worker: queue.popleft() if queue else None, on_result)
+
+    def stream(self, take: Take, on_result: OnResult) -> None:
+        """Run what `take(worker)` hands out until it hands out nothing (racing: the next
+        chunk may depend on the last result)."""
+        while (trial := take(0)) is not None:
             try:
                 result = self.worker.run(trial)
             except Exception as e:  # noqa: BLE001
@@ -259,17 +305,28 @@ class RayExecutor:
         self._run(shards, on_part)
 
     def _run(self, trials: list[Trial], on_result: OnResult) -> None:
+        queue = collections.deque(trials)
+        self.stream(lambda worker: queue.popleft() if queue else None, on_result)
+
+    def stream(self, take: Take, on_result: OnResult) -> None:
+        """Keep every worker busy with what `take(worker)` hands out (racing: the next chunks
+        depend on results), until it hands out nothing and nothing is in flight."""
         ray = self.ray
         wc = self.config.workers
-        queue = collections.deque(trials)
+        queue: collections.deque[Trial] = collections.deque()  # retries after a worker died
         attempts: dict[tuple, int] = collections.Counter()
         idle = self.ready  # ready workers not running a trial
         inflight: dict = {}  # ref -> (actor, trial, started)
         try:
-            while queue or inflight:
-                while idle and queue:
-                    actor, trial = idle.pop(), queue.popleft()
+            while True:
+                while idle:
+                    trial = queue.popleft() if queue else take(id(idle[-1]))
+                    if trial is None:
+                        break
+                    actor = idle.pop()
                     inflight[actor.run.remote(trial)] = (actor, trial, time.monotonic())
+                if not inflight and idle:  # a ready worker was offered nothing: all done
+                    break
                 done, _ = ray.wait([*inflight, *self.starting], num_returns=1, timeout=0.5)
                 for ref in done:
                     if ref in self.starting:
@@ -284,8 +341,8 @@ class RayExecutor:
                         ray.exceptions.ActorUnavailableError,
                     ) as e:
                         self._replace(actor, str(e).splitlines()[0])
-                        attempts[trial.key, trial.shard] += 1
-                        if attempts[trial.key, trial.shard] == 1:  # retried once after a death
+                        attempts[trial.key, trial.shard, trial.chunk] += 1
+                        if attempts[trial.key, trial.shard, trial.chunk] == 1:  # retried once
                             queue.appendleft(trial)
                             continue
                         result = TrialResult.failed("worker died twice running this trial")

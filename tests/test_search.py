@@ -133,14 +133,24 @@ def test_optimizer_maximizes_and_replays_exactly():
 # -- run directory --------------------------------------------------------------------------
 
 
-def test_resume_equivalence(tiny_zoo, tmp_path):
-    """2 generations, a kill, resume to 3 == 3 uninterrupted: same vectors, scores and best."""
+RACING = {"enabled": True, "chunks": 4, "first_chunk": 0.25, "confidence": 0.5, "tolerance": 1}
+
+
+@pytest.mark.parametrize("racing", [False, True], ids=["full", "racing"])
+def test_resume_equivalence(tiny_zoo, tmp_path, racing):
+    """2 generations, a kill, resume to 3 == 3 uninterrupted: same vectors, scores and best
+    (with racing: real workers scoring chunks, and the same race fields journaled)."""
     cfg = search_config(tiny_zoo)
+    if racing:
+        cfg = search_config(tiny_zoo, fitness={**cfg.fitness.model_dump(), "racing": RACING})
     best_ref = _run(tmp_path / "ref", cfg)
     with pytest.raises(Stop):
         _run(tmp_path / "cut", cfg, stop_after_results=8)  # the end of generation 2
     best = _run(tmp_path / "cut", cfg)
     assert _outcome(tmp_path / "cut") == _outcome(tmp_path / "ref")
+    cut, ref = (RunDir.reopen(tmp_path / d).trials() for d in ("cut", "ref"))
+    assert {k: t.get("race") for k, t in cut.items()} == {k: t.get("race") for k, t in ref.items()}
+    assert all(("race" in t) == racing for t in ref.values())
     assert len(_outcome(tmp_path / "ref")) == 12
     assert best["fitness"] == best_ref["fitness"]
     assert (tmp_path / "cut" / "best" / "recipe.yaml").read_text() == (

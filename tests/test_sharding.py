@@ -63,3 +63,44 @@ def test_more_workers_than_candidates_shards_and_scores_the_same(tiny_zoo, tmp_p
         assert len(t["worker"].split(",")) == 2  # two shards, on two workers
         assert t["fitness"] == pytest.approx(reference[key]["fitness"], abs=1e-12)
         assert t["metrics"] == pytest.approx(reference[key]["metrics"], abs=1e-12)
+
+
+@pytest.mark.ray
+def test_racing_on_more_workers_than_candidates_decides_as_serially(tiny_zoo, tmp_path):
+    """Racing with sharding on (chunks take the shards' place) and 4 Ray workers for 2
+    candidates: the same decisions and told fitness as a serial racing search; a candidate
+    raced to its last chunk has full evaluation's score (its chunks' per-item scores add up to
+    the lm-eval metrics of every item)."""
+    import ray
+
+    cma = {"popsize": 2, "budget": 4, "seed": 5, "sigma0": 0.4}
+    racing = {"enabled": True, "chunks": 3, "first_chunk": 0.34, "confidence": 1, "tolerance": 0}
+    fitness = search_config(tiny_zoo).fitness.model_dump()
+    full_cfg = search_config(tiny_zoo, cma=cma | {"active": False})
+    full = RunDir.create(tmp_path / "full", full_cfg)
+    run_search(full, lambda: SerialExecutor(full_cfg), Progress())
+    serial_cfg = search_config(tiny_zoo, cma=cma, fitness=fitness | {"racing": racing})
+    serial = RunDir.create(tmp_path / "serial", serial_cfg)
+    run_search(serial, lambda: SerialExecutor(serial_cfg), Progress())
+    cfg = search_config(
+        tiny_zoo,
+        cma=cma,
+        fitness=fitness | {"racing": racing, "shards": "auto"},
+        workers={"count": 4, "cpus_per_worker": 1},
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        run = RunDir.create(tmp_path / "raced", cfg)
+        run_search(run, lambda: RayExecutor(cfg), Progress())
+    finally:
+        ray.shutdown()
+    raced, reference, truth = run.trials(), serial.trials(), full.trials()
+    assert sorted(raced) == sorted(reference) == sorted(truth)
+    for key, t in raced.items():
+        assert t["status"] == "COMPLETE"
+        assert t["fitness"] == reference[key]["fitness"]
+        assert {**t["race"], "scored": 0} == {**reference[key]["race"], "scored": 0}
+        assert t["x"] == truth[key]["x"]
+        if t["race"]["decision"] == "full":
+            assert t["fitness"] == pytest.approx(truth[key]["fitness"], abs=1e-12)
+            assert t["metrics"] == pytest.approx(truth[key]["metrics"], abs=1e-12)

@@ -1,0 +1,436 @@
+"""Racing: score a generation's candidates a chunk of items at a time, and stop each one as soon
+as its rank among the generation's best is decided.
+
+CMA-ES with active updates off (the default under racing) reads only the order of a
+generation's `mu` best candidates: the rest carry zero recombination weight. So a candidate
+needs scoring only until its place is decided:
+
+- every candidate of a generation is scored on the same items in the same seeded random order
+  (each chunk takes the same share of every task), so any prefix is a uniform sample without
+  replacement of the items, and two candidates are compared item by item (paired differences);
+- after round r (every racing candidate has scored chunks 0..r), for each racing candidate i
+  and each other candidate j, bounds [L, U] on F_i - F_j (full evaluation's objectives) from
+  their common prefix: per task, `fitness.bounds.difference_bounds` (exact hypergeometric for
+  0/1 metrics, Bernstein-Serfling otherwise, always intersected with the hard bound), at
+  (1 - confidence) / tasks each (Bonferroni over the tasks), weighted as the objective weighs
+  the tasks. `eps` = tolerance x full evaluation's own standard error of that difference;
+- i is OUT when at least `mu` candidates j have U < eps (it is not better than them, to eps):
+  it ranks below the `mu` best and its weight is zero whatever its exact score;
+- i is SETTLED when against every candidate j that is not out, U < eps or L > -eps: its place
+  among the best is decided (to eps);
+- decisions are made per round, from the scores alone, never from arrival times: a search makes
+  the same decisions on any number of workers, and a resumed one those of an uninterrupted one.
+
+What CMA-ES is told (the journal's `fitness`): a candidate scored on every item, its score; a
+settled one, its estimate (the mean on the items it was scored on); an out one, its estimate
+clamped strictly below the `mu`-th best of the others, so it stays outside the weighted ranks.
+At confidence 1 and tolerance 0 only the hard bound acts: every out candidate really is below
+`mu` others and every settled one really is where it is told, so CMA-ES receives the ranks full
+evaluation gives and asks exactly the same next generation (`tests/test_racing.py`).
+
+Workers: chunks are handed out lowest round first, up to `lookahead` rounds ahead of the last
+decision (more when workers outnumber racing candidates), so freed workers take the next chunks
+instead of idling; a chunk of a candidate stopped meanwhile is counted as scored but wasted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from evomerge.fitness.bounds import chunk_ends, difference_bounds
+from evomerge.fitness.scorer import objective
+from evomerge.fitness.tasks import TaskSpec
+from evomerge.merge.errors import EvomergeError
+from evomerge.search.trial import ItemScores, Status, Take, Trial, TrialResult
+
+# per-item scores of these metrics are 0 or 1 (exact bounds count the ones)
+BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em"})
+
+OUT, SETTLED, FULL = "out", "settled", "full"
+
+# a worker's answer to a chunk of tasks whose metric is not a mean of per-item scores (BLEU,
+# perplexity): no prefix bounds it, so the search stops with this rather than fail every trial
+NOT_RACEABLE = "fitness.racing needs metrics that are means of per-item scores; turn it off"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A generation's race: the chunk schedule, the bounds' settings, the ranks that matter."""
+
+    fractions: tuple[float, ...]  # cumulative share of every task's items after each chunk
+    confidence: float
+    tolerance: float
+    mu: int  # how many of the best carry weight
+    specs: list[TaskSpec]  # the objective (weights, directions)
+    workers: int = 1
+
+    @property
+    def chunks(self) -> int:
+        return len(self.fractions)
+
+    @property
+    def delta(self) -> float:
+        """Each task's bound fails with at most this probability (Bonferroni over tasks)."""
+        return (1 - self.confidence) / max(1, len(self.specs))
+
+    def coefficient(self, task: str) -> float:
+        total = sum(s.weight for s in self.specs) or 1.0
+        s = next(s for s in self.specs if s.name == task)
+        return (1 if s.direction == "maximize" else -1) * s.weight / total
+
+
+@dataclass
+class Entry:
+    """One candidate in the race."""
+
+    index: int
+    trial: Trial | None  # None: finished in an earlier session (from the journal)
+    chunks: dict[int, ItemScores] = field(default_factory=dict)
+    scheduled: set[int] = field(default_factory=set)
+    state: str = "racing"  # racing | out | settled | full | failed
+    stop: int | None = None  # its estimate uses chunks 0..stop
+    pairs: list[list] = field(default_factory=list)  # the comparisons that decided it
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    scored: int = 0  # items scored, wasted chunks included
+    workers: set[str] = field(default_factory=set)
+    metric: dict[str, str] = field(default_factory=dict)  # task -> its metric's name
+    told: float | None = None
+    known: dict | None = None  # its journal record, when an earlier session finished it
+    _arrays: dict = field(default_factory=dict, repr=False)  # (task, upto) -> prefix, binary
+
+    def prefix(self, task: str, upto: int) -> list[float]:
+        return [v for c in range(upto + 1) for v in self.chunks[c].scores.get(task, [])]
+
+    def array(self, task: str, upto: int) -> tuple[np.ndarray, bool]:
+        """The prefix as an array and whether it is all 0/1, computed once per round: a round
+        compares every pair, and on small CPU chunks the driver's time idles the workers."""
+        key = (task, upto)
+        if key not in self._arrays:
+            values = np.asarray(self.prefix(task, upto), dtype=float)
+            self._arrays[key] = (values, bool(np.isin(values, (0.0, 1.0)).all()))
+        return self._arrays[key]
+
+    @property
+    def racing(self) -> bool:
+        return self.state == "racing"
+
+
+class Race:
+    """One generation's race. `take` hands out chunks, `add` takes their results and returns
+    the journal fields of every candidate whose outcome became final; `close` returns the
+    rest (the out candidates, whose told value needs everyone's) once nothing races."""
+
+    def __init__(self, plan: Plan, trials: list[Trial], known: dict[int, dict]):
+        self.plan = plan
+        self.entries: dict[int, Entry] = {}
+        for index, record in known.items():
+            self.entries[index] = _known(plan, index, record)
+        for t in trials:
+            self.entries[t.index] = Entry(t.index, t)
+        self.totals: dict[str, int] = {}
+        for e in self.entries.values():
+            for items in e.chunks.values():
+                self.totals |= items.totals
+        self.decided = 0  # rounds decided (0..chunks-1)
+        self.last: dict[int, int] = {}  # worker -> the candidate it scored last
+        self.final = self._advance()  # replaying known candidates may finish others at once
+
+    # -- scheduling -----------------------------------------------------------------------
+    def racing(self) -> list[Entry]:
+        return [e for e in self.entries.values() if e.racing]
+
+    def lookahead(self) -> int:
+        n = len(self.racing())
+        return max(1, math.ceil(self.plan.workers / max(1, n)))
+
+    def take(self, worker: int) -> Trial | None:
+        """The next chunk for `worker`: the lowest round first, the candidate it scored last
+        first among equals (its weights are in place), then by index."""
+        limit = min(self.plan.chunks - 1, self.decided + self.lookahead())
+        best: tuple | None = None
+        for e in self.racing():
+            c = next((c for c in range(self.plan.chunks) if c not in e.scheduled), None)
+            if c is None or c > limit or e.trial is None:
+                continue
+            key = (c, self.last.get(worker) != e.index, e.index)
+            if best is None or key < best[0]:
+                best = (key, e, c)
+        if best is None:
+            return None
+        _, e, c = best
+        e.scheduled.add(c)
+        self.last[worker] = e.index
+        assert e.trial is not None
+        return Trial(e.trial.generation, e.index, e.trial.recipe, chunk=c, items=e.trial.items)
+
+    def done(self) -> bool:
+        return not self.racing()
+
+    # -- results --------------------------------------------------------------------------
+    def add(self, trial: Trial, result: TrialResult) -> list[tuple[int, dict]]:
+        """A chunk's result; returns (index, journal fields) of candidates now final."""
+        e = self.entries[trial.index]
+        e.merge_seconds += result.merge_seconds
+        e.eval_seconds += result.eval_seconds
+        e.scored += result.examples
+        if result.worker:
+            e.workers.add(result.worker)
+        if not e.racing:
+            return []  # a chunk scored ahead for a candidate stopped meanwhile: wasted
+        if result.error == NOT_RACEABLE:
+            raise EvomergeError(NOT_RACEABLE)
+        if result.status != Status.COMPLETE or result.items is None:
+            e.state = "failed"
+            fields = result.as_dict() | {"worker": ",".join(sorted(e.workers))}
+            return [(e.index, fields | _seconds(e))] + self._advance()
+        assert trial.chunk is not None
+        e.chunks[trial.chunk] = result.items
+        self.totals |= result.items.totals
+        for key in result.metrics:
+            task, metric = key.split("/", 1)
+            e.metric[task] = metric
+        return self._advance()
+
+    def _advance(self) -> list[tuple[int, dict]]:
+        final: list[tuple[int, dict]] = []
+        last = self.plan.chunks - 1
+        while self.decided < last and self.racing():
+            if not all(self.decided in e.chunks for e in self.racing()):
+                break
+            final += self._decide(self.decided)
+            self.decided += 1
+        if self.decided >= last:
+            for e in self.racing():
+                if last in e.chunks:
+                    final += self._mark(e, FULL, last)
+        return final
+
+    def _mark(self, e: Entry, state: str, r: int) -> list[tuple[int, dict]]:
+        """Decide a candidate; its journal fields when they are final now (not for out ones:
+        their told value waits for `close`, nor for candidates an earlier session journaled)."""
+        e.state, e.stop = state, r
+        if e.known is not None:
+            race = e.known["race"]
+            if (race["decision"], int(race["round"])) != (state, r):
+                raise EvomergeError(
+                    f"trial {e.known['generation']}:{e.index}: the race replays as "
+                    f"{state} at round {r}, the journal says {race['decision']} at round "
+                    f"{race['round']}; the journal was edited or written by another config"
+                )
+            e.told = float(e.known["fitness"])
+            return []
+        if state == OUT:
+            return []
+        e.told = self.estimate(e, r)
+        return [(e.index, self._fields(e))]
+
+    def _check_replayed(self, r: int) -> None:
+        for e in self.racing():
+            if e.known is not None and int(e.known["race"]["round"]) <= r:
+                self._mark(e, "racing", r)  # raises: the journal decided it by now
+
+    def close(self) -> list[tuple[int, dict]]:
+        """Once nothing races: the out candidates, told their estimates clamped strictly below
+        the `mu`-th best of the rest (so they stay outside the ranks that carry weight)."""
+        assert self.done()
+        kept = sorted(
+            (
+                e.told
+                for e in self.entries.values()
+                if e.state in (SETTLED, FULL) and e.told is not None
+            ),
+            reverse=True,
+        )
+        threshold = kept[min(self.plan.mu, len(kept)) - 1] if kept else math.inf
+        out = []
+        for e in sorted(self.entries.values(), key=lambda e: e.index):
+            if e.state == OUT and e.trial is not None:
+                assert e.stop is not None
+                estimate = self.estimate(e, e.stop)
+                e.told = min(estimate, float(np.nextafter(threshold, -math.inf)))
+                out.append((e.index, self._fields(e, threshold)))
+        return out
+
+    # -- decisions ------------------------------------------------------------------------
+    def _decide(self, r: int) -> list[tuple[int, dict]]:
+        plan = self.plan
+        evidence = [e for e in self.entries.values() if e.state != "failed"]
+        racing = self.racing()
+        bounds: dict[tuple[int, int], tuple[float, float, float]] = {}
+        for i in racing:
+            for j in evidence:
+                if j is not i:
+                    upto = r if j.racing else min(r, j.stop if j.stop is not None else r)
+                    bounds[i.index, j.index] = self.pair(i, j, upto)
+        # out: at least mu others are better (to eps); never fewer than mu left in the ranks
+        beaten = {
+            i.index: sorted(
+                (bounds[i.index, j.index][1] - bounds[i.index, j.index][2], j.index)
+                for j in evidence
+                if j is not i and bounds[i.index, j.index][1] < bounds[i.index, j.index][2]
+            )
+            for i in racing
+        }
+        kept = sum(e.state != OUT for e in evidence)
+        final = []
+        for i in sorted(racing, key=lambda e: (-len(beaten[e.index]), e.index)):
+            if len(beaten[i.index]) >= plan.mu and kept > plan.mu:
+                i.pairs = [
+                    [j, *(round(v, 6) for v in bounds[i.index, j])]
+                    for _, j in beaten[i.index][: plan.mu]
+                ]
+                final += self._mark(i, OUT, r)
+                kept -= 1
+        # settled: its order against everyone still in the ranks is decided (to eps)
+        standing = [e for e in evidence if e.state != OUT]
+        for i in [e for e in racing if e.racing]:
+            pairs = [(j.index, *bounds[i.index, j.index]) for j in standing if j is not i]
+            if all(u < eps or lo > -eps for _, lo, u, eps in pairs):
+                i.pairs = [[j, *(round(v, 6) for v in b)] for j, *b in pairs]
+                final += self._mark(i, SETTLED, r)
+        self._check_replayed(r)
+        return final
+
+    def pair(self, i: Entry, j: Entry, upto: int) -> tuple[float, float, float]:
+        """(lower, upper) bounds on F_i - F_j and the tolerance eps, from chunks 0..upto."""
+        lower = upper = var = 0.0
+        for task, total in self.totals.items():
+            (x, xbin), (y, ybin) = i.array(task, upto), j.array(task, upto)
+            if not len(x):
+                lo, hi = -1.0, 1.0  # nothing scored of this task yet: anything is possible
+            else:
+                binary = self._binary(task, i, j) and xbin and ybin
+                lo, hi = difference_bounds(x, y, total, self.plan.delta, binary)
+                # the variance of one item's difference, with one pseudo-win and one
+                # pseudo-loss (identical prefixes do not promise identical candidates)
+                d = x - y
+                s2 = (float((d**2).sum()) + 2) / (len(d) + 2) - (float(d.sum()) / (len(d) + 2)) ** 2
+                var += self.plan.coefficient(task) ** 2 * s2 / total
+            c = self.plan.coefficient(task)
+            lower += c * (lo if c >= 0 else hi)
+            upper += c * (hi if c >= 0 else lo)
+        return lower, upper, self.plan.tolerance * math.sqrt(var)
+
+    def _binary(self, task: str, i: Entry, j: Entry) -> bool:
+        metric = (i.metric.get(task) or j.metric.get(task) or "").split(",")[0]
+        return metric in BINARY_METRICS
+
+    def estimate(self, e: Entry, upto: int) -> float:
+        """The objective on chunks 0..upto, computed as full evaluation computes it (per task,
+        the mean over the items in document order): on every chunk it is full evaluation's."""
+        if e.known is not None:
+            return float(e.known["race"]["estimate"])
+        return objective(self._specs(e), self._metrics(e, upto))
+
+    def _metrics(self, e: Entry, upto: int) -> dict[str, float]:
+        out = {}
+        for task in self.totals:
+            pairs = sorted(
+                (doc, v)
+                for c in range(upto + 1)
+                for doc, v in zip(
+                    e.chunks[c].docs.get(task, []), e.chunks[c].scores.get(task, []), strict=True
+                )
+            )
+            values = [v for _, v in pairs]
+            out[f"{task}/{e.metric.get(task, '')}"] = sum(values) / len(values) if values else 0.0
+        return out
+
+    def _specs(self, e: Entry) -> list[TaskSpec]:
+        return [
+            s.model_copy(update={"metric": e.metric.get(s.name, s.metric)}) for s in self.plan.specs
+        ]
+
+    def _fields(self, e: Entry, threshold: float | None = None) -> dict:
+        assert e.stop is not None and e.told is not None
+        counts = {t: chunk_ends(n, self.plan.fractions)[e.stop] for t, n in self.totals.items()}
+        used = sum(counts.values())
+        race: dict = {
+            "decision": e.state,
+            "round": e.stop,
+            "items": used,
+            "of": sum(self.totals.values()),
+            "scored": e.scored,
+            "estimate": self.estimate(e, e.stop),
+            "totals": dict(self.totals),
+            "pairs": e.pairs,
+            "scores": {t: _compact(e.prefix(t, e.stop)) for t in self.totals},
+        }
+        if threshold is not None:
+            race["threshold"] = threshold
+        return {
+            "status": Status.COMPLETE.value,
+            "fitness": e.told,
+            "metrics": self._metrics(e, e.stop),
+            "examples": used,
+            "counts": counts,
+            "worker": ",".join(sorted(e.workers)),
+            "error": None,
+            "race": race,
+        } | _seconds(e)
+
+
+def _seconds(e: Entry) -> dict:
+    return {"merge_seconds": e.merge_seconds, "eval_seconds": e.eval_seconds}
+
+
+def _compact(values: list[float]) -> list:
+    return [int(v) if v in (0.0, 1.0) else v for v in values]
+
+
+def _known(plan: Plan, index: int, record: dict) -> Entry:
+    """A candidate finished in an earlier session: it races again on its journaled scores (the
+    chunks up to its decision), so every decision of the round replays as it was made."""
+    race = record["race"]
+    totals = {t: int(n) for t, n in race["totals"].items()}
+    e = Entry(index, None, known=record)
+    for c in range(int(race["round"]) + 1):
+        scores: dict[str, list[float]] = {}
+        for task, values in race["scores"].items():
+            ends = chunk_ends(totals[task], plan.fractions)
+            scores[task] = [float(v) for v in values[(ends[c - 1] if c else 0) : ends[c]]]
+        e.chunks[c] = ItemScores(scores, {t: [] for t in scores}, totals)
+    for key in record.get("metrics", {}):
+        task, metric = key.split("/", 1)
+        e.metric[task] = metric
+    return e
+
+
+def stream(executor, take: Take, on_result: Callable[[Trial, TrialResult], None]) -> None:
+    """Run a race on an executor: its own `stream` when it has one, else batch by batch."""
+    if hasattr(executor, "stream"):
+        executor.stream(take, on_result)
+        return
+    while batch := [t for t in iter(lambda: take(0), None)]:
+        executor.run(batch, on_result)
+
+
+def run_race(
+    executor,
+    plan: Plan,
+    pending: list[Trial],
+    known: dict[int, dict],
+    finish: Callable[[tuple[int, int], dict], None],
+) -> None:
+    """Race a generation's pending candidates (beside those an earlier session finished) and
+    hand each outcome to `finish` (the driver journals it) as soon as it is final."""
+    plan = replace(plan, workers=int(getattr(executor, "workers", 1) or 1))
+    race = Race(plan, pending, known)
+    g = pending[0].generation
+    for index, fields in race.final:
+        finish((g, index), fields)
+
+    def on_chunk(trial: Trial, result: TrialResult) -> None:
+        for index, fields in race.add(trial, result):
+            finish((g, index), fields)
+
+    stream(executor, race.take, on_chunk)
+    if not race.done():
+        raise RuntimeError(f"generation {g}: the race ended with candidates still racing")
+    for index, fields in race.close():
+        finish((g, index), fields)
