@@ -123,7 +123,9 @@ def materialize_vs_copy(
                 vocab_size=32000,
                 tie_word_embeddings=False,
             )
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["base"]))
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(paths["base"], trust_remote_code=False)
+        )
         n = sum(p.numel() for p in model.parameters())
         params_by_name = dict(model.named_parameters())
         print(

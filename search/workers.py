@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from evomerge.fitness.bounds import chunk_ends, chunk_fractions
 from evomerge.search.config import SearchConfig
 from evomerge.search.env import QUIET_ENV, passed_on
 from evomerge.search.racing import NOT_RACEABLE
@@ -79,9 +80,9 @@ class TrialWorker:
             rescore_limit=fc.rescore.limit,
         )
         self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
-        self.seed, self.racing = config.cma.seed, fc.racing
+        self.seed = config.cma.seed
+        self.fractions = chunk_fractions(fc.racing.first_chunk, fc.racing.chunks)
         self.materialized: dict | None = None  # the recipe now in the model (racing chunks)
-        self.orders: dict[int, dict[str, list[int]]] = {}  # generation -> racing item order
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
         gc.freeze()
@@ -144,17 +145,11 @@ class TrialWorker:
 
     def _chunk(self, trial: Trial) -> dict[str, list[int]]:
         """Chunk c of the generation's race: the same items for every candidate of it."""
-        from evomerge.fitness.bounds import chunk_ends, chunk_fractions
-
-        order = self.orders.get(trial.generation)
-        if order is None:
-            order = self.scorer.order(f"{self.seed}/{trial.generation}", trial.items)
-            self.orders = {trial.generation: order}
-        fractions = chunk_fractions(self.racing.first_chunk, self.racing.chunks)
+        order = self.scorer.order(f"{self.seed}/{trial.generation}", trial.items)  # a shuffle
         c = int(trial.chunk or 0)
         out = {}
         for name, docs in order.items():
-            ends = chunk_ends(len(docs), fractions)
+            ends = chunk_ends(len(docs), self.fractions)
             out[name] = docs[(ends[c - 1] if c else 0) : ends[c]]
         return out
 
