@@ -12,7 +12,6 @@ import torch
 from evomerge.merge.architecture import ModelInfo, layer_indices, network_order
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.safetensors_io import (
-    BufferPool,
     TensorEntry,
     map_tensor,
     read_header,
@@ -110,16 +109,12 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name].dtype if self._entries else self._loaded[name].dtype
 
-    def get(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        """The tensor, read now (into a buffer of `pool`, if given: give it back once done)."""
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, read now."""
         self._known(name)
         if self._entries:
-            return self._finite(name, read_tensor(self._entries[name], pool))
+            return self._finite(name, read_tensor(self._entries[name]))
         return self._finite(name, self._loaded[name])
-
-    def pooled(self, name: str) -> bool:
-        """Whether `get(name, pool)` reads into a buffer of the pool (not a pickle's tensor)."""
-        return bool(self._entries)
 
     def map(self, name: str) -> torch.Tensor | None:
         """The tensor mapped read-only from the file (safetensors_io.map_tensor), or None."""

@@ -142,44 +142,28 @@ def plan_merge(
     return jobs
 
 
-def _load(
-    job: TensorJob,
-    ckpts: Mapping[str, TensorSource],
-    method: Method,
-    device: str,
-    pool: BufferPool | None,
-) -> dict:
+def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], method: Method, device: str) -> dict:
     """The tensors a job reads, as stored (the merge converts to fp32 a chunk at a time); resident
-    sources that keep task vectors give those instead, for methods that use them. Tensors read
-    from a checkpoint onto the CPU go into buffers of `pool` (listed under "pooled")."""
-    pooled: list[torch.Tensor] = []
+    sources that keep task vectors give those instead, for methods that use them. Checkpoint
+    tensors merged on the CPU are mapped from the page cache (no copy)."""
 
     def get(alias: str) -> torch.Tensor:
         src = ckpts[alias]
-        if MAP_INPUTS and device == "cpu" and isinstance(src, Checkpoint):
-            mapped = src.map(job.name)
+        if device == "cpu" and isinstance(src, Checkpoint):
+            mapped = src.map(job.name)  # None for a pickle's tensors, or an empty one
             if mapped is not None:
                 return mapped
-        if (
-            pool is not None
-            and device == "cpu"
-            and isinstance(src, Checkpoint)
-            and src.pooled(job.name)
-        ):
-            t = src.get(job.name, pool)
-            pooled.append(t)
-            return t
         return src.get(job.name).to(device)
 
     if job.group is None:
-        return {"copy": get(job.aliases[0]), "pooled": pooled}
+        return {"copy": get(job.aliases[0])}
     resident = [ckpts[a] for a in job.aliases]
     if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
         deltas, sources = [s.delta(job.name) for s in resident], []  # type: ignore[attr-defined]
     else:
         deltas, sources = None, [get(a) for a in job.aliases]
     base = get(job.base) if job.base else None
-    return {"base": base, "sources": sources, "deltas": deltas, "pooled": pooled}
+    return {"base": base, "sources": sources, "deltas": deltas}
 
 
 def _input_bytes(job: TensorJob, ckpts: Mapping[str, TensorSource]) -> int:
@@ -223,7 +207,6 @@ def merge_job(
 
 
 READ_AHEAD = 256 * 2**20  # bytes of inputs read ahead of the merge
-MAP_INPUTS = True  # map checkpoint tensors (no copy) rather than read them into buffers
 WRITE_BEHIND = 256 * 2**20  # bytes of merged tensors waiting for the writer
 
 
@@ -235,12 +218,10 @@ def merge_stream(
     names: Iterable[str] | None = None,
     workers: Workers | None = None,
     read_ahead: bool = True,
-    buffers: BufferPool | None = None,
 ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
     """Yield (job, merged tensor) in the reference's order, each tensor merged into
     `out_for(job)` (e.g. a model's parameter, written in place) or, where that gives None, into
-    a new tensor. With `read_ahead`, a background thread reads the next tensors' inputs; inputs
-    read from checkpoints go into `buffers` (reused from tensor to tensor)."""
+    a new tensor. With `read_ahead`, a background thread reads (maps) the next tensors' inputs."""
     ps = recipe.parameter_space
     if ps is None:
         raise EvomergeError("recipe: no parameter_space stage to merge")
@@ -248,10 +229,9 @@ def merge_stream(
     jobs = plan_merge(recipe, ckpts, names)
     own = workers is None
     pool = workers if workers is not None else Workers(merge_threads() if device == "cpu" else 1)
-    buffers = buffers if buffers is not None else BufferPool()
 
     def load(job: object) -> dict:
-        return _load(job, ckpts, method, device, buffers)  # type: ignore[arg-type]
+        return _load(job, ckpts, method, device)  # type: ignore[arg-type]
 
     def size(job: object) -> int:
         return _input_bytes(job, ckpts)  # type: ignore[arg-type]
@@ -266,8 +246,6 @@ def merge_stream(
                 out = torch.empty(job.shape, dtype=job.dtype, device=device)
             with single_thread():  # an OpenMP region here would leave threads spinning
                 merge_job(recipe, job, loaded, out, pool)
-            for t in loaded["pooled"]:
-                buffers.give(t)
             del loaded
             if release is not None:
                 release()
@@ -437,7 +415,7 @@ def merge_to_dir(
                 n *= d
             return buffers.take(n).view(job.dtype).reshape(job.shape)
 
-        stream = merge_stream(recipe, ckpts, device, out_for, buffers=buffers)
+        stream = merge_stream(recipe, ckpts, device, out_for)
         merged = ((job.name, t) for job, t in stream)
         _write_checkpoint(tmp, specs, merged, limit, progress, buffers if device == "cpu" else None)
         ref.copy_side_files(tmp, getattr(torch, recipe.dtype))

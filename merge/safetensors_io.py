@@ -179,9 +179,9 @@ def map_tensor(entry: TensorEntry) -> torch.Tensor | None:
     return flat.view(entry.dtype).reshape(entry.shape)
 
 
-def read_tensor(entry: TensorEntry, pool: BufferPool | None = None) -> torch.Tensor:
-    """Read one tensor's bytes into non-mapped memory (a buffer of `pool`, or fresh)."""
-    buf = pool.take(entry.nbytes) if pool else torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor's bytes into non-mapped memory."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     with open(entry.file, "rb") as f:
         f.seek(entry.begin)
         got = f.readinto(memoryview(buf.numpy()))  # type: ignore[arg-type]
