@@ -120,19 +120,6 @@ def mean_bounds(
     return max(hard[0], m - r), min(hard[1], m + r)
 
 
-def is_binary(values: Sequence[float]) -> bool:
-    return all(v in (0.0, 1.0) for v in values)
-
-
-def score_bounds(
-    values: Sequence[float], population: int, delta: float, binary: bool
-) -> tuple[float, float]:
-    """Bounds on a candidate's full-evaluation mean (scores in [0, 1]) from a prefix."""
-    if binary:
-        return binary_mean(int(sum(values)), len(values), population, delta)
-    return mean_bounds(values, population, 0.0, 1.0, delta)
-
-
 def difference_bounds(
     x: Sequence[float] | np.ndarray,
     y: Sequence[float] | np.ndarray,
