@@ -162,9 +162,10 @@ def materialize_vs_copy(
 
 def utilization(workers: int, popsize: int, generations: int) -> None:
     """Busy time / wall time of the workers when they outnumber the candidates in flight, over
-    the generations: the journal's per-trial busy seconds (materialize + evaluate, summed over a
-    trial's shards or racing chunks, chunks lost to a stop included) over workers x the time
-    from the first candidate asked to the last one finished."""
+    the generations: every result's busy seconds (materialize + evaluate, as its worker reports
+    them; a racing chunk dropped or cancelled because its candidate stopped included, as far
+    as it ran), clipped to the span from the first candidate asked to the last one finished,
+    over workers x that span. Also the share of that busy time whose results were used."""
     import ray
 
     from evomerge.search.config import SearchConfig
@@ -172,6 +173,18 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     from evomerge.search.driver import run_search
     from evomerge.search.rundir import RunDir
     from evomerge.search.workers import RayExecutor
+
+    class Timed(RayExecutor):
+        """Remembers when each result came back, how long its worker was busy on it, and
+        whether it was used."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.results: list[tuple[float, float, bool]] = []
+
+        def arrived(self, trial, result, wanted):
+            busy = result.merge_seconds + result.eval_seconds
+            self.results.append((time.time(), busy, wanted))
 
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
@@ -186,33 +199,34 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:
             run = RunDir.create(Path(tmp) / "run", cfg)
-            ready = [0.0]
+            executors: list[Timed] = []
 
-            def factory(cfg=cfg, ready=ready):
-                ex = RayExecutor(cfg)
+            def factory(cfg=cfg, executors=executors):
+                ex = Timed(cfg)
                 ex.wait_ready()
-                ready[0] = time.perf_counter()
+                executors.append(ex)
                 return ex
 
             run_search(run, factory)
-            wall = time.perf_counter() - ready[0]
             records = run.records()
         ray.shutdown()
-        done = [r for r in records if r.get("status") == "COMPLETE"]
         # the generations alone (what sharding and racing change): from the first candidate
         # asked to the last one finished, by the journal's times; the parents scored before and
         # the best rescored after are a handful of whole trials on more workers than them
         start = min(r["time"] for r in records if r.get("status") == "ASKED")
-        searched = max(r["time"] for r in done)
-        span = searched - start
-        search_busy = sum(r["merge_seconds"] + r["eval_seconds"] for r in done)
+        end = max(r["time"] for r in records if r.get("status") == "COMPLETE")
+        busy = used = 0.0
+        for arrived, seconds, wanted in executors[0].results:
+            inside = max(0.0, min(arrived, end) - max(arrived - seconds, start))
+            busy += inside
+            used += inside if wanted else 0.0
+        span = end - start
         mode = "racing" if racing else f"sharding {shards}"
         print(
             f"utilization, {workers} workers, {popsize} candidates per generation, {mode}: "
-            f"generations {100 * search_busy / (workers * span):.0f} % (busy {search_busy:.1f} s "
-            f"over {workers} x {span:.1f} s; the run {wall:.1f} s after start-up, with the "
-            f"parents and the rescored best); load average {os.getloadavg()[0]:.1f} on "
-            f"{os.cpu_count()} cores",
+            f"generations {100 * busy / (workers * span):.0f} % (busy {busy:.1f} s over "
+            f"{workers} x {span:.1f} s; {100 * used / max(busy, 1e-9):.0f} % of it used); load "
+            f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
             flush=True,
         )
 

@@ -160,3 +160,8 @@ def chunk_ends(total: int, fractions: Sequence[float]) -> list[int]:
     for c in range(1, len(ends)):
         ends[c] = max(ends[c], ends[c - 1])
     return ends
+
+
+def piece(n: int, j: int, k: int) -> tuple[int, int]:
+    """Piece j of k of a chunk of n items: contiguous, so the pieces in order are the chunk."""
+    return j * n // k, (j + 1) * n // k

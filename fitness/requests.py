@@ -18,6 +18,7 @@ ones from the full set. Here every call and every shard sees the same prompts.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -86,6 +87,10 @@ class _StopSequences(transformers.StoppingCriteria):
         return verdict
 
 
+class Cancelled(Exception):
+    """A trial stopped between batches because nobody wants its result any more."""
+
+
 class ReusableHFLM(HFLM):
     """lm-eval's HF wrapper with tokenization, decoding (its outputs' and the stop rule's) and the
     context length memoized.
@@ -98,6 +103,9 @@ class ReusableHFLM(HFLM):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # checked before every batch: True stops the call with Cancelled (a racing chunk whose
+        # candidate was decided meanwhile frees its worker at the next batch)
+        self.cancelled: Callable[[], bool] = lambda: False
         self._encoded = _Memo()
         # padded batches (ids and mask): at most 2^25 token slots, 512 MB of int64
         self._batches = _Memo(1 << 25, size=lambda batch: batch[0].numel())
@@ -134,7 +142,16 @@ class ReusableHFLM(HFLM):
         key = (tokens if isinstance(tokens, int) else tuple(tokens), skip_special_tokens)
         return self._texts.get_or(key, partial(super().tok_decode, tokens, skip_special_tokens))
 
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        self._check_cancelled()
+        return super()._model_call(inps, attn_mask, labels)
+
+    def _check_cancelled(self) -> None:
+        if self.cancelled():
+            raise Cancelled("the executor cancelled this trial")
+
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        self._check_cancelled()
         # temperature 0 without do_sample means greedy, as in HFLM._model_generate
         generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
         do_sample = generation_kwargs.get("do_sample")

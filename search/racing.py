@@ -28,9 +28,15 @@ At confidence 1 and tolerance 0 only the hard bound acts: every out candidate re
 `mu` others and every settled one really is where it is told, so CMA-ES receives the ranks full
 evaluation gives and asks exactly the same next generation (`tests/test_racing.py`).
 
-Workers: chunks are handed out lowest round first, up to `lookahead` rounds ahead of the last
-decision (more when workers outnumber racing candidates), so freed workers take the next chunks
-instead of idling; a chunk of a candidate stopped meanwhile is counted as scored but wasted.
+Workers: when they outnumber the racing candidates, each chunk is split into contiguous pieces
+(about workers / racing of them) that different workers score at once, so the round that
+decides occupies every worker; chunks are handed out lowest round first, and rounds beyond the
+undecided one only where a round's pieces cannot occupy every worker. A piece of a candidate
+stopped meanwhile is wasted: the executor cancels it (the worker stops at its next batch) and
+does not wait for it, so the next generation starts on the free workers; the journal counts it
+as scored whole (`race.scored`), and its seconds are not the candidate's. How a chunk is split
+changes only which worker scores which item, not the decisions (up to the last bits of a batch's
+arithmetic, as with sharding).
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from evomerge.fitness.bounds import chunk_ends, difference_bounds
+from evomerge.fitness.bounds import chunk_ends, difference_bounds, piece
 from evomerge.fitness.scorer import objective
 from evomerge.fitness.tasks import TaskSpec
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.trial import ItemScores, Status, Take, Trial, TrialResult
+from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
 
 # per-item scores of these metrics are 0 or 1 (exact bounds count the ones)
 BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em"})
@@ -90,13 +96,14 @@ class Entry:
     index: int
     trial: Trial | None  # None: finished in an earlier session (from the journal)
     chunks: dict[int, ItemScores] = field(default_factory=dict)
-    scheduled: set[int] = field(default_factory=set)
+    pieces: dict[int, int] = field(default_factory=dict)  # chunk -> pieces it is split into
+    handed: dict[int, set[int]] = field(default_factory=dict)  # chunk -> pieces handed out
+    parts: dict[int, dict[int, ItemScores]] = field(default_factory=dict)  # pieces arrived
     state: str = "racing"  # racing | out | settled | full | failed
     stop: int | None = None  # its estimate uses chunks 0..stop
     pairs: list[list] = field(default_factory=list)  # the comparisons that decided it
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
-    scored: int = 0  # items scored, wasted chunks included
     workers: set[str] = field(default_factory=set)
     metric: dict[str, str] = field(default_factory=dict)  # task -> its metric's name
     told: float | None = None
@@ -144,44 +151,76 @@ class Race:
     def racing(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.racing]
 
+    def split(self) -> int:
+        """Pieces per chunk opened now: enough that the racing candidates' chunks of one round
+        occupy every worker (no piece without an item of the largest task), so freed workers
+        share the round that decides instead of scoring rounds that may never be needed."""
+        k = max(1, self.plan.workers // max(1, len(self.racing())))
+        return min(k, max(1, self._largest_chunk())) if self.totals else k
+
     def lookahead(self) -> int:
+        """Rounds handed out beyond the last decided: more when a round's pieces cannot
+        occupy every worker."""
         n = len(self.racing())
-        return max(1, math.ceil(self.plan.workers / max(1, n)))
+        return max(1, math.ceil(self.plan.workers / max(1, n * self.split())))
 
     def take(self, worker: int) -> Trial | None:
-        """The next chunk for `worker`: the lowest round first, the candidate it scored last
+        """The next piece for `worker`: the lowest round first, the candidate it scored last
         first among equals (its weights are in place), then by index."""
         limit = min(self.plan.chunks - 1, self.decided + self.lookahead())
         best: tuple | None = None
         for e in self.racing():
-            c = next((c for c in range(self.plan.chunks) if c not in e.scheduled), None)
-            if c is None or c > limit or e.trial is None:
+            unit = self._next_piece(e)
+            if unit is None or unit[0] > limit or e.trial is None:
                 continue
-            key = (c, self.last.get(worker) != e.index, e.index)
+            key = (unit[0], self.last.get(worker) != e.index, e.index)
             if best is None or key < best[0]:
-                best = (key, e, c)
+                best = (key, e, unit)
         if best is None:
             return None
-        _, e, c = best
-        e.scheduled.add(c)
+        _, e, (c, j) = best
+        if c not in e.pieces:
+            e.pieces[c], e.handed[c] = self.split(), set()
+        e.handed[c].add(j)
         self.last[worker] = e.index
         assert e.trial is not None
-        return Trial(e.trial.generation, e.index, e.trial.recipe, chunk=c, items=e.trial.items)
+        k = e.pieces[c]
+        return Trial(
+            e.trial.generation,
+            e.index,
+            e.trial.recipe,
+            shard=(j, k) if k > 1 else None,
+            chunk=c,
+            items=e.trial.items,
+        )
+
+    def _next_piece(self, e: Entry) -> tuple[int, int] | None:
+        """(chunk, piece) of `e` not handed out yet, the lowest first."""
+        for c in range(self.plan.chunks):
+            if c not in e.pieces:
+                return c, 0
+            left = set(range(e.pieces[c])) - e.handed[c]
+            if left:
+                return c, min(left)
+        return None
 
     def done(self) -> bool:
         return not self.racing()
+
+    def wanted(self, trial: Trial) -> bool:
+        """A chunk matters while its candidate races."""
+        return self.entries[trial.index].racing
 
     # -- results --------------------------------------------------------------------------
     def add(self, trial: Trial, result: TrialResult) -> list[tuple[int, dict]]:
         """A chunk's result; returns (index, journal fields) of candidates now final."""
         e = self.entries[trial.index]
-        e.merge_seconds += result.merge_seconds
-        e.eval_seconds += result.eval_seconds
-        e.scored += result.examples
-        if result.worker:
-            e.workers.add(result.worker)
         if not e.racing:
             return []  # a chunk scored ahead for a candidate stopped meanwhile: wasted
+        e.merge_seconds += result.merge_seconds
+        e.eval_seconds += result.eval_seconds
+        if result.worker:
+            e.workers.add(result.worker)
         if result.error == NOT_RACEABLE:
             raise EvomergeError(NOT_RACEABLE)
         if result.status != Status.COMPLETE or result.items is None:
@@ -189,8 +228,14 @@ class Race:
             fields = result.as_dict() | {"worker": ",".join(sorted(e.workers))}
             return [(e.index, fields | _seconds(e))] + self._advance()
         assert trial.chunk is not None
-        e.chunks[trial.chunk] = result.items
         self.totals |= result.items.totals
+        j, k = trial.shard or (0, 1)
+        parts = e.parts.setdefault(trial.chunk, {})
+        parts[j] = result.items
+        if len(parts) < k:
+            return []  # the chunk's other pieces are still out
+        e.chunks[trial.chunk] = _joined([parts[j] for j in range(k)])
+        del e.parts[trial.chunk]
         for key in result.metrics:
             task, metric = key.split("/", 1)
             e.metric[task] = metric
@@ -346,16 +391,32 @@ class Race:
             s.model_copy(update={"metric": e.metric.get(s.name, s.metric)}) for s in self.plan.specs
         ]
 
+    def _chunk_sizes(self, c: int) -> list[int]:
+        """Each task's items in chunk c."""
+        ends = [chunk_ends(n, self.plan.fractions) for n in self.totals.values()]
+        return [e[c] - (e[c - 1] if c else 0) for e in ends]
+
+    def _piece_size(self, c: int, j: int, k: int) -> int:
+        """Items in piece j of k of chunk c, over every task."""
+        return sum(b - a for a, b in (piece(n, j, k) for n in self._chunk_sizes(c)))
+
+    def _largest_chunk(self) -> int:
+        """The fewest items the largest task has in any chunk (pieces split every chunk)."""
+        return min(max(self._chunk_sizes(c)) for c in range(self.plan.chunks))
+
     def _fields(self, e: Entry, threshold: float | None = None) -> dict:
         assert e.stop is not None and e.told is not None
         counts = {t: chunk_ends(n, self.plan.fractions)[e.stop] for t, n in self.totals.items()}
         used = sum(counts.values())
+        # every piece handed to a worker, as if scored whole: one cancelled mid-way, or
+        # dropped when its candidate stopped, cost at most that
+        sizes = [self._piece_size(c, j, e.pieces[c]) for c in e.handed for j in e.handed[c]]
         race: dict = {
             "decision": e.state,
             "round": e.stop,
             "items": used,
             "of": sum(self.totals.values()),
-            "scored": e.scored,
+            "scored": sum(sizes),
             "estimate": self.estimate(e, e.stop),
             "totals": dict(self.totals),
             "pairs": e.pairs,
@@ -377,6 +438,16 @@ class Race:
 
 def _seconds(e: Entry) -> dict:
     return {"merge_seconds": e.merge_seconds, "eval_seconds": e.eval_seconds}
+
+
+def _joined(parts: list[ItemScores]) -> ItemScores:
+    """A chunk's scores from its pieces, in piece order (each piece a contiguous slice)."""
+    tasks = dict.fromkeys(t for p in parts for t in p.scores)
+    return ItemScores(
+        {t: [v for p in parts for v in p.scores.get(t, [])] for t in tasks},
+        {t: [d for p in parts for d in p.docs.get(t, [])] for t in tasks},
+        parts[0].totals,
+    )
 
 
 def _compact(values: list[float]) -> list:
@@ -401,12 +472,12 @@ def _known(plan: Plan, index: int, record: dict) -> Entry:
     return e
 
 
-def stream(executor, take: Take, on_result: Callable[[Trial, TrialResult], None]) -> None:
+def stream(executor, race: Race, on_result: Callable[[Trial, TrialResult], None]) -> None:
     """Run a race on an executor: its own `stream` when it has one, else batch by batch."""
     if hasattr(executor, "stream"):
-        executor.stream(take, on_result)
+        executor.stream(race, on_result)
         return
-    while batch := [t for t in iter(lambda: take(0), None)]:
+    while batch := [t for t in iter(lambda: race.take(0), None)]:
         executor.run(batch, on_result)
 
 
@@ -429,7 +500,7 @@ def run_race(
         for index, fields in race.add(trial, result):
             finish((g, index), fields)
 
-    stream(executor, race.take, on_chunk)
+    stream(executor, race, on_chunk)
     if not race.done():
         raise RuntimeError(f"generation {g}: the race ended with candidates still racing")
     for index, fields in race.close():

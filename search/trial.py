@@ -3,6 +3,7 @@ that runs trials."""
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,8 @@ class Trial:
     generation: int
     index: int
     recipe: dict  # a Recipe as plain data: small, picklable, versionless
-    shard: tuple[int, int] | None = None  # (i, k): score only the i-th of k example shards
+    # (i, k): score only the i-th of k example shards (racing: of the chunk's items)
+    shard: tuple[int, int] | None = None
     items: str = "search"  # the item set: "search" (fitness.limit) or "rescore"
     chunk: int | None = None  # racing: score only chunk c of the generation's seeded item order
 
@@ -73,7 +75,40 @@ class TrialResult:
 
 
 OnResult = Callable[[Trial, TrialResult], None]
-Take = Callable[[int], "Trial | None"]  # worker key -> its next trial, None: nothing now
+
+
+class Feed(Protocol):
+    """What an executor's `stream` runs: trials handed out as workers free up (racing: the next
+    chunks depend on the results so far)."""
+
+    def take(self, worker: int) -> Trial | None:
+        """`worker`'s next trial (the key tells workers apart); None: nothing now."""
+        ...
+
+    def wanted(self, trial: Trial) -> bool:
+        """False once a trial's result can no longer matter (its candidate's race is decided):
+        the executor may cancel it, and need not wait for it."""
+        ...
+
+    def done(self) -> bool:
+        """Nothing more will be handed out (the stream ends once no wanted trial is running)."""
+        ...
+
+
+class Queue:
+    """A fixed list of trials as a feed: every one wanted, done once all are handed out."""
+
+    def __init__(self, trials: list[Trial]):
+        self.trials = collections.deque(trials)
+
+    def take(self, worker: int) -> Trial | None:
+        return self.trials.popleft() if self.trials else None
+
+    def wanted(self, trial: Trial) -> bool:
+        return True
+
+    def done(self) -> bool:
+        return not self.trials
 
 
 class Executor(Protocol):
@@ -83,6 +118,6 @@ class Executor(Protocol):
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None: ...
 
-    # optional (racing): `stream(take, on_result)` runs what `take` hands out as workers free
+    # optional (racing): `stream(feed, on_result)` runs what a Feed hands out as workers free
 
     def shutdown(self) -> None: ...

@@ -14,20 +14,23 @@ import gc
 import math
 import os
 import socket
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from evomerge.fitness.bounds import chunk_ends, chunk_fractions
+from evomerge.fitness.bounds import chunk_ends, chunk_fractions, piece
 from evomerge.search.config import SearchConfig
 from evomerge.search.env import QUIET_ENV, passed_on
 from evomerge.search.racing import NOT_RACEABLE
 from evomerge.search.trial import (
     Executor,
+    Feed,
     ItemScores,
     OnResult,
+    Queue,
     Status,
-    Take,
     Trial,
     TrialResult,
 )
@@ -43,6 +46,15 @@ def _ray_node() -> str:
     except Exception:  # noqa: BLE001 - naming must never fail a worker
         pass
     return ""
+
+
+def _ray_cancelled() -> bool:
+    """Whether the executor cancelled the trial this Ray actor runs (False outside Ray)."""
+    ray = sys.modules.get("ray")  # not imported: not in Ray (and no import per batch)
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().is_canceled())
+    except Exception:  # noqa: BLE001 - outside a task there is nothing to cancel
+        return False
 
 
 class TrialWorker:
@@ -80,6 +92,7 @@ class TrialWorker:
             rescore_limit=fc.rescore.limit,
         )
         self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
+        self.scorer.lm.cancelled = _ray_cancelled
         self.seed = config.cma.seed
         self.fractions = chunk_fractions(fc.racing.first_chunk, fc.racing.chunks)
         self.materialized: dict | None = None  # the recipe now in the model (racing chunks)
@@ -117,11 +130,13 @@ class TrialWorker:
                 merge_seconds=time.perf_counter() - start,
             )
         merged = time.perf_counter()
-        shard = self.scorer.shard(*trial.shard, trial.items) if trial.shard else None
+        shard: dict[str, list[int]] | None = None
         if trial.chunk is not None:
-            shard = self._chunk(trial)
             if not self.scorer.shardable:
                 return TrialResult.failed(NOT_RACEABLE, self.name)
+            shard = self._chunk(trial)
+        elif trial.shard:
+            shard = self.scorer.shard(*trial.shard, trial.items)
         result = self.scorer.score(shard, trial.items, per_item=trial.chunk is not None)
         fitness = math.nan if fault == "nan" else result.fitness
         items = None
@@ -144,13 +159,16 @@ class TrialWorker:
         return TrialResult(Status.COMPLETE, fitness, worker=self.name, **common)
 
     def _chunk(self, trial: Trial) -> dict[str, list[int]]:
-        """Chunk c of the generation's race: the same items for every candidate of it."""
+        """Chunk c of the generation's race (the same items for every candidate of it), or the
+        piece of it that `trial.shard` names."""
         order = self.scorer.order(f"{self.seed}/{trial.generation}", trial.items)  # a shuffle
         c = int(trial.chunk or 0)
         out = {}
         for name, docs in order.items():
             ends = chunk_ends(len(docs), self.fractions)
-            out[name] = docs[(ends[c - 1] if c else 0) : ends[c]]
+            chunk = docs[(ends[c - 1] if c else 0) : ends[c]]
+            a, b = piece(len(chunk), *trial.shard) if trial.shard else (0, len(chunk))
+            out[name] = chunk[a:b]
         return out
 
     def _recover(self) -> None:
@@ -170,13 +188,12 @@ class SerialExecutor:
         self.workers = 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
-        queue = collections.deque(trials)
-        self.stream(lambda worker: queue.popleft() if queue else None, on_result)
+        self.stream(Queue(trials), on_result)
 
-    def stream(self, take: Take, on_result: OnResult) -> None:
-        """Run what `take(worker)` hands out until it hands out nothing (racing: the next
-        chunk may depend on the last result)."""
-        while (trial := take(0)) is not None:
+    def stream(self, feed: Feed, on_result: OnResult) -> None:
+        """Run what `feed` hands out until it hands out nothing (racing: the next chunk may
+        depend on the last result)."""
+        while (trial := feed.take(0)) is not None:
             try:
                 result = self.worker.run(trial)
             except Exception as e:  # noqa: BLE001
@@ -226,13 +243,16 @@ class RayExecutor:
         # A worker takes trials only once it has loaded its models and tasks: a trial's timeout
         # never counts a (replacement) worker's start-up, which a busy machine can make slow.
         self.starting: dict = {}  # ping ref -> (actor, started)
-        self.ready: list = []
+        self.ready: list = []  # started and idle
+        # ref -> what a worker runs; it outlives a `stream` call that no longer waits for it
+        self.running: dict = {}
         for _ in range(self.workers):
             self._new_actor()
 
     @property
     def actors(self) -> list:
-        return self.ready + [a for a, _ in self.starting.values()]
+        running = [r.actor for r in self.running.values()]
+        return self.ready + running + [a for a, _ in self.starting.values()]
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its models and tasks."""
@@ -300,71 +320,100 @@ class RayExecutor:
         self._run(shards, on_part)
 
     def _run(self, trials: list[Trial], on_result: OnResult) -> None:
-        queue = collections.deque(trials)
-        self.stream(lambda worker: queue.popleft() if queue else None, on_result)
+        self.stream(Queue(trials), on_result)
 
-    def stream(self, take: Take, on_result: OnResult) -> None:
-        """Keep every worker busy with what `take(worker)` hands out (racing: the next chunks
-        depend on results), until it hands out nothing and nothing is in flight."""
+    def stream(self, feed: Feed, on_result: OnResult) -> None:
+        """Keep every worker busy with what `feed` hands out, until it is done and none of its
+        wanted trials is running. A trial the feed stops wanting (a chunk of a candidate whose
+        race was decided meanwhile) is cancelled and not waited for: its worker rejoins as soon
+        as it is free, while the others start on what comes next (the next generation), and
+        its result is dropped."""
         ray = self.ray
         wc = self.config.workers
-        queue: collections.deque[Trial] = collections.deque()  # retries after a worker died
+        retry: collections.deque[Trial] = collections.deque()  # after a worker died
         attempts: dict[tuple, int] = collections.Counter()
         idle = self.ready  # ready workers not running a trial
-        inflight: dict = {}  # ref -> (actor, trial, started)
-        try:
-            while True:
-                while idle:
-                    trial = queue.popleft() if queue else take(id(idle[-1]))
-                    if trial is None:
-                        break
-                    actor = idle.pop()
-                    inflight[actor.run.remote(trial)] = (actor, trial, time.monotonic())
-                if not inflight and idle:  # a ready worker was offered nothing: all done
+        while True:
+            while idle:
+                trial = retry.popleft() if retry else feed.take(id(idle[-1]))
+                if trial is None:
                     break
-                done, _ = ray.wait([*inflight, *self.starting], num_returns=1, timeout=0.5)
-                for ref in done:
-                    if ref in self.starting:
-                        self._started(ref)
+                actor = idle.pop()
+                ref = actor.run.remote(trial)
+                self.running[ref] = _Running(actor, trial, time.monotonic(), feed)
+            for ref, run in self.running.items():
+                if not run.cancelled and not run.feed.wanted(run.trial):
+                    ray.cancel(ref)  # the worker stops at its next batch
+                    run.cancelled = True
+            # done; or stuck: idle workers offered nothing and nothing running (the caller
+            # finds its feed unfinished)
+            settled = not retry and not self._waits_on(feed)
+            if settled and (feed.done() or (idle and not self.running)):
+                return
+            done, _ = ray.wait([*self.running, *self.starting], num_returns=1, timeout=0.5)
+            for ref in done:
+                if ref in self.starting:
+                    self._started(ref)
+                    continue
+                run = self.running.pop(ref)
+                trial = run.trial
+                try:
+                    result = ray.get(ref)
+                    idle.append(run.actor)
+                except ray.exceptions.TaskCancelledError:
+                    idle.append(run.actor)  # only trials nobody wants are cancelled
+                    ran = time.monotonic() - run.started
+                    self.arrived(trial, TrialResult.failed("cancelled", eval_seconds=ran), False)
+                    continue
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    self._replace(run.actor, str(e).splitlines()[0])
+                    if run.feed is not feed or not feed.wanted(trial):
                         continue
-                    actor, trial, _ = inflight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                        idle.append(actor)
-                    except (
-                        ray.exceptions.RayActorError,
-                        ray.exceptions.ActorUnavailableError,
-                    ) as e:
-                        self._replace(actor, str(e).splitlines()[0])
-                        attempts[trial.key, trial.shard, trial.chunk] += 1
-                        if attempts[trial.key, trial.shard, trial.chunk] == 1:  # retried once
-                            queue.appendleft(trial)
-                            continue
-                        result = TrialResult.failed("worker died twice running this trial")
-                    except ray.exceptions.RayTaskError as e:
-                        idle.append(actor)
-                        result = TrialResult.failed(str(e).splitlines()[0])
+                    attempts[trial.key, trial.shard, trial.chunk] += 1
+                    if attempts[trial.key, trial.shard, trial.chunk] == 1:  # retried once
+                        retry.appendleft(trial)
+                        continue
+                    result = TrialResult.failed("worker died twice running this trial")
+                except ray.exceptions.RayTaskError as e:
+                    idle.append(run.actor)
+                    result = TrialResult.failed(str(e).splitlines()[0])
+                wanted = run.feed is feed and feed.wanted(trial)
+                self.arrived(trial, result, wanted)
+                if wanted:
                     on_result(trial, result)
-                now = time.monotonic()
-                for ref, (actor, trial, started) in list(inflight.items()):
-                    if now - started > wc.trial_timeout:
-                        del inflight[ref]
-                        self._replace(actor, "timeout")
+            now = time.monotonic()
+            for ref, run in list(self.running.items()):
+                if now - run.started > wc.trial_timeout:
+                    del self.running[ref]
+                    self._replace(run.actor, "timeout")
+                    if run.feed is feed and feed.wanted(run.trial):
                         failed = TrialResult.failed(f"timeout after {wc.trial_timeout:.0f} s")
-                        on_result(trial, failed)
-                for ref, (actor, started) in list(self.starting.items()):
-                    if now - started > wc.start_timeout:
-                        del self.starting[ref]
-                        self._replace(actor, f"no start within {wc.start_timeout:.0f} s")
-        finally:
-            # a worker still running a trial at an interrupt is shut down with the rest
-            self.ready += [a for a, _, _ in inflight.values()]
+                        on_result(run.trial, failed)
+            for ref, (actor, started) in list(self.starting.items()):
+                if now - started > wc.start_timeout:
+                    del self.starting[ref]
+                    self._replace(actor, f"no start within {wc.start_timeout:.0f} s")
+
+    def _waits_on(self, feed: Feed) -> bool:
+        return any(r.feed is feed and feed.wanted(r.trial) for r in self.running.values())
+
+    def arrived(self, trial: Trial, result: TrialResult, wanted: bool) -> None:
+        """Every result that comes back, `wanted` or dropped (benchmarks count busy time)."""
 
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         if self.started_ray:
             self.ray.shutdown()
+
+
+@dataclass
+class _Running:
+    actor: object
+    trial: Trial
+    started: float
+    feed: Feed  # the feed that handed it out: its result goes back only there
+    cancelled: bool = False
 
 
 def make_executor(config: SearchConfig, faults: dict[str, str] | None = None) -> Executor:

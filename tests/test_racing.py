@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 
-from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_bounds
+from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_bounds, piece
 from evomerge.fitness.scorer import objective
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import RacingConfig, SearchConfig
@@ -80,7 +80,9 @@ class Scripted:
                 random.Random(f"{self.config.cma.seed}/{trial.generation}/{task}").shuffle(order)
                 ends = chunk_ends(ITEMS, chunk_fractions(rc.first_chunk, rc.chunks))
                 c = trial.chunk
-                docs[task] = order[(ends[c - 1] if c else 0) : ends[c]]
+                chunk = order[(ends[c - 1] if c else 0) : ends[c]]
+                a, b = piece(len(chunk), *trial.shard) if trial.shard else (0, len(chunk))
+                docs[task] = chunk[a:b]
         scores = {t: [item_score(trial.recipe, t, d) for d in ds] for t, ds in docs.items()}
         metrics = {
             f"{t}/{METRIC[t]}": sum(v for _, v in sorted(zip(docs[t], s, strict=True))) / len(s)
@@ -108,11 +110,11 @@ class Scripted:
         for trial in trials:
             on_result(trial, self.score(trial))
 
-    def stream(self, take, on_result) -> None:
+    def stream(self, feed, on_result) -> None:
         inflight: list[tuple[int, Trial]] = []
         idle = list(range(self.workers))
         while True:
-            while idle and (trial := take(idle[-1])) is not None:
+            while idle and (trial := feed.take(idle[-1])) is not None:
                 inflight.append((idle.pop(), trial))
             if not inflight:
                 return
@@ -284,8 +286,9 @@ def test_resume_with_racing_is_exact(tiny_zoo, tmp_path, stop_after):
 
 
 def test_more_workers_than_candidates_take_the_next_chunks(tiny_zoo, tmp_path):
-    """16 workers, 8 candidates: idle workers take a racing candidate's later chunks at once
-    (several of one candidate in flight together), and the search decides as on one worker."""
+    """16 workers, 8 candidates: idle workers take a racing candidate's later chunks, or pieces
+    of them, at once (several of one candidate in flight together), and the search decides as
+    on one worker."""
     cfg = _config(tiny_zoo, {})
     _, one = _search(tmp_path / "one", cfg, workers=1)
     executor = Scripted(cfg, 16, 5)
@@ -293,6 +296,7 @@ def test_more_workers_than_candidates_take_the_next_chunks(tiny_zoo, tmp_path):
     run_search(run, lambda: executor)
     many = RunDir.reopen(tmp_path / "many").trials()
     assert executor.concurrent_chunks >= 3
+    assert any(t.shard for t in executor.seen)  # late chunks split between free workers
     for key, t in one.items():
         assert (many[key]["fitness"], many[key]["race"]["decision"]) == (
             t["fitness"],

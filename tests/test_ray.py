@@ -150,3 +150,63 @@ def test_ray_starts_its_own_instance_unless_told_where(
     assert seen["address"] == expected
     # Ray refuses an object store size when it attaches to a running cluster
     assert ("object_store_memory" in seen) == (expected == "local")
+
+
+class _RaceLike:
+    """A feed that hands out a long and a short trial together and stops wanting the long one
+    when the short one's result arrives (as a race drops a candidate's chunk on a result)."""
+
+    def __init__(self, long, short):
+        self.queue, self.long, self.decided = [long, short], long, False
+
+    def take(self, worker):
+        return self.queue.pop(0) if self.queue else None
+
+    def wanted(self, trial):
+        return trial is not self.long or not self.decided
+
+    def done(self):
+        return not self.queue
+
+    def on_result(self, trial, result):
+        self.decided = True
+
+
+def test_a_trial_nobody_wants_is_cancelled_and_not_waited_for(tiny_zoo, tmp_path, ray_shutdown):
+    """The stream cancels a trial its feed stops wanting while it runs, and returns without
+    waiting for it; its worker stops at its next batch, the result is dropped, and the worker
+    takes the next trial (it is not replaced). A long trial (every item, one per batch) beside
+    short ones, on two workers."""
+    from evomerge.search.spaces import space_for
+    from evomerge.search.trial import Trial
+
+    cfg = search_config(
+        tiny_zoo,
+        workers={"count": 2, "cpus_per_worker": 1},
+        fitness__limit=1,
+        fitness__batch_size=1,
+        fitness__rescore={"top": 1, "limit": None},
+    )
+    add = space_for(cfg).references()["add"]  # a parent as a recipe
+    recipe = add.model_dump(mode="json", exclude_none=True)
+    long, short = Trial(1, 0, recipe, items="rescore"), Trial(1, 1, recipe)
+    executor = RayExecutor(cfg)
+    executor.wait_ready()
+    results: list = []
+    start = time.perf_counter()
+    executor.run([long], lambda t, r: results.append(r))
+    whole = time.perf_counter() - start
+    assert results[0].status == "COMPLETE"
+
+    feed = _RaceLike(long, short)
+    executor.stream(feed, feed.on_result)
+    assert [r.trial for r in executor.running.values()] == [long]  # left running, cancelled
+    assert next(iter(executor.running.values())).cancelled
+    start = time.perf_counter()
+    # two short trials: one waits for the long trial's worker
+    executor.run([short, short], lambda t, r: results.append(r))
+    freed = time.perf_counter() - start
+    assert [r.status for r in results] == ["COMPLETE"] * 3  # the dropped one: never
+    assert executor.replacements == 0 and not executor.running
+    assert freed < whole / 2  # the cancelled trial stopped long before its end
+    executor.shutdown()

@@ -160,3 +160,18 @@ def test_memo_empties_itself_past_its_size_limit():
         assert memo.get_or(key, lambda k=key: calls.append(k) or k * 1) == key
     # a, b (8 units); a again from the memo; c would pass 10: cleared, then a computed anew
     assert calls == ["aaaa", "bbbb", "cccc", "aaaa"] and memo.total == 8
+
+
+@pytest.mark.parametrize("task", ["zoo_add_gen_search", MC])
+def test_a_cancelled_score_stops_at_the_next_batch(tiny_zoo, task):
+    """The executor's cancel flag is read before every batch (generation and loglikelihood):
+    once set, the call ends with Cancelled instead of running the remaining batches."""
+    scorer = Scorer([TaskSpec(name=task)], include_paths=[tiny_zoo / "tasks"], batch_size=1)
+    scorer.bind(*load_model(tiny_zoo / "llama" / "base"))
+    asked = []
+    scorer.lm.cancelled = lambda: asked.append(1) or len(asked) > 2
+    result = scorer.score()
+    assert not result.ok and result.error.startswith("Cancelled")
+    assert len(asked) == 3  # two batches ran, the third was refused
+    scorer.lm.cancelled = lambda: False
+    assert scorer.score().ok
