@@ -10,6 +10,9 @@ materialization of one candidate on a generated Llama of --params parameters, be
 copy of the model's bytes (param.copy_ from resident tensors), interleaved, fastest of --repeats.
 Part 3 (`--only from-recipe --models DIR`): `eval --recipe`'s model built in memory beside
 `eval --model`'s load of the same merge written to disk.
+Part 4 (`--only utilization [--workers 4] [--popsize 2]`): worker utilization over 6
+generations on Ray workers that outnumber the candidates, with sharding off, sharding auto, and
+racing.
 """
 
 from __future__ import annotations

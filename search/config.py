@@ -182,9 +182,10 @@ class RacingConfig(_Strict):
     candidate stops once its rank among the generation's best (the ranks CMA-ES uses) is
     decided. Off, every candidate is scored on every item.
 
-    Off by default. Measured (experiments/bench_racing.py, the demo, 3 seeds, same budget) it
-    scores 0.45 of full evaluation's items with no loss: the winners' held-out mean 0.579 with
-    racing, 0.554 without. It stays opt-in because it is not a pure speed-up: its decisions
+    Off by default. Measured (experiments/bench_racing.py, the demo, 6 seeds, same budget) it
+    scores 0.45 of full evaluation's items at no measurable loss: the winners' held-out mean
+    0.565 with racing, 0.560 without (0.551 and 0.565 on the 3 seeds its defaults were not
+    chosen on). It stays opt-in because it is not a pure speed-up: its decisions
     hold at a confidence, it switches active CMA off (a different optimizer), it needs every
     task's metric to be a mean of per-item scores (a corpus metric stops the search), and a run
     journaled before this setting existed must resume as it started, with every item scored.

@@ -420,7 +420,7 @@ def test_workers_stay_busy_when_they_outnumber_the_candidates(tiny_zoo, tmp_path
     for racing in ({}, None):
         cfg = _config(tiny_zoo, racing, popsize=popsize, budget=8 * popsize)
         executor = Clocked(cfg, workers)
-        run_search(RunDir.create(tmp_path / f"{racing is None}", cfg), lambda: executor)
+        run_search(RunDir.create(tmp_path / f"{racing is None}", cfg), lambda e=executor: e)
         spans[racing is None] = executor.span
         if racing is not None:
             assert executor.busy / (workers * executor.span) >= 0.9
