@@ -192,9 +192,9 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"] |= {"popsize": popsize, "budget": popsize * generations}
     data["workers"] |= {"count": workers, "cpus_per_worker": 1}
-    # sharding off, auto, and racing (its chunks take the place of shards: a racing candidate's
-    # next chunks go to whichever workers are free)
-    for shards, racing in (("off", False), ("auto", False), ("off", True)):
+    # sharding off, auto, and racing at the default shards: auto (a chunk is split into pieces
+    # when workers outnumber the candidates still racing)
+    for shards, racing in (("off", False), ("auto", False), ("auto", True)):
         data["fitness"]["shards"] = shards
         data["fitness"]["racing"] = {"enabled": racing}
         cfg = SearchConfig.parse(data)

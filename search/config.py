@@ -218,7 +218,8 @@ class FitnessConfig(_Strict):
     # held-out tasks; default: the search tasks with _search -> _heldout
     heldout_tasks: list[TaskSpec] | None = None
     # split a candidate's examples over idle workers: auto (when workers outnumber candidates
-    # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded
+    # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded.
+    # Under racing it splits each chunk into pieces the same way
     shards: Literal["auto", "off"] | int = "auto"
     rescore: RescoreConfig = Field(default_factory=RescoreConfig)
     racing: RacingConfig = Field(default_factory=RacingConfig)

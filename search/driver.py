@@ -69,6 +69,7 @@ def race_plan(config, opt: Optimizer | RandomSearch) -> racing.Plan:
         rc.tolerance,
         opt.mu,
         list(config.fitness.tasks),
+        shards=config.fitness.shards,
     )
 
 

@@ -29,7 +29,7 @@ At confidence 1 and tolerance 0 only the hard bound acts: every out candidate re
 evaluation gives and asks exactly the same next generation (`tests/test_racing.py`).
 
 Workers: when they outnumber the racing candidates, each chunk is split into contiguous pieces
-(about workers / racing of them) that different workers score at once, so the round that
+(about workers / racing of them; `fitness.shards`) that different workers score at once, so the round that
 decides occupies every worker; chunks are handed out lowest round first, and rounds beyond the
 undecided one only where a round's pieces cannot occupy every worker. A piece of a candidate
 stopped meanwhile is wasted: the executor cancels it (the worker stops at its next batch) and
@@ -73,6 +73,7 @@ class Plan:
     mu: int  # how many of the best carry weight
     specs: list[TaskSpec]  # the objective (weights, directions)
     workers: int = 1
+    shards: str | int = "auto"  # fitness.shards: pieces per chunk (auto: to fill the workers)
 
     @property
     def chunks(self) -> int:
@@ -152,11 +153,15 @@ class Race:
         return [e for e in self.entries.values() if e.racing]
 
     def split(self) -> int:
-        """Pieces per chunk opened now: enough that the racing candidates' chunks of one round
-        occupy every worker (no piece without an item of the largest task), so freed workers
-        share the round that decides instead of scoring rounds that may never be needed."""
-        k = max(1, self.plan.workers // max(1, len(self.racing())))
-        return min(k, max(1, self._largest_chunk())) if self.totals else k
+        """Pieces per chunk opened now (`fitness.shards`): auto, enough that the racing
+        candidates' chunks of one round occupy every worker, so freed workers share the round
+        that decides instead of scoring rounds that may never be needed; off, none; a count,
+        that many. Never a piece without an item of the largest task."""
+        shards = self.plan.shards
+        if shards == "off":
+            return 1
+        k = shards if isinstance(shards, int) else self.plan.workers // max(1, len(self.racing()))
+        return max(1, min(k, self._largest_chunk()) if self.totals else k)
 
     def lookahead(self) -> int:
         """Rounds handed out beyond the last decided: more when a round's pieces cannot

@@ -338,7 +338,7 @@ def test_resume_with_racing_is_exact(tiny_zoo, tmp_path, stop_after):
 def test_more_workers_than_candidates_take_the_next_chunks(tiny_zoo, tmp_path):
     """16 workers, 8 candidates: idle workers take a racing candidate's later chunks, or pieces
     of them, at once (several of one candidate in flight together), and the search decides as
-    on one worker."""
+    on one worker; with `fitness.shards: off` chunks are never split, and it decides the same."""
     cfg = _config(tiny_zoo, {})
     _, one = _search(tmp_path / "one", cfg, workers=1)
     executor = Scripted(cfg, 16, 5)
@@ -347,11 +347,18 @@ def test_more_workers_than_candidates_take_the_next_chunks(tiny_zoo, tmp_path):
     many = RunDir.reopen(tmp_path / "many").trials()
     assert executor.concurrent_chunks >= 3
     assert any(t.shard for t in executor.seen)  # late chunks split between free workers
+    unsplit = Scripted(
+        cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"shards": "off"})}), 16, 5
+    )
+    run_search(RunDir.create(tmp_path / "unsplit", unsplit.config), lambda: unsplit)
+    assert unsplit.seen and not any(t.shard for t in unsplit.seen)  # fitness.shards: off
+    whole = RunDir.reopen(tmp_path / "unsplit").trials()
     for key, t in one.items():
-        assert (many[key]["fitness"], many[key]["race"]["decision"]) == (
-            t["fitness"],
-            t["race"]["decision"],
-        )
+        for other in (many, whole):
+            assert (other[key]["fitness"], other[key]["race"]["decision"]) == (
+                t["fitness"],
+                t["race"]["decision"],
+            )
 
 
 def test_racing_off_is_full_evaluation(tiny_zoo, tmp_path):
