@@ -7,6 +7,7 @@ import errno
 import functools
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -382,11 +383,15 @@ def report(
         if not every > 0:
             raise EvomergeError(f"--every {every}: give a number of seconds > 0")
         RunDir.reopen(run_dir)  # not a run: one line, before any waiting
+        # explicit: a background job inherits SIGINT ignored, and the watch would never stop
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             out = watch_report(run_dir, every, log=lambda line: console.print(line))
         except KeyboardInterrupt:
             console.print("stopped watching")
             raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
         console.print(f"report: {out / 'index.html'}")
         return
     out = write_report(run_dir)

@@ -203,7 +203,9 @@ def test_watch_rewrites_while_live_and_stops_when_the_run_ends(runs, tmp_path):
     assert lines[0].startswith("running") and lines[-1].startswith("finished")
 
 
-def test_report_watch_ctrl_c_exits_130(runs, tmp_path):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["fg", "bg"])
+def test_report_watch_ctrl_c_exits_130(runs, tmp_path, inherited):
+    """Ctrl-C stops the watch, also in a background job (which inherits SIGINT ignored)."""
     path = _copy(runs, "cut", tmp_path / "r")
     with RunDir.reopen(path).lock():
         proc = subprocess.Popen(
@@ -211,6 +213,7 @@ def test_report_watch_ctrl_c_exits_130(runs, tmp_path):
             + ["--every", "1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
         )
         page = path / "report" / "index.html"
         deadline = time.time() + 120
