@@ -70,8 +70,15 @@ def model_from_recipe(recipe, device: str = "cpu"):
     config = AutoConfig.from_pretrained(main, trust_remote_code=False)
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
+    # every parameter must be written: the model's own are uninitialized memory (a tied head
+    # is the embedding, tied below)
+    tied = getattr(config, "tie_word_embeddings", False)
+    written = set(ckpts[recipe.main_alias].names) | ({"lm_head.weight"} if tied else set())
+    missing = [n for n, _ in model.named_parameters() if n not in written]
+    if missing:
+        raise EvomergeError(f"recipe merge does not fit {main}: missing {missing[:3]}")
     merge_into_model(recipe, ckpts, model)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     return model.to(device).eval(), load_tokenizer(main)
 

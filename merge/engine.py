@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -167,9 +168,7 @@ def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], method: Method, dev
 
 
 def _input_bytes(job: TensorJob, ckpts: Mapping[str, TensorSource]) -> int:
-    n = 1
-    for d in job.shape:
-        n *= d
+    n = math.prod(job.shape)
     return sum(n * ckpts[a].dtype(job.name).itemsize for a in job.reads)
 
 
@@ -258,15 +257,15 @@ def merge_stream(
 
 
 def iter_merged(
-    recipe: Recipe, ckpts: Mapping[str, TensorSource], device: str = "cpu", to_cpu: bool = True
+    recipe: Recipe, ckpts: Mapping[str, TensorSource]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the recipe dtype), in the reference's order.
+    """Yield (name, merged tensor in the recipe dtype, on the CPU), in the reference's order.
 
     `ckpts` are Checkpoints, or the search's resident sources, which may also keep task vectors
     (`DeltaSource`): methods that work on task vectors then skip the subtraction.
     """
-    for job, tensor in merge_stream(recipe, ckpts, device):
-        yield job.name, tensor.cpu() if to_cpu else tensor
+    for job, tensor in merge_stream(recipe, ckpts):
+        yield job.name, tensor
 
 
 def output_specs(recipe: Recipe, ref: Checkpoint) -> list[TensorSpec]:
@@ -410,9 +409,7 @@ def merge_to_dir(
         def out_for(job: TensorJob) -> torch.Tensor | None:
             if device != "cpu":
                 return None
-            n = job.dtype.itemsize
-            for d in job.shape:
-                n *= d
+            n = math.prod(job.shape) * job.dtype.itemsize
             return buffers.take(n).view(job.dtype).reshape(job.shape)
 
         stream = merge_stream(recipe, ckpts, device, out_for)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from evomerge.merge.kernels import NonFinite
 from evomerge.merge.sparsify import _kth_largest
 
 F32 = torch.float32
@@ -131,8 +132,6 @@ def ties_into(
         normalize,
     )
     if not bool(torch.isfinite(merged).all()):
-        from evomerge.merge.kernels import NonFinite
-
         raise NonFinite
     out.view(-1).copy_(merged)
     return True

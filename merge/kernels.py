@@ -281,26 +281,23 @@ def task_vector_into(
             return torch.sub(src, b, out=d)
         return d.copy_(src).sub_(b)  # s.float() - base: a mixed-dtype sub is ~5x slower
 
-    if models == 0:  # a group of the base alone keeps the base
-        thins: list[Thin] = []
-    else:
+    def cutter(i: int) -> Callable[[int], Cut]:
+        def magnitudes(lo: int, hi: int) -> torch.Tensor:
+            return torch.abs(delta_chunk(i, lo, hi, None), out=ws.scratch("abs", hi - lo))
 
-        def cutter(i: int) -> Callable[[int], Cut]:
-            def magnitudes(lo: int, hi: int) -> torch.Tensor:
-                return torch.abs(delta_chunk(i, lo, hi, None), out=ws.scratch("abs", hi - lo))
+        def sample() -> np.ndarray:
+            stride = SAMPLE_STRIDE
+            if dels is not None:
+                return dels[i][::stride].abs().numpy()
+            return (srcs[i][::stride].float() - flat_base[::stride].float()).abs().numpy()
 
-            def sample() -> np.ndarray:
-                stride = SAMPLE_STRIDE
-                if dels is not None:
-                    return dels[i][::stride].abs().numpy()
-                return (srcs[i][::stride].float() - flat_base[::stride].float()).abs().numpy()
+        return lambda k: rank_cut(ws, n, k, magnitudes, sample)
 
-            return lambda k: rank_cut(ws, n, k, magnitudes, sample)
-
-        thins = [
-            _plan_thin(sparsifier, params[i], rescale, n, shape, generator, cutter(i))
-            for i in range(models)
-        ]
+    # a group of the base alone (no models) keeps the base: no thins
+    thins = [
+        _plan_thin(sparsifier, params[i], rescale, n, shape, generator, cutter(i))
+        for i in range(models)
+    ]
     weights = [p["weight"] for p in params]
     total = torch.tensor(list(weights), dtype=F32).sum()
     plain_divisor = total if total.abs() >= 1e-8 else torch.ones(())

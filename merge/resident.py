@@ -130,5 +130,5 @@ def merge_into_model(
 
     for job, tensor in merge_stream(recipe, sources, device, target, names, workers, read_ahead):
         p = params[job.name]
-        if tensor is not p.data:
+        if tensor.data_ptr() != p.data_ptr():  # not merged in place (another dtype or layout)
             p.copy_(tensor)

@@ -38,7 +38,8 @@ def test_materialized_candidate_is_the_merged_checkpoint(tmp_path, request, meth
     merge_to_dir(recipe, tmp_path / "m")
     want = load_file(tmp_path / "m" / "model.safetensors")
     sources = ResidentSources(paths, "base", "cpu", task_vectors=method != "linear", threads=2)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["base"]))
+    config = AutoConfig.from_pretrained(paths["base"], trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config)
     other = _recipe(paths, "ties" if method != "ties" else "task_arithmetic")
     for r in (other, recipe):  # a candidate before: reused scratch and parameters leak nothing
         sources.materialize(r, model)
@@ -63,3 +64,24 @@ def test_model_from_recipe_is_the_merged_checkpoint(tmp_path, request, family, m
         assert torch.equal(a[name], b[name]), name
     ids = torch.arange(10).reshape(1, 10)
     assert torch.equal(built(ids).logits, loaded(ids).logits)
+
+
+def test_model_from_recipe_refuses_a_checkpoint_without_a_parameter(tmp_path, llama_family):
+    """The model is built uninitialized: a parameter no checkpoint holds is refused by name, not
+    left as whatever memory it got."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evomerge.fitness import models
+    from evomerge.merge.errors import EvomergeError
+
+    paths = {}
+    for alias, path in llama_family.items():
+        paths[alias] = tmp_path / alias
+        shutil.copytree(path, paths[alias])
+        for f in paths[alias].glob("*.safetensors"):
+            tensors = {k: v for k, v in load_file(f).items() if k != "model.norm.weight"}
+            save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(EvomergeError, match="does not fit .*model.norm.weight"):
+        models.model_from_recipe(_recipe(paths, "ties"))

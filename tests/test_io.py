@@ -129,7 +129,6 @@ def test_direct_and_buffered_shards_are_the_same_bytes(tmp_path, monkeypatch, di
     for n, t in ts.items():
         w.write(n, t)
     w.close()
-    save_file(ts, tmp_path / "ref.safetensors")
     back = load_file(tmp_path / "d.safetensors")
     assert all(torch.equal(back[n], ts[n]) for n in ts)
     size = (tmp_path / "d.safetensors").stat().st_size

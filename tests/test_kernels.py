@@ -165,7 +165,7 @@ def test_non_finite_merge_raises(workers):
 
 @settings(max_examples=80, deadline=None)
 @given(st.integers(4000, 9000), st.integers(0, 5), st.data())
-def test_rank_cut_keeps_exactly_the_first_k(n, distinct, data):
+def test_rank_cut_keeps_exactly_the_first_k(workers, n, distinct, data):
     """The cut's mask is sparsify._top_k's: exactly k, ties by lowest index; from a good sample,
     and from a sample whose bounds miss (the whole-tensor fallback)."""
     rng = np.random.default_rng(n + distinct)
@@ -177,7 +177,6 @@ def test_rank_cut_keeps_exactly_the_first_k(n, distinct, data):
     want = _top_k(torch.from_numpy(a), k).numpy()
     old = kernels.CHUNK, kernels.SAMPLED_FROM
     kernels.CHUNK, kernels.SAMPLED_FROM = 777, 1000
-    w = Workers(2)
     try:
         for sample in (
             lambda: a[:: kernels.SAMPLE_STRIDE].copy(),
@@ -185,7 +184,7 @@ def test_rank_cut_keeps_exactly_the_first_k(n, distinct, data):
             lambda: np.full(5000, 100, np.float32),  # above everything (fallback if k is small)
             lambda: np.zeros(50, np.float32),
         ):
-            cut = kernels.rank_cut(w, n, k, lambda lo, hi: torch.from_numpy(a[lo:hi]), sample)
+            cut = kernels.rank_cut(workers, n, k, lambda lo, hi: torch.from_numpy(a[lo:hi]), sample)
             got = np.concatenate(
                 [
                     cut.mask(a[lo : lo + 777], lo, np.empty(len(a[lo : lo + 777]), bool))
@@ -196,7 +195,6 @@ def test_rank_cut_keeps_exactly_the_first_k(n, distinct, data):
             assert np.array_equal(got, want)
     finally:
         kernels.CHUNK, kernels.SAMPLED_FROM = old
-        w.close()
 
 
 # -- threads ----------------------------------------------------------------------------------

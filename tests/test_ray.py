@@ -8,6 +8,7 @@ import pytest
 
 from evomerge.search.driver import Progress, run_search
 from evomerge.search.rundir import RunDir
+from evomerge.search.trial import Queue
 from evomerge.search.workers import RayExecutor
 from tests.conftest import search_config
 
@@ -152,21 +153,16 @@ def test_ray_starts_its_own_instance_unless_told_where(
     assert ("object_store_memory" in seen) == (expected == "local")
 
 
-class _RaceLike:
+class _RaceLike(Queue):
     """A feed that hands out a long and a short trial together and stops wanting the long one
     when the short one's result arrives (as a race drops a candidate's chunk on a result)."""
 
     def __init__(self, long, short):
-        self.queue, self.long, self.decided = [long, short], long, False
-
-    def take(self, worker):
-        return self.queue.pop(0) if self.queue else None
+        super().__init__([long, short])
+        self.long, self.decided = long, False
 
     def wanted(self, trial):
         return trial is not self.long or not self.decided
-
-    def done(self):
-        return not self.queue
 
     def on_result(self, trial, result):
         self.decided = True
