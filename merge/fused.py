@@ -71,9 +71,29 @@ def compiled_combine() -> Callable:
         try:
             _compiled["fn"] = torch.compile(combine, dynamic=True)
         except Exception as e:  # noqa: BLE001 - no compiler here: eager is correct, only slower
-            warnings.warn(f"torch.compile unavailable ({e}); TIES runs eagerly", stacklevel=2)
-            _compiled["fn"] = combine
+            _eager(e)
     return _compiled["fn"]
+
+
+def _eager(e: Exception) -> None:
+    warnings.warn(f"torch.compile unavailable ({e}); TIES runs eagerly", stacklevel=3)
+    _compiled["fn"] = combine
+
+
+def combine_compiled(*args) -> torch.Tensor:
+    """`combine`, compiled where a compiler works. torch.compile compiles on the first call, so
+    a missing compiler (no Triton, no C++ toolchain) shows only there: then every later call
+    runs eagerly (the same bits), instead of failing every candidate's merge."""
+    fn = compiled_combine()
+    if fn is combine:
+        return combine(*args)
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise  # eager needs more memory still
+    except Exception as e:  # noqa: BLE001 - a compiler failure: eager is correct, only slower
+        _eager(e)
+        return combine(*args)
 
 
 def device_cut(a: torch.Tensor, k: int) -> tuple[float, int]:
@@ -120,7 +140,7 @@ def ties_into(
         vs.append(v)
         cuts.append(c)
     dev = flat_base.device
-    fn = compiled_combine() if compile else combine
+    fn = combine_compiled if compile else combine
     merged = fn(
         flat_base,
         ds,

@@ -68,3 +68,16 @@ def test_device_cut_keeps_exactly_k_lowest_index_first():
         v, c = fused.device_cut(a, k)
         keep = (a > v) | ((a == v) & (torch.arange(1000) < c))
         assert torch.equal(keep, _top_k(a, k))
+
+
+def test_a_compiler_that_fails_on_first_call_falls_back_to_eager(monkeypatch):
+    """torch.compile compiles lazily: a missing compiler raises on the first call, not at
+    torch.compile. Then TIES runs eagerly, with the reference's bits, from then on."""
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(fused._compiled, "fn", broken)
+    with pytest.warns(UserWarning, match="TIES runs eagerly"):
+        _check(compile=True)
+    assert fused._compiled["fn"] is fused.combine
