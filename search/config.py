@@ -59,7 +59,9 @@ class MergeSpace(_Strict):
     )  # per model, e.g. {next: {weight: 0}}
     fixed: dict[str, float] = Field(default_factory=dict)  # parameters that are not genes
     normalize: bool | None = None
-    dtype: DType = "float32"
+    # the candidate's dtype; auto: the checkpoints' own (the base's floating dtype), so bf16
+    # sources give a bf16 candidate (SearchConfig.merge_dtype resolves it)
+    dtype: Literal["auto"] | DType = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -258,6 +260,29 @@ class WorkerConfig(_Strict):
     trial_timeout: float = Field(900.0, gt=0)  # seconds; a slower trial is FAILED, worker replaced
     start_timeout: float = Field(1800.0, gt=0)  # seconds a worker may take to load; then replaced
     object_store_mb: int = 256
+    # where a worker keeps the source models: on its GPU(s) (device), in pinned host memory,
+    # streamed to the GPU tensor by tensor as each candidate is merged (host), or whichever the
+    # memory plan fits (auto: device when it fits, else host)
+    sources: Literal["auto", "device", "host"] = "auto"
+    # GPUs per worker: the candidate's layers are split over them (as accelerate's device maps
+    # do), each GPU holding the sources of the layers it serves
+    gpus_per_worker: int = Field(1, ge=1)
+    # memory per GPU and per host (node) when the driver cannot see them (a remote cluster),
+    # e.g. "80GB"; the memory plan checks against these (search/memory.py)
+    gpu_memory: str | None = None
+    host_memory: str | None = None
+
+    @field_validator("gpu_memory", "host_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            from evomerge.merge.engine import parse_size
+
+            try:
+                parse_size(v)
+            except EvomergeError:
+                raise ValueError(f"{v!r}: use a size like 80GB or 141GiB") from None
+        return v
 
 
 class SearchConfig(_Strict):
@@ -323,6 +348,16 @@ class SearchConfig(_Strict):
         return recipe
 
     @property
+    def merge_dtype(self) -> str:
+        """The candidate's dtype: space.dtype, or for auto the base checkpoint's floating dtype
+        (the one most of its bytes are stored in), read from its header."""
+        if self.space.dtype != "auto":
+            return self.space.dtype
+        from evomerge.merge.checkpoint import Checkpoint
+
+        return stored_dtype(Checkpoint(self.model_path(self.base), label=f"models.{self.base}"))
+
+    @property
     def experts(self) -> list[str]:
         return [a for a in self.models if a != self.base]
 
@@ -379,7 +414,11 @@ class SearchConfig(_Strict):
         """The fields that decide what the search does; worker resources, the cache location
         and the trackers may change on resume."""
         where = ("workers", "cache_dir", "report_to")
-        return {k: v for k, v in self.dump().items() if k not in where}
+        out = {k: v for k, v in self.dump().items() if k not in where}
+        # auto is what it resolves to: a run started when float32 was the default, on float32
+        # checkpoints, resumes under a config that leaves dtype unset
+        out["space"] = {**out["space"], "dtype": self.merge_dtype}
+        return out
 
     def digest(self) -> str:
         text = json.dumps(self.decisions(), sort_keys=True)
@@ -398,6 +437,23 @@ class SearchConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as e:
             raise EvomergeError(schema_problems(e, source)) from None
+
+
+def stored_dtype(ckpt) -> str:
+    """The floating dtype that most of a checkpoint's bytes are stored in (float32, bfloat16
+    or float16; another one, e.g. float64 or an fp8 format, gives float32)."""
+    import collections
+    import math
+
+    nbytes: collections.Counter[str] = collections.Counter()
+    for name in ckpt.names:
+        dt = ckpt.dtype(name)
+        if dt.is_floating_point:
+            nbytes[str(dt).removeprefix("torch.")] += dt.itemsize * math.prod(ckpt.shape(name))
+    if not nbytes:
+        return "float32"
+    top = nbytes.most_common(1)[0][0]
+    return top if top in ("float32", "bfloat16", "float16") else "float32"
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")

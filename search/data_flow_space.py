@@ -36,6 +36,7 @@ class DataFlowSearch(SearchSpace):
         # resolved once: decode runs per trial; recipes name models by their pinned references
         self.model_paths = {a: str(p) for a, p in config.model_paths().items()}
         self.model_refs = config.model_refs()
+        self.dtype = config.merge_dtype
         self.layers: dict[str, int] = {}  # alias -> number of layers
         types = set()
         for alias in used:
@@ -92,7 +93,7 @@ class DataFlowSearch(SearchSpace):
     def decode(self, x, seed: int = 0) -> Recipe:
         return Recipe.parse(
             {
-                "dtype": self.config.space.dtype,
+                "dtype": self.dtype,
                 "models": self.models(),
                 "data_flow": self.path(x),
             }
@@ -166,7 +167,7 @@ class DataFlowSearch(SearchSpace):
         if self.dfs.embed_from == PS:
             return {}  # the composed space scores the stage itself
         recipe = {
-            "dtype": self.config.space.dtype,
+            "dtype": self.dtype,
             "models": self.models(),
             "data_flow": self.identity(),
         }
@@ -222,7 +223,7 @@ class PathCandidate:
             else:
                 path = space.model_paths[alias]
                 models[alias], tokenizers[alias] = load_model(
-                    path, device, space.config.space.dtype
+                    path, device, space.dtype
                 )
         self.path = PathModel(models[dfs.embed_from], models)
         n = models[dfs.embed_from].config.num_hidden_layers

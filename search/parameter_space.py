@@ -52,6 +52,7 @@ class ParameterSearch(SearchSpace):
         if num_layers is None:
             num_layers = ModelInfo.from_dir(Path(self.model_paths[config.base])).num_layers
         self.num_layers = num_layers
+        self.dtype = config.merge_dtype
         space = config.space
         self.method = get_method(space.method)
         if not self.method.param_names:
@@ -152,7 +153,7 @@ class ParameterSearch(SearchSpace):
             ps["normalize"] = space.normalize
         return Recipe.parse(
             {
-                "dtype": space.dtype,
+                "dtype": self.dtype,
                 "models": {a: {"path": p} for a, p in self.model_refs.items()},
                 "parameter_space": ps,
             }
@@ -195,7 +196,7 @@ class ParameterSearch(SearchSpace):
 
         def one(method: str, params: dict, **ps) -> Recipe:
             return Recipe.single_group(
-                models, cfg.base, method, self.num_layers, params, dtype=cfg.space.dtype, **ps
+                models, cfg.base, method, self.num_layers, params, dtype=self.dtype, **ps
             )
 
         out = {"linear (uniform)": one("linear", {a: {"weight": 1.0} for a in models})}
@@ -214,7 +215,7 @@ class ParameterSearch(SearchSpace):
         return {
             alias: Recipe.parse(
                 {
-                    "dtype": self.config.space.dtype,
+                    "dtype": self.dtype,
                     "models": models,
                     "parameter_space": {
                         "method": "passthrough",

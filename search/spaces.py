@@ -108,7 +108,7 @@ class Composed(SearchSpace):
         data = stage.model_dump(mode="json", exclude_none=True)
         return Recipe.parse(
             {
-                "dtype": self.flow.config.space.dtype,
+                "dtype": self.flow.dtype,
                 "models": {**data["models"], **self.flow.models()},
                 "parameter_space": data["parameter_space"],
                 "data_flow": path,
