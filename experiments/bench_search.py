@@ -104,7 +104,6 @@ def materialize_vs_copy(
     fastest of `repeats` each; the family is written under `models` (or reused from there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evomerge.merge.registry import get_method
     from evomerge.merge.resident import ResidentSources
     from evomerge.merge.synthetic import make_family
 
@@ -138,9 +137,7 @@ def materialize_vs_copy(
         )
         for method in methods:
             recipe = two_expert_recipe(method, paths, layers)
-            sources = ResidentSources(
-                paths, "base", "cpu", task_vectors=get_method(method).uses_deltas
-            )
+            sources = ResidentSources(paths, "base", "cpu")
             src = sources.models["base"].tensors
             copies, merges = [], []
             for _ in range(repeats):

@@ -21,9 +21,9 @@ from evomerge.merge.kernels import NonFinite
 from evomerge.merge.parallel import Workers, merge_threads, single_thread
 from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.recipe import Group, ParameterSpace, Recipe
-from evomerge.merge.registry import Method, TensorInputs, merge_tensor_into
+from evomerge.merge.registry import TensorInputs, merge_tensor_into
 from evomerge.merge.safetensors_io import BufferPool, ShardWriter, TensorSpec, plan_shards
-from evomerge.merge.sources import DeltaSource, TensorSource
+from evomerge.merge.sources import TensorSource
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -143,10 +143,10 @@ def plan_merge(
     return jobs
 
 
-def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], method: Method, device: str) -> dict:
-    """The tensors a job reads, as stored (the merge converts to fp32 a chunk at a time); resident
-    sources that keep task vectors give those instead, for methods that use them. Checkpoint
-    tensors merged on the CPU are mapped from the page cache (no copy)."""
+def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], device: str) -> dict:
+    """The tensors a job reads, as stored (the merge converts to fp32 a chunk at a time), on
+    `device`. Checkpoint tensors merged on the CPU are mapped from the page cache (no copy);
+    pinned host tensors go to a GPU without blocking (the caller orders the streams)."""
 
     def get(alias: str) -> torch.Tensor:
         src = ckpts[alias]
@@ -154,17 +154,13 @@ def _load(job: TensorJob, ckpts: Mapping[str, TensorSource], method: Method, dev
             mapped = src.map(job.name)  # None for a pickle's tensors, or an empty one
             if mapped is not None:
                 return mapped
-        return src.get(job.name).to(device)
+        t = src.get(job.name)
+        return t.to(device, non_blocking=t.is_pinned())
 
     if job.group is None:
         return {"copy": get(job.aliases[0])}
-    resident = [ckpts[a] for a in job.aliases]
-    if method.uses_deltas and all(isinstance(s, DeltaSource) for s in resident):
-        deltas, sources = [s.delta(job.name) for s in resident], []  # type: ignore[attr-defined]
-    else:
-        deltas, sources = None, [get(a) for a in job.aliases]
     base = get(job.base) if job.base else None
-    return {"base": base, "sources": sources, "deltas": deltas}
+    return {"base": base, "sources": [get(a) for a in job.aliases]}
 
 
 def _input_bytes(job: TensorJob, ckpts: Mapping[str, TensorSource]) -> int:
@@ -193,7 +189,6 @@ def merge_job(
         normalize=ps.options_normalize,
         rescale=ps.options_rescale,
         generator=generator,
-        deltas=loaded["deltas"],
     )
     try:
         merge_tensor_into(method, inputs, out, workers)
@@ -212,7 +207,7 @@ WRITE_BEHIND = 256 * 2**20  # bytes of merged tensors waiting for the writer
 def merge_stream(
     recipe: Recipe,
     ckpts: Mapping[str, TensorSource],
-    device: str = "cpu",
+    device: str | Callable[[str], str] = "cpu",
     out_for: Callable[[TensorJob], torch.Tensor | None] | None = None,
     names: Iterable[str] | None = None,
     workers: Workers | None = None,
@@ -220,17 +215,30 @@ def merge_stream(
 ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
     """Yield (job, merged tensor) in the reference's order, each tensor merged into
     `out_for(job)` (e.g. a model's parameter, written in place) or, where that gives None, into
-    a new tensor. With `read_ahead`, a background thread reads (maps) the next tensors' inputs."""
+    a new tensor, on `device` (or `device(tensor name)`: a model split over GPUs). With
+    `read_ahead`, a background thread reads (maps) the next tensors' inputs; inputs bound for a
+    GPU are copied there on a side stream, overlapping the merge of the tensor before."""
     ps = recipe.parameter_space
     if ps is None:
         raise EvomergeError("recipe: no parameter_space stage to merge")
-    method = ps.merge_method
     jobs = plan_merge(recipe, ckpts, names)
+    where = device if callable(device) else (lambda name: device)
     own = workers is None
-    pool = workers if workers is not None else Workers(merge_threads() if device == "cpu" else 1)
+    on_cpu = all(where(j.name) == "cpu" for j in jobs)
+    pool = workers if workers is not None else Workers(merge_threads() if on_cpu else 1)
+    copy_streams: dict[str, torch.cuda.Stream] = {}
 
     def load(job: object) -> dict:
-        return _load(job, ckpts, method, device)  # type: ignore[arg-type]
+        job = cast(TensorJob, job)
+        dev = where(job.name)
+        if not (read_ahead and dev.startswith("cuda")):
+            return _load(job, ckpts, dev)
+        if dev not in copy_streams:
+            copy_streams[dev] = torch.cuda.Stream(device=dev)
+        with torch.cuda.stream(copy_streams[dev]):
+            loaded = _load(job, ckpts, dev)
+            loaded["ready"] = copy_streams[dev].record_event()
+        return loaded
 
     def size(job: object) -> int:
         return _input_bytes(job, ckpts)  # type: ignore[arg-type]
@@ -240,9 +248,16 @@ def merge_stream(
         loads: Iterable = reader if reader is not None else ((j, load(j), None) for j in jobs)
         for job, loaded, release in loads:
             job = cast(TensorJob, job)
+            ready = loaded.pop("ready", None)
+            if ready is not None:  # merge only once the copies landed; keep their memory until
+                # this stream is done with it (it was allocated on the copy stream)
+                current = torch.cuda.current_stream(where(job.name))
+                current.wait_event(ready)
+                for t in _tensors(loaded):
+                    t.record_stream(current)
             out = out_for(job) if out_for is not None else None
             if out is None:
-                out = torch.empty(job.shape, dtype=job.dtype, device=device)
+                out = torch.empty(job.shape, dtype=job.dtype, device=where(job.name))
             with single_thread():  # an OpenMP region here would leave threads spinning
                 merge_job(recipe, job, loaded, out, pool)
             del loaded
@@ -256,14 +271,17 @@ def merge_stream(
             pool.close()
 
 
+def _tensors(loaded: dict) -> list[torch.Tensor]:
+    return [
+        t for v in loaded.values() for t in (v if isinstance(v, list) else [v]) if t is not None
+    ]
+
+
 def iter_merged(
     recipe: Recipe, ckpts: Mapping[str, TensorSource]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the recipe dtype, on the CPU), in the reference's order.
-
-    `ckpts` are Checkpoints, or the search's resident sources, which may also keep task vectors
-    (`DeltaSource`): methods that work on task vectors then skip the subtraction.
-    """
+    """Yield (name, merged tensor in the recipe dtype, on the CPU), in the reference's order,
+    from Checkpoints or the search's resident sources."""
     for job, tensor in merge_stream(recipe, ckpts):
         yield job.name, tensor
 

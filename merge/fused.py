@@ -113,7 +113,6 @@ def device_cut(a: torch.Tensor, k: int) -> tuple[float, int]:
 def ties_into(
     base: torch.Tensor,
     sources: Sequence[torch.Tensor],
-    deltas: Sequence[torch.Tensor] | None,
     params: Sequence[dict[str, float]],
     lambda_: float,
     normalize: bool,
@@ -124,10 +123,7 @@ def ties_into(
     nothing is merged (the reference handles a group of the base alone)."""
     flat_base = base.reshape(-1).float()
     n = flat_base.numel()
-    if deltas is not None:
-        ds = [d.reshape(-1) for d in deltas]
-    else:
-        ds = [s.reshape(-1).float() - flat_base for s in sources]
+    ds = [s.reshape(-1).float() - flat_base for s in sources]
     if not ds:
         return False
     vs, cuts, keep_all = [], [], []

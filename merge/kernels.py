@@ -245,7 +245,6 @@ def task_vector_into(
     consensus: bool,
     base: torch.Tensor,
     sources: Sequence[torch.Tensor],
-    deltas: Sequence[torch.Tensor] | None,
     params: Sequence[dict[str, float]],
     lambda_: float,
     normalize: bool,
@@ -263,16 +262,13 @@ def task_vector_into(
     flat_out = out.view(-1)
     direct = out.dtype == F32  # the last op writes into the destination itself
     srcs = [s.reshape(-1) for s in sources]
-    dels = [d.reshape(-1) for d in deltas] if deltas is not None else None
-    models = len(dels) if dels is not None else len(srcs)
 
     def base_chunk(lo: int, hi: int) -> torch.Tensor:
         b = flat_base[lo:hi]
         return ws.scratch("b", hi - lo).copy_(b) if to_f32 else b
 
     def delta_chunk(i: int, lo: int, hi: int, b: torch.Tensor | None) -> torch.Tensor:
-        if dels is not None:
-            return dels[i][lo:hi]
+        """x_i - base for entries lo .. hi - 1, in fp32 (a bf16 difference is exact there)."""
         if b is None:
             b = base_chunk(lo, hi)
         d = ws.scratch("d", hi - lo)
@@ -287,8 +283,6 @@ def task_vector_into(
 
         def sample() -> np.ndarray:
             stride = SAMPLE_STRIDE
-            if dels is not None:
-                return dels[i][::stride].abs().numpy()
             return (srcs[i][::stride].float() - flat_base[::stride].float()).abs().numpy()
 
         return lambda k: rank_cut(ws, n, k, magnitudes, sample)
@@ -296,7 +290,7 @@ def task_vector_into(
     # a group of the base alone (no models) keeps the base: no thins
     thins = [
         _plan_thin(sparsifier, params[i], rescale, n, shape, generator, cutter(i))
-        for i in range(models)
+        for i in range(len(srcs))
     ]
     weights = [p["weight"] for p in params]
     total = torch.tensor(list(weights), dtype=F32).sum()

@@ -71,7 +71,6 @@ class TensorInputs:
     normalize: bool = False
     rescale: Rescale = Rescale.none
     generator: torch.Generator | None = None  # seeded, for random methods
-    deltas: Sequence[torch.Tensor] | None = None  # sources - base, when a caller keeps them
 
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
@@ -92,7 +91,6 @@ class Method:
     min_models: int = 1  # merged models per group (besides a needed base)
     max_models: int | None = None
     random: bool = False  # needs a seeded generator (masks); results reproducible from the seed
-    uses_deltas: bool = False  # works on task vectors: resident sources may keep them instead
     options: tuple[str, ...] = ()  # which of the recipe's `normalize` / `rescale` it reads
     default_normalize: bool = False
     default_rescale: Rescale = Rescale.none
@@ -240,7 +238,7 @@ def task_vector_method(
     def merge(x: TensorInputs) -> torch.Tensor:
         assert x.base is not None
         base = x.base.float()
-        deltas = x.deltas if x.deltas is not None else [s.float() - base for s in x.sources]
+        deltas = [s.float() - base for s in x.sources]
         if not deltas:
             return base
         if sparsifier is not None:
@@ -256,13 +254,12 @@ def task_vector_method(
         assert x.base is not None
         if sparsifier is not None and (sparsifier.kernel is None or x.rescale is Rescale.l1):
             return False
-        devices = {t.device.type for t in [out, x.base, *x.sources, *(x.deltas or [])]}
+        devices = {t.device.type for t in [out, x.base, *x.sources]}
         if devices == {"cuda"}:  # TIES fused and compiled on a GPU; the rest: the reference
             fusable = consensus and x.rescale is Rescale.none and sparsifier in (None, MAGNITUDE)
             return fusable and fused.ties_into(
                 x.base,
                 x.sources,
-                x.deltas,
                 [{**p, "density": p.get("density", 1.0)} for p in x.params],
                 x.group["lambda"],
                 x.normalize,
@@ -275,7 +272,6 @@ def task_vector_method(
             consensus,
             x.base,
             x.sources,
-            x.deltas,
             x.params,
             x.group["lambda"],
             x.normalize,
@@ -295,7 +291,6 @@ def task_vector_method(
         needs_base=True,
         min_models=0,  # a group of the base alone keeps the base
         random=bool(sparsifier and sparsifier.random),
-        uses_deltas=True,
         options=("normalize", "rescale"),
         default_normalize=default_normalize,
         default_rescale=default_rescale,

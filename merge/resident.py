@@ -1,15 +1,22 @@
-"""Source models kept resident on a device, and candidates materialized in place from them.
+"""Source models kept resident in a worker, and candidates materialized in place from them.
 
-The search sends a worker recipes, not weights: the worker holds every source tensor (and, for
-task-arithmetic methods, every task vector) on its device once, and writes each candidate's
-merge straight into one preallocated eval model's parameters. Same math as `evomerge merge`
-(`engine.iter_merged`), so a scored candidate is exactly the model its recipe rebuilds.
+The search sends a worker recipes, not weights: the worker holds every source tensor once, in
+the dtype it is stored in (a bf16 checkpoint stays bf16: the merge converts a chunk at a time to
+fp32, which is exact, so the bits are those of a merge from disk), and writes each candidate's
+merge straight into one eval model's parameters. Same math as `evomerge merge`
+(`engine.merge_stream`), so a scored candidate is exactly the model its recipe rebuilds.
+
+Where the sources live (`workers.sources`): `device`, each tensor on the device of the parameter
+it serves (one GPU, or the GPU of its layer when a worker spans several: merge.placement);
+`host`, in pinned host memory, streamed to the parameter's device tensor by tensor on a copy
+stream while the previous tensor merges, so the GPU holds the candidate and a window of inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -18,88 +25,81 @@ from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import TensorJob, check_compatible, merge_stream
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.parallel import Workers, merge_threads
+from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.sources import TensorSource
 
+Where = Literal["device", "host"]
+
 
 class ResidentModel:
-    """One source model's tensors on a device (fp32): a TensorSource."""
+    """One source model's tensors, as stored, each on `placement`'s device for it (or in host
+    memory, pinned when a GPU will read it): a TensorSource. Read a tensor at a time, so loading
+    costs the resident bytes plus one tensor."""
 
-    def __init__(self, ckpt: Checkpoint, device: str):
+    def __init__(self, ckpt: Checkpoint, placement: Placement, where: Where = "device"):
         self.info: ModelInfo = ckpt.info
         self.path = ckpt.path
         self.names = ckpt.names
-        self._dtypes = {n: ckpt.dtype(n) for n in self.names}
-        self._shapes = {n: ckpt.shape(n) for n in self.names}
-        self.tensors = {
-            n: ckpt.get(n).to(device, torch.float32 if ckpt.dtype(n).is_floating_point else None)
-            for n in self.names
-        }
+        pin = where == "host" and any(d.startswith("cuda") for d in placement.devices)
+        self.tensors: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            t = ckpt.get(n)
+            if where == "host":
+                self.tensors[n] = t.pin_memory() if pin else t
+            else:
+                self.tensors[n] = t.to(placement.device_of(n))
+            del t
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
+        return self.tensors[name].dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return tuple(self.tensors[name].shape)
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
-
-class ResidentTaskVector(ResidentModel):
-    """A resident source kept as its task vector (source - base): a DeltaSource. Its raw float
-    tensors are dropped, so it costs no more memory than the model itself."""
-
-    def __init__(self, model: ResidentModel, base: ResidentModel):
-        self.info, self.path, self.names = model.info, model.path, model.names
-        self._dtypes, self._shapes, self._base = model._dtypes, model._shapes, base
-        self._deltas = {
-            n: t - base.tensors[n] for n, t in model.tensors.items() if t.is_floating_point()
-        }
-        self.tensors = {n: t for n, t in model.tensors.items() if not t.is_floating_point()}
-
-    def get(self, name: str) -> torch.Tensor:
-        """The source tensor, rebuilt as base + task vector (to fp32 rounding): for the rare
-        merge that reads the model itself, e.g. scoring the parent alone."""
-        if name in self._deltas:
-            return self._base.get(name) + self._deltas[name]
-        return self.tensors[name]
-
-    def delta(self, name: str) -> torch.Tensor:
-        return self._deltas[name]
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 class ResidentSources:
-    """Every model of a search, resident on `device`."""
+    """Every model of a search, resident in the worker (`where`), placed as `placement` says."""
 
     def __init__(
         self,
         models: dict[str, Path],
         base: str,
-        device: str,
-        task_vectors: bool,
+        placement: Placement | str,
+        where: Where = "device",
         threads: int | None = None,
     ):
         ckpts = {a: Checkpoint(p, label=f"models.{a}") for a, p in models.items()}
         check_compatible(ckpts, reference=base)
+        if isinstance(placement, str):
+            placement = Placement((placement,), ckpts[base].info.num_layers)
         self.base = base
-        self.device = device
+        self.placement = placement
+        self.where = where
+        # one model at a time: each is read tensor by tensor straight to where it stays
         self.models: dict[str, ResidentModel] = {
-            a: ResidentModel(c, device) for a, c in ckpts.items()
+            a: ResidentModel(c, placement, where) for a, c in ckpts.items()
         }
-        if task_vectors:
-            for alias, m in self.models.items():
-                if alias != base:
-                    self.models[alias] = ResidentTaskVector(m, self.models[base])
         # the threads that merge every candidate, with their scratch buffers: at most the torch
         # threads this worker was given, fewer on a busy machine (merge.parallel)
         if threads is None:
             threads = min(merge_threads(), torch.get_num_threads())
-        self.workers = Workers(threads if device == "cpu" else 1)
+        on_cpu = placement.devices == ("cpu",)
+        self.workers = Workers(threads if on_cpu else 1)
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.models.values())
 
     def materialize(self, recipe: Recipe, model: torch.nn.Module) -> None:
-        """Write the recipe's merge into `model`'s parameters in place."""
-        merge_into_model(recipe, self.models, model, self.device, self.workers, read_ahead=False)
+        """Write the recipe's merge into `model`'s parameters in place (host sources are read
+        ahead, their copies to the GPU overlapping the merge)."""
+        merge_into_model(recipe, self.models, model, self.workers, read_ahead=self.where == "host")
 
 
 @torch.no_grad()
@@ -107,14 +107,14 @@ def merge_into_model(
     recipe: Recipe,
     sources: Mapping[str, TensorSource],
     model: torch.nn.Module,
-    device: str = "cpu",
     workers: Workers | None = None,
     read_ahead: bool = True,
 ) -> None:
-    """Write the recipe's merge into `model`'s parameters: each merged tensor is computed a chunk
-    at a time straight into its parameter (no temporary of its size) when the parameter has the
-    recipe's dtype. A tied head (a checkpoint's `lm_head.weight` that is the embedding in the
-    model) is not written. Sources on disk are read ahead with `read_ahead`."""
+    """Write the recipe's merge into `model`'s parameters, each on its parameter's device (a
+    model split over GPUs merges each tensor where it lives): computed a chunk at a time
+    straight into the parameter (no temporary of its size) when the parameter has the recipe's
+    dtype. A tied head (a checkpoint's `lm_head.weight` that is the embedding in the model) is
+    not written. Inputs not on their parameter's device are read ahead with `read_ahead`."""
     params = dict(model.named_parameters())
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     ref = sources[recipe.main_alias]
@@ -128,7 +128,11 @@ def merge_into_model(
         ok = p.dtype == job.dtype and p.is_contiguous() and tuple(p.shape) == job.shape
         return p.data if ok else None
 
-    for job, tensor in merge_stream(recipe, sources, device, target, names, workers, read_ahead):
+    def device_of(name: str) -> str:
+        return str(params[name].device)
+
+    stream = merge_stream(recipe, sources, device_of, target, names, workers, read_ahead)
+    for job, tensor in stream:
         p = params[job.name]
         if tensor.data_ptr() != p.data_ptr():  # not merged in place (another dtype or layout)
             p.copy_(tensor)

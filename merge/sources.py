@@ -1,8 +1,5 @@
-"""What the merge engine reads tensors from: a checkpoint on disk, or sources resident on a device.
-
-Both offer the same read interface; resident sources may also hold task vectors (source - base)
-so that the methods that work on task vectors skip the subtraction for every candidate.
-"""
+"""What the merge engine reads tensors from: a checkpoint on disk, or sources resident in a
+worker (merge.resident). Both offer the same read interface."""
 
 from __future__ import annotations
 
@@ -27,10 +24,3 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def get(self, name: str) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class DeltaSource(TensorSource, Protocol):
-    """A source that keeps its task vector (source - base) instead of its raw float tensors."""
-
-    def delta(self, name: str) -> torch.Tensor: ...

@@ -222,9 +222,7 @@ class PathCandidate:
                 models[alias], tokenizers[alias] = provided[alias].model, provided[alias].tokenizer
             else:
                 path = space.model_paths[alias]
-                models[alias], tokenizers[alias] = load_model(
-                    path, device, space.dtype
-                )
+                models[alias], tokenizers[alias] = load_model(path, device, space.dtype)
         self.path = PathModel(models[dfs.embed_from], models)
         n = models[dfs.embed_from].config.num_hidden_layers
         self.model = self.path.set_path([(dfs.embed_from, i, 1.0) for i in range(n)])

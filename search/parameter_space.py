@@ -18,6 +18,7 @@ import torch
 
 from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import get_method
 from evomerge.search.config import GeneRange, SearchConfig
@@ -177,7 +178,7 @@ class ParameterSearch(SearchSpace):
 
     # -- worker side --------------------------------------------------------------------------
     def candidate(self, device: str, provided: dict[str, Any] | None = None) -> Candidate:
-        return ResidentCandidate(self.config, device, self.method.uses_deltas)
+        return ResidentCandidate(self.config, device)
 
     # -- hooks --------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -259,24 +260,55 @@ class ParameterSearch(SearchSpace):
 
 
 class ResidentCandidate:
-    """Sources (and task vectors) resident on the device; one eval model that every candidate
-    is written into in place."""
+    """The sources resident in the worker (on its GPUs, or in host memory: `workers.sources`);
+    one eval model, placed over the worker's devices, that every candidate is written into in
+    place."""
 
-    def __init__(self, config: SearchConfig, device: str, task_vectors: bool):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from evomerge.fitness.models import load_tokenizer
+    def __init__(self, config: SearchConfig, device: str):
+        from evomerge.fitness.models import empty_model, load_tokenizer
         from evomerge.merge.resident import ResidentSources
 
         paths = config.model_paths()
-        self.sources = ResidentSources(paths, config.base, device, task_vectors=task_vectors)
-        hf_config = AutoConfig.from_pretrained(paths[config.base], trust_remote_code=False)
-        dtype = getattr(torch, config.space.dtype)
-        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
+        info = ModelInfo.from_dir(paths[config.base])
+        placement = Placement(
+            worker_devices(device, config.workers.gpus_per_worker),
+            info.num_layers,
+            tied=bool(info.raw.get("tie_word_embeddings", False)),
+        )
+        where = config.workers.sources
+        if where == "auto" and placement.devices == ("cpu",):
+            where = "device"  # host memory is the device's: nothing to choose
+        elif where == "auto":
+            from evomerge.search.memory import choose_sources
+
+            where = choose_sources(config, gpu_memory(placement.devices[0]))
+        self.sources = ResidentSources(paths, config.base, placement, where)
+        self.model = empty_model(paths[config.base], config.merge_dtype, placement)
         self.tokenizer = load_tokenizer(paths[config.base])
 
     def materialize(self, recipe: Recipe) -> None:
         self.sources.materialize(recipe, self.model)
+
+
+def worker_devices(device: str, gpus: int) -> tuple[str, ...]:
+    """The devices of a worker: the CPU, or its first `gpus` CUDA devices (a Ray actor given N
+    GPUs sees exactly those, as cuda:0 .. cuda:N-1)."""
+    if device != "cuda":  # the CPU, or one named GPU
+        return (device,)
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise EvomergeError(
+            f"workers.gpus_per_worker: {gpus}, but this worker sees {visible} GPU(s); lower it "
+            "or give workers more GPUs"
+        )
+    return tuple(f"cuda:{i}" for i in range(gpus))
+
+
+def gpu_memory(device: str) -> int | None:
+    """Total bytes of a CUDA device (None for the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
 
 
 def plot_genome(recipe: Recipe, path: Path) -> None:

@@ -37,7 +37,7 @@ def test_materialized_candidate_is_the_merged_checkpoint(tmp_path, request, meth
     recipe = _recipe(paths, method)
     merge_to_dir(recipe, tmp_path / "m")
     want = load_file(tmp_path / "m" / "model.safetensors")
-    sources = ResidentSources(paths, "base", "cpu", task_vectors=method != "linear", threads=2)
+    sources = ResidentSources(paths, "base", "cpu", threads=2)
     config = AutoConfig.from_pretrained(paths["base"], trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config)
     other = _recipe(paths, "ties" if method != "ties" else "task_arithmetic")
@@ -85,3 +85,62 @@ def test_model_from_recipe_refuses_a_checkpoint_without_a_parameter(tmp_path, ll
             save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(EvomergeError, match="does not fit .*model.norm.weight"):
         models.model_from_recipe(_recipe(paths, "ties"))
+
+
+@pytest.fixture(scope="module")
+def bf16_families(tmp_path_factory):
+    """What users have: bf16 checkpoints (many exact ties in magnitude), sharded, one family
+    with tied embeddings."""
+    root = tmp_path_factory.mktemp("bf16")
+    return {
+        "llama": make_family(root / "llama", "llama", dtype=torch.bfloat16, shards=3),
+        "qwen2_tied": make_family(
+            root / "qwen2", "qwen2", dtype=torch.bfloat16, shards=2, tie_word_embeddings=True
+        ),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_tied"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_bf16_resident_candidate_is_evomerge_merge_bit_for_bit(
+    tmp_path, bf16_families, monkeypatch, family, method, where
+):
+    """A search's candidate over bf16 sources kept bf16 (dtype auto: a bf16 candidate) holds
+    exactly the tensors `evomerge merge` writes for its recipe, with the sources on the device
+    or in host memory (streamed through the read-ahead path)."""
+    from evomerge.fitness import models
+    from evomerge.search.spaces import space_for
+    from tests.conftest import search_config
+
+    paths = bf16_families[family]
+    monkeypatch.setattr(models, "load_tokenizer", lambda path: None)  # the families have none
+    config = search_config(
+        tmp_path,
+        models={a: {"path": str(p)} for a, p in paths.items()},
+        space={"method": method, "layers_per_group": 1},
+        workers={"count": 0, "sources": where},
+    )
+    assert config.merge_dtype == "bfloat16"
+    space = space_for(config)
+    candidate = space.candidate("cpu")
+    assert candidate.sources.where == where
+    assert {t.dtype for m in candidate.sources.models.values() for t in m.tensors.values()} == {
+        torch.bfloat16
+    }
+    assert {p.dtype for p in candidate.model.parameters()} == {torch.bfloat16}
+    import numpy as np
+
+    x = space.x0() + np.random.default_rng(0).normal(0, 0.3, space.dim)
+    recipe = space.decode(x, seed=11)
+    candidate.materialize(space.decode(space.x0(), seed=1))  # another candidate first
+    candidate.materialize(recipe)
+    merge_to_dir(recipe, tmp_path / "m")
+    want = {}
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        want.update(load_file(f))
+    got = dict(candidate.model.named_parameters())
+    assert want
+    for name, t in want.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(got[name].detach().view(torch.int16), t.view(torch.int16)), name

@@ -40,7 +40,7 @@ def workers():
     w.close()
 
 
-def _inputs(name, shape, dtype, deltas, density, rescale, normalize, lam, seed, ties):
+def _inputs(name, shape, dtype, density, rescale, normalize, lam, seed, ties):
     m = METHODS[name]
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
@@ -56,18 +56,16 @@ def _inputs(name, shape, dtype, deltas, density, rescale, normalize, lam, seed, 
     params = [values(m.model_params, p) for p in given_]
     if name == "passthrough":
         srcs, params = srcs[:1], params[:1]
-    ds = [s.float() - base.float() for s in srcs] if deltas and m.uses_deltas else None
 
     def make():
         return TensorInputs(
             base=base if m.needs_base else None,
-            sources=[] if ds is not None else srcs,
+            sources=srcs,
             params=params,
             group=values(m.group_params, {"lambda": lam, "t": 0.3}),
             normalize=normalize,
             rescale=rescale,
             generator=torch.Generator().manual_seed(5) if m.random else None,
-            deltas=ds,
         )
 
     return m, make
@@ -84,16 +82,15 @@ CHUNKED = [n for n, m in METHODS.items() if m.merge_into is not None and "della"
 
 @pytest.mark.parametrize("name", CHUNKED)
 @pytest.mark.parametrize(
-    "dtype,out_dtype,deltas",
+    "dtype,out_dtype",
     [
-        (torch.float32, torch.float32, False),
-        (torch.bfloat16, torch.bfloat16, False),
-        (torch.float32, torch.bfloat16, True),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),  # bf16-resident sources, an fp32 candidate
+        (torch.float32, torch.bfloat16),
     ],
 )
-def test_chunked_merge_is_the_reference_bit_for_bit(
-    small_chunks, workers, name, dtype, out_dtype, deltas
-):
+def test_chunked_merge_is_the_reference_bit_for_bit(small_chunks, workers, name, dtype, out_dtype):
     """Every method with a chunked path, over densities (sampled and whole-tensor cuts, k = n),
     rescales, normalize and lambda, with and without ties at the cut: the same bits."""
     cases = itertools.product(
@@ -104,7 +101,7 @@ def test_chunked_merge_is_the_reference_bit_for_bit(
         [False, True],
     )
     for shape, density, rescale, (normalize, lam), ties in cases:
-        m, make = _inputs(name, shape, dtype, deltas, density, rescale, normalize, lam, 1, ties)
+        m, make = _inputs(name, shape, dtype, density, rescale, normalize, lam, 1, ties)
         ref = merge_tensor(m, make()).to(out_dtype)
         out = torch.full(shape, 7.0, dtype=out_dtype)
         merge_tensor_into(m, make(), out, workers)
@@ -146,7 +143,7 @@ def test_signed_zeros_come_out_as_the_reference_gives_them(workers, name):
 def test_chunked_path_declines_what_it_does_not_compute(workers):
     """The L1 rescale (whole-tensor sums) and DELLA (per-row ranks) run the reference."""
     for name, rescale in [("ties", Rescale.l1), ("della", Rescale.inverse_density)]:
-        m, make = _inputs(name, (30, 40), torch.float32, False, 0.5, rescale, True, 1.0, 2, False)
+        m, make = _inputs(name, (30, 40), torch.float32, 0.5, rescale, True, 1.0, 2, False)
         assert name != "ties" or m.merge_into(make(), torch.empty(30, 40), workers) is False
         out = torch.empty(30, 40)
         merge_tensor_into(m, make(), out, workers)
@@ -154,9 +151,7 @@ def test_chunked_path_declines_what_it_does_not_compute(workers):
 
 
 def test_non_finite_merge_raises(workers):
-    m, make = _inputs(
-        "ties", (50, 50), torch.float32, False, 0.5, Rescale.none, True, 1.0, 3, False
-    )
+    m, make = _inputs("ties", (50, 50), torch.float32, 0.5, Rescale.none, True, 1.0, 3, False)
     x = make()
     x.sources[0][3, 3] = float("inf")
     with pytest.raises(kernels.NonFinite):
