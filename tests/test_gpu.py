@@ -1,21 +1,62 @@
-"""GPU paths (run with `pytest -m gpu` on a machine with CUDA; excluded from `make test`)."""
+"""GPU paths (`pytest -m gpu` on a machine with CUDA; excluded from `make test`;
+experiments/gpu_check.sh runs them with the GPU benchmarks)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.synthetic import make_family
 from tests.conftest import recipe_dict
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cuda():
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+
+
+LAYERS = 8
+WINDOW = 8 << 20  # the read-ahead window in the host test: a small fraction of the sources
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    """bf16, sharded, ~26M parameters (150 MB of sources), no tensor over 1M entries: one
+    tensor's inputs and temporaries plus the window are a fraction of the sources."""
+    return make_family(
+        tmp_path_factory.mktemp("bf16"),
+        "llama",
+        experts=2,
+        dtype=torch.bfloat16,
+        shards=2,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+    )
+
+
+def _recipe(paths, method):
+    data = recipe_dict(paths, method, layers=LAYERS)
+    data["dtype"] = "bfloat16"
+    return Recipe.parse(data)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "slerp"])
 def test_cuda_merge_matches_cpu(tmp_path, llama_family, method):
-    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
     data = recipe_dict(llama_family, method)
     if method == "slerp":
         data["parameter_space"]["groups"][0]["params"] = {"expert1": {}}
@@ -27,19 +68,132 @@ def test_cuda_merge_matches_cpu(tmp_path, llama_family, method):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
-def test_resident_sources_on_cuda(llama_family):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def _candidate(paths, where, device):
+    from evomerge.fitness.models import empty_model
     from evomerge.merge.resident import ResidentSources
 
-    recipe = Recipe.parse(recipe_dict(llama_family, "ties"))
-    sources = ResidentSources(llama_family, "base", "cuda", task_vectors=True)
-    assert sources.models["expert1"].delta("model.layers.0.mlp.up_proj.weight").is_cuda
-    config = AutoConfig.from_pretrained(llama_family["base"])
-    model = AutoModelForCausalLM.from_config(config).to("cuda")
+    placement = Placement((device,), LAYERS)
+    sources = ResidentSources(paths, "base", placement, where)
+    return sources, empty_model(paths["base"], "bfloat16", placement)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "linear"])
+def test_bf16_resident_candidate_on_cuda_matches_cpu(bf16_family, method):
+    """bf16 sources resident on the GPU, a bf16 candidate: elementwise methods give the CPU's
+    bits exactly (DARE's masks come from the same CPU generator); TIES, compiled into one
+    fused kernel, within a bf16 unit."""
+    recipe = _recipe(bf16_family, method)
+    sources, model = _candidate(bf16_family, "device", "cuda:0")
+    assert all(
+        t.is_cuda and t.dtype == torch.bfloat16 for t in sources.models["base"].tensors.values()
+    )
     sources.materialize(recipe, model)
-    cpu = ResidentSources(llama_family, "base", "cpu", task_vectors=True)
-    ref = AutoModelForCausalLM.from_config(config)
-    cpu.materialize(recipe, ref)
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
-        assert torch.allclose(p.cpu(), q, atol=1e-6), n
+    cpu_sources, cpu_model = _candidate(bf16_family, "device", "cpu")
+    cpu_sources.materialize(recipe, cpu_model)
+    for (n, p), (_, q) in zip(model.named_parameters(), cpu_model.named_parameters(), strict=True):
+        assert p.is_cuda
+        if method == "ties":
+            assert torch.allclose(p.float().cpu(), q.float(), rtol=2**-7, atol=1e-6), n
+        else:
+            assert torch.equal(_bits(p), _bits(q)), n
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_host_sources_stream_to_cuda_with_the_same_bits_and_less_memory(
+    bf16_family, method, monkeypatch
+):
+    """workers.sources host: the sources sit in pinned host memory and the GPU holds the
+    candidate plus a bounded window of inputs; the candidate is bit for bit the one built from
+    GPU-resident sources (the same GPU arithmetic, only the inputs' home differs)."""
+    from evomerge.merge import engine
+
+    monkeypatch.setattr(engine, "READ_AHEAD", WINDOW)
+    recipe = _recipe(bf16_family, method)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    host, host_model = _candidate(bf16_family, "host", "cuda:0")
+    assert all(t.is_pinned() for t in host.models["expert1"].tensors.values())
+    candidate_bytes = sum(p.numel() * p.element_size() for p in host_model.parameters())
+    resident = torch.cuda.memory_allocated() - before
+    assert resident <= 1.05 * candidate_bytes + 2**20  # the candidate alone (and buffers)
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    host.materialize(recipe, host_model)
+    torch.cuda.synchronize()
+    streamed = torch.cuda.max_memory_allocated() - start
+    largest = max(t.numel() for t in host.models["base"].tensors.values())
+    # the read-ahead window, plus one tensor's inputs and (eager) fp32 temporaries beyond it
+    assert streamed <= WINDOW + largest * (3 * 2 + 12 * 4)
+    assert streamed < host.nbytes() / 2  # far from holding the sources
+    device, device_model = _candidate(bf16_family, "device", "cuda:0")
+    device.materialize(recipe, device_model)
+    pairs = zip(host_model.named_parameters(), device_model.named_parameters(), strict=True)
+    for (n, p), (_, q) in pairs:
+        assert torch.equal(_bits(p), _bits(q)), n
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_candidate_split_over_two_gpus_matches_one(bf16_family):
+    """workers.gpus_per_worker 2: the layers split over two GPUs (accelerate's hooks carry the
+    hidden state), each GPU merging its own tensors from its own sources: the same weights and
+    the same logits as on one GPU."""
+    from evomerge.fitness.models import empty_model
+    from evomerge.merge.resident import ResidentSources
+
+    recipe = _recipe(bf16_family, "ties")
+    two = Placement(("cuda:0", "cuda:1"), LAYERS)
+    sources = ResidentSources(bf16_family, "base", two, "device")
+    model = empty_model(bf16_family["base"], "bfloat16", two)
+    devices = {str(p.device) for p in model.parameters()}
+    assert devices == {"cuda:0", "cuda:1"}
+    assert {str(t.device) for t in sources.models["base"].tensors.values()} == devices
+    sources.materialize(recipe, model)
+    one_sources, one = _candidate(bf16_family, "device", "cuda:0")
+    one_sources.materialize(recipe, one)
+    for (n, p), (_, q) in zip(model.named_parameters(), one.named_parameters(), strict=True):
+        assert torch.equal(_bits(p), _bits(q)), n
+    ids = torch.arange(16, device="cuda:0").reshape(2, 8)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits.float().cpu(), one(ids).logits.float().cpu())
+
+
+def test_worker_scores_on_cuda_as_on_cpu(tiny_zoo):
+    """A whole worker on the GPU (the eval model built there, lm-eval's requests answered
+    there, TF32 on) scores a candidate as the CPU worker does."""
+    from evomerge.search.spaces import space_for
+    from evomerge.search.trial import Trial
+    from evomerge.search.workers import TrialWorker
+    from tests.conftest import search_config
+
+    config = search_config(tiny_zoo)
+    space = space_for(config)
+    x = space.x0() + np.random.default_rng(0).normal(0, 0.3, space.dim)
+    trial = Trial(0, 0, space.decode(x, seed=1).model_dump(mode="json", exclude_none=True))
+    results = {}
+    for device in ("cpu", "cuda"):
+        worker = TrialWorker(config.dump(), device)
+        assert all(p.device.type == device for p in worker.candidate.model.parameters())
+        results[device] = worker.run(trial)
+        assert results[device].status.name == "COMPLETE", results[device].error
+    assert torch.backends.cuda.matmul.allow_tf32
+    for key, value in results["cpu"].metrics.items():
+        assert abs(results["cuda"].metrics[key] - value) <= 0.15, key
+
+
+def test_memory_plan_matches_what_a_cuda_worker_allocates(bf16_family, tmp_path):
+    """The plan's sources and candidate rows (search/memory.py) against torch's allocator."""
+    from evomerge.search.memory import plan_memory
+    from tests.conftest import search_config
+
+    config = search_config(
+        tmp_path,
+        models={a: {"path": str(p)} for a, p in bf16_family.items()},
+        workers={"count": 0, "sources": "device", "device": "cuda"},
+    )
+    plan = plan_memory(config)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    sources, model = _candidate(bf16_family, "device", "cuda:0")
+    allocated = torch.cuda.memory_allocated() - before
+    planned = plan.part_bytes("sources") + plan.part_bytes("candidate")
+    assert abs(allocated - planned) <= 0.05 * planned, (allocated, planned)
