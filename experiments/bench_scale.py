@@ -1,0 +1,481 @@
+"""Worker memory: what a search worker holds (resident sources and the eval model), the code as
+it was at a given commit beside the working tree, measured in one run.
+
+    python experiments/bench_scale.py [--quick] [--methods ties,linear] [--before bef298d]
+        [--models DIR] [--threads 2] [--out experiments/results/bench_scale.json]
+
+Writes (once; reused from --models, default under experiments/results/) a bf16 Llama family of
+~125M parameters per model, base + 2 experts (--quick: ~7M, for the test). Then for each method
+and each code, in turn and each in a fresh process:
+  before:  merge/ search/ fitness/ configs/ of commit --before, extracted with `git archive`
+           into a temporary `evomerge` namespace package; space.dtype float32 (its default);
+  after:   the working tree's folders, linked into the same layout; space.dtype auto (bf16
+           here, from the checkpoints);
+the child builds the worker's structures as a search worker does (`space_for(config)
+.candidate("cpu")`: resident sources plus the eval model) and materializes the recipe of the
+initial genome into it. Anonymous RSS (RssAnon: mapped checkpoint pages do not count) is read
+after the imports (the baseline), after the candidate is built (steady after load) and after
+one merge (steady after merge), and sampled every ~2 ms on a thread for the peak. Every figure
+is bytes above the baseline, as x one model's bf16 bytes (2 bytes x parameters) and in MB.
+With CUDA, rows for the device's bytes (torch.cuda memory_allocated / max_memory_allocated)
+with workers.sources device and host are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("merge", "search", "fitness", "configs")  # the folders `evomerge.*` maps
+SAMPLE_S = 0.002  # the peak sampler's interval
+# "plus small" in the steady goal: the merge threads' scratch (a dozen 512 KiB fp32 chunks per
+# thread) and the Python objects of the modules, a few MB: a tenth of a 100M-parameter model
+SMALL_X = 0.1
+PEAK_SLACK_X = 0.2  # the peak goal: at most this much above the steady state
+
+FULL = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    intermediate_size=2048,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=512,
+)
+QUICK = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=688,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=8000,
+    max_position_embeddings=128,
+)
+EXPERTS = 2
+
+
+# -- the child: one measurement in a fresh process ------------------------------------------
+def rss_anon() -> int:
+    """This process's anonymous resident bytes (heap, mmap'd tensors; not file-backed pages)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+class PeakSampler(threading.Thread):
+    """RssAnon every SAMPLE_S seconds on a thread, its maximum kept. torch releases the GIL in
+    most of its ops, so the thread runs during tensor work; it can miss a transient shorter than
+    the gap between two samples, which is reported (mean and longest) with the figures."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = rss_anon()
+        self.samples = 0
+        self.gaps = 0  # counted intervals between samples, and their sum
+        self.gap_sum = self.longest_gap = 0.0
+        self._halt = threading.Event()
+        self._last = time.perf_counter()
+        self._collections = self._seen = 0
+
+    def note(self, value: int) -> None:
+        self.peak = max(self.peak, value)
+
+    def collect(self) -> None:
+        """gc.collect() before a steady reading. It holds the GIL for ~0.1 s but only frees, so
+        the gap it makes in the samples is not counted as one (the readings around it are)."""
+        self._collections += 1
+        gc.collect()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.note(rss_anon())
+            now = time.perf_counter()
+            self.samples += 1
+            if self._seen == self._collections:
+                self.gaps += 1
+                self.gap_sum += now - self._last
+                self.longest_gap = max(self.longest_gap, now - self._last)
+            self._seen = self._collections
+            self._last = now
+            time.sleep(SAMPLE_S)
+
+    def finish(self) -> dict:
+        self._halt.set()
+        self.join()
+        return {
+            "samples": self.samples,
+            "mean_interval_ms": 1e3 * self.gap_sum / max(1, self.gaps),
+            "longest_gap_ms": 1e3 * self.longest_gap,
+        }
+
+
+def use_tree(tree: Path) -> None:
+    """Import `evomerge` from `tree` (tree/evomerge/merge, ...) and nowhere else: the editable
+    install's finders (a meta path finder and a namespace path hook, appended after the
+    standard ones, so sys.path order would already win) are removed so that a module the tree
+    lacks fails instead of coming silently from the working tree."""
+
+    def editable(obj: object) -> bool:
+        module = getattr(obj, "__module__", None) or type(obj).__module__
+        return str(module).startswith("__editable__")
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(h)]
+    sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+    sys.path.insert(0, str(tree))
+    sys.path_importer_cache.clear()
+
+
+def config_for(code: str, method: str, root: Path, device: str, sources: str | None):
+    from evomerge.search.config import SearchConfig
+
+    data: dict = {
+        "name": "bench-scale",
+        "models": {a: {"path": str(root / a)} for a in ("base", *experts())},
+        "base": "base",
+        "space": {"method": method},
+        # never scored: a task name only, so that the config parses
+        "fitness": {"tasks": [{"name": "zoo_add_gen_search"}]},
+        "workers": {"count": 0, "device": "cuda" if device.startswith("cuda") else "cpu"},
+    }
+    if code == "before":
+        data["space"]["dtype"] = "float32"  # its default; it cannot read auto
+    if sources is not None:
+        data["workers"]["sources"] = sources
+    return SearchConfig.parse(data)
+
+
+def experts() -> list[str]:
+    return [f"expert{i}" for i in range(1, EXPERTS + 1)]
+
+
+def child(code: str, method: str, root: Path, tree: Path, expect: Path, device: str, src: str):
+    use_tree(tree)
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the baseline
+
+    import evomerge.fitness.models
+    import evomerge.merge.resident
+    import evomerge.search.parameter_space
+    from evomerge.search.spaces import space_for
+
+    # the old code from the extracted tree, the new from the working tree's own files
+    files = {
+        m.__name__: str(Path(m.__file__ or "").resolve())
+        for m in (evomerge.merge.resident, evomerge.search.parameter_space, evomerge.fitness.models)
+    }
+    for name, f in files.items():
+        if not Path(f).is_relative_to(expect.resolve()):
+            raise SystemExit(f"{name} imported from {f}, not from {expect}")
+    with contextlib.suppress(ImportError):  # the new eval model's builder uses it: its import
+        import accelerate  # noqa: F401 - is no cost of the worker's structures
+    cuda = device.startswith("cuda")
+    config = config_for(code, method, root, device, src if cuda else None)
+    space = space_for(config)
+    recipe = space.decode(space.x0())
+    if cuda:  # the CUDA context's host memory is not the worker's structures
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        dev_base = torch.cuda.memory_allocated()
+    gc.collect()
+    # a thread waiting for the GIL gets it within the switch interval (5 ms by default) when the
+    # main thread runs Python: shorter, so that the sampler keeps its 2 ms
+    sys.setswitchinterval(SAMPLE_S / 10)
+    sampler = PeakSampler()
+    sampler.start()
+    baseline = rss_anon()
+    t0 = time.perf_counter()
+    candidate = space.candidate(device)
+    load_s = time.perf_counter() - t0
+    sampler.collect()
+    steady_load = rss_anon()
+    sampler.note(steady_load)
+    dev: dict = {}
+    if cuda:
+        torch.cuda.synchronize()
+        dev["steady_load"] = torch.cuda.memory_allocated() - dev_base
+    t0 = time.perf_counter()
+    candidate.materialize(recipe)
+    if cuda:
+        torch.cuda.synchronize()
+    merge_s = time.perf_counter() - t0
+    sampler.collect()
+    steady_merge = rss_anon()
+    sampler.note(steady_merge)
+    sampling = sampler.finish()
+    if cuda:
+        dev["steady_merge"] = torch.cuda.memory_allocated() - dev_base
+        dev["peak"] = torch.cuda.max_memory_allocated() - dev_base
+    model_dtype = str(next(candidate.model.parameters()).dtype).removeprefix("torch.")
+    resident = candidate.sources.models["base"].tensors  # both codes keep this dict
+    source_dtype = str(next(iter(resident.values())).dtype).removeprefix("torch.")
+    return {
+        "baseline": baseline,
+        "steady_load": steady_load - baseline,
+        "steady_merge": steady_merge - baseline,
+        "peak": sampler.peak - baseline,
+        "load_s": load_s,
+        "merge_s": merge_s,
+        "model_dtype": model_dtype,
+        "source_dtype": source_dtype,
+        "sampling": sampling,
+        "device_bytes": dev or None,
+        "files": files,
+    }
+
+
+# -- the parent ------------------------------------------------------------------------------
+def family(root: Path, quick: bool) -> tuple[dict[str, Path], int]:
+    """The bf16 family under root (written once; rewritten when its shape changed), with a
+    tokenizer in the base (the worker loads one beside the model); its parameter count."""
+    import torch
+
+    from evomerge.fitness.zoo.tokenizer import build_tokenizer
+    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.synthetic import make_family
+
+    shape = {**(QUICK if quick else FULL), "experts": EXPERTS, "dtype": "bfloat16"}
+    stamp = root / "family.json"
+    paths = {a: root / a for a in ("base", *experts())}
+    fresh = stamp.exists() and json.loads(stamp.read_text()) == shape
+    if not (fresh and all((p / "model.safetensors").exists() for p in paths.values())):
+        stamp.unlink(missing_ok=True)
+        kw = {k: v for k, v in shape.items() if k not in ("experts", "dtype")}
+        paths = make_family(root, "llama", experts=EXPERTS, dtype=torch.bfloat16, **kw)
+        build_tokenizer().save_pretrained(paths["base"])
+        stamp.write_text(json.dumps(shape) + "\n")
+    base = Checkpoint(paths["base"])
+    return paths, sum(math.prod(base.shape(n)) for n in base.names)
+
+
+def extract(commit: str, dest: Path) -> str:
+    """`commit`'s package folders as dest/evomerge/<folder>; returns the full hash."""
+    try:
+        full = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(
+            f"--before {commit}: not in this repository ({e.stderr.strip()}); a shallow clone "
+            "lacks it: `git fetch --unshallow`"
+        ) from None
+    tar = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", full, *PACKAGES],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        # our own commit's files; the data filter (Python >= 3.10.12) where there is one
+        if hasattr(tarfile, "data_filter"):
+            t.extractall(dest / "evomerge", filter="data")
+        else:
+            t.extractall(dest / "evomerge")
+    return full
+
+
+def link_tree(dest: Path) -> None:
+    """The working tree's package folders linked as dest/evomerge/<folder>: the same import
+    mechanism as the old tree, whatever kind of install the venv has."""
+    (dest / "evomerge").mkdir(parents=True)
+    for p in PACKAGES:
+        (dest / "evomerge" / p).symlink_to(REPO / p, target_is_directory=True)
+
+
+def measure(
+    code: str, method: str, root: Path, tree: Path, expect: Path, device: str, src: str
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", code, method, str(root), str(tree), str(expect)]
+    cmd += [device, src]
+    # stderr to a file, not a pipe: a child writing more than a pipe holds would block
+    with tempfile.TemporaryFile() as log:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        if res.returncode != 0:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            raise SystemExit(f"{code} {method} {device}/{src} failed:\n{err[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def fmt(nbytes: float, unit: int) -> str:
+    return f"{nbytes / unit:6.2f}x {nbytes / 1e6:7.0f} MB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a ~7M-parameter family (the test)")
+    ap.add_argument("--methods", default="ties,linear")
+    ap.add_argument("--before", default="bef298d", help="the commit measured as before")
+    ap.add_argument("--models", type=Path, help="the family's folder (written once)")
+    ap.add_argument("--threads", type=int, default=2, help="merge threads (EVOMERGE_THREADS)")
+    ap.add_argument("--out", type=Path, help="JSON of the figures")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        code, method, root, tree, expect, device, src = args.child
+        out = child(code, method, Path(root), Path(tree), Path(expect), device, src)
+        print(json.dumps(out))
+        return
+
+    from evomerge.search import env
+
+    env.apply()
+    # fixed: the merge threads' scratch buffers are part of the steady state, and the default
+    # count follows the machine's load
+    os.environ["EVOMERGE_THREADS"] = str(args.threads)
+    import torch
+
+    size = "quick" if args.quick else "full"
+    results = REPO / "experiments" / "results"
+    root = args.models or results / "bench_scale" / f"models-{size}"
+    out = args.out or results / f"bench_scale-{size}.json"
+    paths, params = family(root, args.quick)
+    unit = 2 * params  # one model's bf16 bytes: the x in every figure
+    methods = args.methods.split(",")
+    print(
+        f"family: llama, {params / 1e6:.1f}M parameters per model, base + {EXPERTS} experts, "
+        f"bfloat16, in {root}; x = one model in bf16 = {unit / 1e6:.0f} MB"
+    )
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="bench_scale-") as tmp:
+        old, new = Path(tmp) / "before", Path(tmp) / "after"
+        full = extract(args.before, old)
+        link_tree(new)
+        print(
+            f"before: {args.before} ({full[:12]}) via git archive into {old}; after: the working "
+            f"tree ({REPO}); merge threads {args.threads}; load average "
+            "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+        )
+        trees = {"before": (old, old / "evomerge"), "after": (new, REPO)}
+        runs = [(m, c, "cpu", "-") for m in methods for c in ("before", "after")]
+        if cuda:  # the old code ignores workers.sources: its host row would be its device row
+            runs += [(m, c, "cuda", "device") for m in methods for c in ("before", "after")]
+            runs += [(m, "after", "cuda", "host") for m in methods]
+        rows = []
+        for method, code, device, src in runs:
+            tree, expect = trees[code]
+            r = measure(code, method, root, tree, expect, device, src)
+            r.update(method=method, code=code, device=device, sources=src)
+            rows.append(r)
+            print(
+                f"  measured {method} {code} {device}{'' if src == '-' else '/' + src}: "
+                f"load {r['load_s']:.1f} s, merge {r['merge_s']:.1f} s",
+                flush=True,
+            )
+
+    print()
+    head = f"{'method':8} {'code':7} {'sources':8} {'model':9}"
+    cols = ("steady after load", "steady after merge", "peak")
+    print(head + "".join(f" {c:>21}" for c in cols))
+    for r in (r for r in rows if r["device"] == "cpu"):
+        cells = "".join(f" {fmt(r[k], unit):>21}" for k in ("steady_load", "steady_merge", "peak"))
+        print(f"{r['method']:8} {r['code']:7} {r['source_dtype']:8} {r['model_dtype']:9}{cells}")
+    gaps = [r["sampling"] for r in rows]
+    print(
+        f"(bytes of RssAnon above the child's baseline after imports; peak sampled every "
+        f"{1e3 * SAMPLE_S:.0f} ms: achieved mean interval "
+        f"{max(g['mean_interval_ms'] for g in gaps):.1f} ms, longest gap "
+        f"{max(g['longest_gap_ms'] for g in gaps):.1f} ms over all children; an eval model "
+        "built uninitialized holds no pages until the merge writes them, so steady after merge "
+        "is the worker's steady state)"
+    )
+    if cuda:
+        print(f"\n{'method':8} {'code':7} {'sources':8}" + "".join(f" {c:>21}" for c in cols))
+        for r in (r for r in rows if r["device"] != "cpu"):
+            d = r["device_bytes"]
+            cells = "".join(f" {fmt(d[k], unit):>21}" for k in ("steady_load", "steady_merge"))
+            cells += f" {fmt(d['peak'], unit):>21}"
+            print(
+                f"{r['method']:8} {r['code']:7} {r['sources']:8}{cells}  host peak "
+                f"{r['peak'] / unit:.2f}x"
+            )
+        print("(device bytes: torch.cuda.memory_allocated / max_memory_allocated)")
+    else:
+        print(
+            "device bytes (workers.sources device vs host) cannot be told apart on a CPU: those "
+            "figures come from experiments/gpu_check.sh on a GPU machine"
+        )
+
+    print()
+    models = 1 + EXPERTS
+    goal_steady = models + 1  # every source in bf16 plus the eval model in bf16
+    goals = []
+    for method in methods:
+        cpu = {r["code"]: r for r in rows if r["method"] == method and r["device"] == "cpu"}
+        b, a = cpu["before"], cpu["after"]
+        print(
+            f"{method}: after / before: steady after load {a['steady_load'] / b['steady_load']:.2f}"
+            f" ({b['steady_load'] / unit:.2f}x -> {a['steady_load'] / unit:.2f}x), steady after "
+            f"merge {a['steady_merge'] / b['steady_merge']:.2f} ({b['steady_merge'] / unit:.2f}x"
+            f" -> {a['steady_merge'] / unit:.2f}x), peak {a['peak'] / b['peak']:.2f} "
+            f"({b['peak'] / unit:.2f}x -> {a['peak'] / unit:.2f}x)"
+        )
+        steady, peak = a["steady_merge"] / unit, a["peak"] / unit
+        ok_steady = steady <= goal_steady + SMALL_X
+        ok_peak = peak <= steady + PEAK_SLACK_X
+        goals.append(
+            {
+                "method": method,
+                "steady_x": steady,
+                "steady_goal_x": goal_steady + SMALL_X,
+                "steady_met": ok_steady,
+                "peak_x": peak,
+                "peak_goal_x": steady + PEAK_SLACK_X,
+                "peak_met": ok_peak,
+            }
+        )
+        print(
+            f"  goal after: steady (after merge) <= {models} sources + the eval model = "
+            f"{goal_steady:.2f}x + {SMALL_X:.2f}x small: {steady:.2f}x, "
+            f"{'met' if ok_steady else 'NOT met'}; peak <= steady + {PEAK_SLACK_X:.2f}x = "
+            f"{steady + PEAK_SLACK_X:.2f}x: {peak:.2f}x, {'met' if ok_peak else 'NOT met'}"
+        )
+    if args.quick:
+        print(
+            "(--quick: fixed overheads weigh more against a small model; the goals are set "
+            "for the full size)"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "parameters": params,
+        "unit_bytes": unit,
+        "experts": EXPERTS,
+        "quick": args.quick,
+        "before": full,
+        "threads": args.threads,
+        "rows": [
+            {
+                **r,
+                "steady_load_x": r["steady_load"] / unit,
+                "steady_merge_x": r["steady_merge"] / unit,
+                "peak_x": r["peak"] / unit,
+            }
+            for r in rows
+        ],
+        "goals": goals,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nfigures: {out}")
+
+
+if __name__ == "__main__":
+    main()
