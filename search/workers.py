@@ -4,7 +4,9 @@ A TrialWorker loads the source models once onto its device (with task vectors fo
 task-arithmetic methods), preallocates one eval model, builds the Scorer once, and then runs
 trials: materialize the recipe into the eval model, score it, return a typed TrialResult.
 Everything a trial can throw becomes a FAILED result; the executors add what a worker cannot
-report itself (a hang past the timeout, a dead process), replace the worker, and go on.
+report itself (a hang past the timeout, a dead process), replace the worker, and go on. A worker
+whose own start-up raises (out of memory loading the sources) stops the search in one line: a
+replacement would read every source again to fail the same way.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import collections
 import gc
 import math
 import os
+import re
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 
 from evomerge.fitness.bounds import chunk_ends, chunk_fractions, piece
-from evomerge.search.config import SearchConfig
+from evomerge.merge.errors import EvomergeError
+from evomerge.search.config import SearchConfig, WorkerConfig
 from evomerge.search.env import QUIET_ENV, passed_on
 from evomerge.search.racing import NOT_RACEABLE
 from evomerge.search.trial import (
@@ -78,7 +83,12 @@ class TrialWorker:
         hub.forbid_downloads()  # the driver resolved every model; a worker only reads the cache
         self.device = device
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
-        self.faults = faults or {}  # "generation:index" -> raise | nan | hang | die (tests, soak)
+        # "generation:index" -> raise | nan | hang | die; "start" (every start-up) or "start:N"
+        # (the N-th, counted in the "attempts" file) -> oom | raise | hang | die (tests, soak)
+        self.faults = faults or {}
+        start_fault = self._start_fault()
+        if start_fault:
+            _inject_start_fault(start_fault)  # where the sources load: the likeliest to fail
         self.candidate = space_for(config).candidate(device)
         fc = config.fitness
         self.scorer = Scorer(
@@ -99,6 +109,19 @@ class TrialWorker:
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
         gc.freeze()
+
+    def _start_fault(self) -> str | None:
+        """This start-up's injected fault. With an "attempts" file, every start-up appends a line
+        (its name and the GPUs Ray gave it) first, so a test counts start-ups across processes."""
+        path = self.faults.get("attempts")
+        if not path:
+            return self.faults.get("start")
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        with open(path, "a") as f:  # one short append: whole lines even from several workers
+            f.write(f"{self.name} CUDA_VISIBLE_DEVICES={gpus}\n")
+        with open(path) as f:
+            attempt = sum(1 for _ in f)
+        return self.faults.get(f"start:{attempt}") or self.faults.get("start")
 
     def ping(self) -> str:
         return self.name
@@ -176,6 +199,21 @@ class TrialWorker:
             torch.cuda.empty_cache()  # after an OOM the next candidate needs the memory back
 
 
+def _inject_start_fault(kind: str) -> None:
+    if kind == "oom":  # the text torch gives when the sources do not fit a GPU
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 76.50 GiB is "
+            "allocated by PyTorch."
+        )
+    if kind == "raise":
+        raise ValueError("injected start-up fault\nits second line")
+    if kind == "hang":
+        time.sleep(10**6)
+    if kind == "die":
+        os._exit(17)
+
+
 class SerialExecutor:
     """One worker in the driver process: for tests, debugging and `--workers 0`.
 
@@ -184,7 +222,13 @@ class SerialExecutor:
 
     def __init__(self, config: SearchConfig, faults: dict[str, str] | None = None):
         device = "cuda" if config.workers.device != "cpu" and torch.cuda.is_available() else "cpu"
-        self.worker = TrialWorker(config.dump(), device, faults=faults)
+        try:
+            self.worker = TrialWorker(config.dump(), device, faults=faults)
+        except EvomergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as a Ray worker's: one line, traceback on --debug
+            text = "".join(traceback.format_exception_only(e))
+            raise EvomergeError(start_failure(f"the worker ({device})", text, device)) from e
         self.workers = 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
@@ -204,8 +248,75 @@ class SerialExecutor:
         pass
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task's name
+_MEMORY = ("out of memory", "not enough memory", "can't allocate memory")
+_TYPE = re.compile(r"^[A-Za-z_][\w.]*: ")  # "torch.OutOfMemoryError: ", "ValueError: "
+
+
+def cause_line(text: str) -> str:
+    """The line of an error's text that says what went wrong. A Ray error's first line only
+    names the task (`...creation task, ray::TrialWorker.__init__() (pid=..., ip=...)`) or says
+    that an actor died; the worker's traceback follows, and its exception's `Type: message`
+    comes after the last frame. Running out of memory wins wherever it is said (an exception
+    that wraps it may come last)."""
+    lines = _ANSI.sub("", text).splitlines()
+    # frames and their code lines are indented; what an exception says starts at the margin
+    said = [ln.rstrip() for ln in lines if ln.strip() and not ln[:1].isspace()]
+    memory = next((ln for ln in said if _is_memory(ln)), None)
+    if memory is not None:
+        return memory
+    frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]
+    after = lines[frames[-1] + 1 :] if frames else lines
+    found = next((ln.rstrip() for ln in after if ln.strip() and not ln[:1].isspace()), None)
+    return found or next((ln.strip() for ln in lines if ln.strip()), "no message")
+
+
+def _is_memory(line: str) -> bool:
+    return any(m in line.lower() for m in _MEMORY)
+
+
+def start_failure(who: str, text: str, device: str) -> str:
+    """The one line saying why a worker could not start (`text`: the error's text), and what
+    to change."""
+    line = cause_line(text)
+    if not _is_memory(line):
+        return f"{who} could not start: {line}; `evomerge --debug` shows the worker's traceback"
+    line = _TYPE.sub("", line, count=1).rstrip(".")  # "CUDA out of memory..." names itself
+    if device == "cuda":
+        fix = "workers.sources: host or workers.gpus_per_worker may fit it"
+    else:  # CPU workers on one machine share its memory
+        fix = "fewer workers per machine (workers.count) may fit it"
+    return (
+        f"{who} could not start: {line}; see `evomerge search CONFIG --check` for the memory "
+        f"plan; {fix}"
+    )
+
+
+def worker_count(wc: WorkerConfig, resources: dict) -> tuple[int, bool]:
+    """How many Ray workers, and whether they run on GPUs, for a cluster's resources: one per
+    `gpus_per_worker` GPUs, else one per `cpus_per_worker` CPUs, unless workers.count says."""
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = wc.device == "cuda" or (wc.device == "auto" and gpus > 0)
+    if not use_gpu:
+        return wc.count or max(1, int(resources.get("CPU", 1)) // wc.cpus_per_worker), False
+    if wc.count:  # placed as GPUs free up or join: an autoscaler adds nodes for pending actors
+        return wc.count, True
+    if gpus == 0:
+        raise EvomergeError(
+            "workers.device: cuda, but the Ray cluster has no GPU; use auto or cpu, or set "
+            "workers.count to wait for GPU nodes"
+        )
+    if gpus < wc.gpus_per_worker:
+        raise EvomergeError(
+            f"workers.gpus_per_worker: {wc.gpus_per_worker}, but the Ray cluster has {gpus} "
+            f"GPU{'s' * (gpus > 1)}, fewer than one worker needs; lower it to {gpus} or fewer"
+        )
+    return gpus // wc.gpus_per_worker, True
+
+
 class RayExecutor:
-    """One Ray actor per GPU (or per CPU slot); keeps them all busy and replaces dead ones."""
+    """One Ray actor per `workers.gpus_per_worker` GPUs (or per CPU slot); keeps them all busy
+    and replaces one that dies; a worker whose start-up raises stops the search."""
 
     def __init__(self, config: SearchConfig, faults: dict[str, str] | None = None):
         import ray
@@ -232,22 +343,24 @@ class RayExecutor:
                 kwargs["address"] = "local"
                 kwargs["object_store_memory"] = wc.object_store_mb * 1024 * 1024
             ray.init(**kwargs)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        self.use_gpu = wc.device == "cuda" or (wc.device == "auto" and gpus > 0)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        auto = gpus if self.use_gpu else max(1, cpus // wc.cpus_per_worker)
-        self.workers = wc.count or auto
+        try:
+            self.workers, self.use_gpu = worker_count(wc, ray.cluster_resources())
+        except EvomergeError:
+            if self.started_ray:  # no executor comes back: nobody else would shut Ray down
+                ray.shutdown()
+            raise
         self.faults = faults
         self.replacements = 0
         self._shardable: bool | None = None
         # A worker takes trials only once it has loaded its models and tasks: a trial's timeout
         # never counts a (replacement) worker's start-up, which a busy machine can make slow.
         self.starting: dict = {}  # ping ref -> (actor, started)
+        self.slot: dict = {}  # actor -> its number (1..workers), which its replacement keeps
         self.ready: list = []  # started and idle
         # ref -> what a worker runs; it outlives a `stream` call that no longer waits for it
         self.running: dict = {}
-        for _ in range(self.workers):
-            self._new_actor()
+        for slot in range(1, self.workers + 1):
+            self._new_actor(slot)
 
     @property
     def actors(self) -> list:
@@ -255,37 +368,68 @@ class RayExecutor:
         return self.ready + running + [a for a, _ in self.starting.values()]
 
     def wait_ready(self) -> None:
-        """Block until every worker has loaded its models and tasks."""
-        for ref in list(self.starting):
-            self.ray.wait([ref])
-            self._started(ref)
+        """Block until every worker has loaded its models and tasks (replacements included)."""
+        while self.starting:
+            done, _ = self.ray.wait(list(self.starting), num_returns=1, timeout=0.5)
+            for ref in done:
+                self._started(ref)
+            self._start_timeouts()
 
-    def _new_actor(self) -> None:
+    def _new_actor(self, slot: int) -> None:
         wc = self.config.workers
         cls = self.ray.remote(TrialWorker).options(
-            num_cpus=wc.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, max_restarts=0
+            num_cpus=wc.cpus_per_worker,
+            # Ray sets the actor's CUDA_VISIBLE_DEVICES to its own GPUs: there, "cuda" is
+            # cuda:0..N-1, and the candidate splits its layers over them
+            num_gpus=wc.gpus_per_worker if self.use_gpu else 0,
+            max_restarts=0,
         )
         device = "cuda" if self.use_gpu else "cpu"
         actor = cls.remote(self.config.dump(), device, wc.cpus_per_worker, self.faults)
+        self.slot[actor] = slot
         self.starting[actor.ping.remote()] = (actor, time.monotonic())  # type: ignore[attr-defined]
 
     def _replace(self, actor, why: str) -> None:
         self.ray.kill(actor, no_restart=True)
+        slot = self.slot.pop(actor)
         self.replacements += 1
         if self.replacements > 3 * self.workers + 3:
-            from evomerge.merge.errors import EvomergeError
-
             raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
-        self._new_actor()
+        self._new_actor(slot)
 
     def _started(self, ref) -> None:
-        """A worker's start-up ended: it is ready, or it failed and is replaced."""
+        """A worker's start-up ended: it is ready; or it died (replaced); or it raised, and the
+        search stops."""
         actor, _ = self.starting.pop(ref)
         try:
             self.ray.get(ref)
-            self.ready.append(actor)
-        except Exception as e:  # noqa: BLE001 - a worker that cannot start is replaced
-            self._replace(actor, f"failed to start: {str(e).splitlines()[0] if str(e) else e}")
+        except self.ray.exceptions.RayActorError as e:
+            if not e.actor_init_failed:  # killed while loading (SIGKILL, a node lost)
+                self._replace(actor, f"died while starting: {cause_line(str(e))}")
+                return
+            # TrialWorker.__init__ raised (CUDA out of memory loading the sources, a broken
+            # install): every other attempt would read all the sources again to fail alike
+            raise EvomergeError(self._start_failure(actor, str(e))) from e
+        except Exception as e:  # noqa: BLE001 - e.g. its node unreachable: another may start
+            self._replace(actor, f"failed to start: {cause_line(str(e))}")
+            return
+        self.ready.append(actor)
+
+    def _start_failure(self, actor, text: str) -> str:
+        gpus = self.config.workers.gpus_per_worker
+        where = f"cuda, {gpus} GPU{'s' * (gpus > 1)}" if self.use_gpu else "cpu"
+        node = re.search(r"\bip=([\w.:-]+)", _ANSI.sub("", text))  # the failed task's node
+        where += f", node {node.group(1)}" if node else ""
+        who = f"worker {self.slot.pop(actor, '?')} of {self.workers} ({where})"
+        return start_failure(who, text, "cuda" if self.use_gpu else "cpu")
+
+    def _start_timeouts(self) -> None:
+        limit = self.config.workers.start_timeout
+        now = time.monotonic()
+        for ref, (actor, started) in list(self.starting.items()):
+            if now - started > limit:
+                del self.starting[ref]
+                self._replace(actor, f"no start within {limit:.0f} s")
 
     def shards_per_trial(self, pending: int) -> int:
         """How many example shards each candidate is split into (1: no sharding)."""
@@ -297,7 +441,14 @@ class RayExecutor:
             return 1
         if self._shardable is None:  # asked once: the tasks' aggregations decide
             self.wait_ready()
-            self._shardable = bool(self.ray.get(self.ready[0].shardable.remote()))
+            # a started worker: idle, or still running a trial nobody wants (it answers next)
+            started = self.ready + [r.actor for r in self.running.values()]
+            try:
+                self._shardable = bool(self.ray.get(started[0].shardable.remote()))
+            except (IndexError, self.ray.exceptions.RayActorError):
+                # none answers now (it died: the stream replaces it): whole candidates this
+                # time; shards change only which worker scores an item, never a score
+                return 1
         return k if self._shardable else 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
@@ -366,7 +517,7 @@ class RayExecutor:
                     self.arrived(trial, TrialResult.failed("cancelled", eval_seconds=ran), False)
                     continue
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    self._replace(run.actor, str(e).splitlines()[0])
+                    self._replace(run.actor, cause_line(str(e)))
                     if run.feed is not feed or not feed.wanted(trial):
                         continue
                     attempts[trial.key, trial.shard, trial.chunk] += 1
@@ -376,7 +527,7 @@ class RayExecutor:
                     result = TrialResult.failed("worker died twice running this trial")
                 except ray.exceptions.RayTaskError as e:
                     idle.append(run.actor)
-                    result = TrialResult.failed(str(e).splitlines()[0])
+                    result = TrialResult.failed(cause_line(str(e)))
                 wanted = run.feed is feed and feed.wanted(trial)
                 self.arrived(trial, result, wanted)
                 if wanted:
@@ -389,10 +540,7 @@ class RayExecutor:
                     if run.feed is feed and feed.wanted(run.trial):
                         failed = TrialResult.failed(f"timeout after {wc.trial_timeout:.0f} s")
                         on_result(run.trial, failed)
-            for ref, (actor, started) in list(self.starting.items()):
-                if now - started > wc.start_timeout:
-                    del self.starting[ref]
-                    self._replace(actor, f"no start within {wc.start_timeout:.0f} s")
+            self._start_timeouts()
 
     def _waits_on(self, feed: Feed) -> bool:
         return any(r.feed is feed and feed.wanted(r.trial) for r in self.running.values())
