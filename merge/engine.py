@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -397,6 +398,18 @@ def path_plan(
     return [(n, *plan[n]) for n in network_order(list(plan))]
 
 
+@contextlib.contextmanager
+def _output_errors(out: Path) -> Iterator[None]:
+    """An OSError while writing the staged output (a full disk, a quota) names the output the
+    user asked for, not the staging directory, which is gone by then."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(out)) from None
+
+
 def merge_to_dir(
     recipe: Recipe,
     out: Path | str,
@@ -421,7 +434,7 @@ def merge_to_dir(
     ckpts = open_sources(recipe)
     ref = ckpts[recipe.main_alias]
     specs = output_specs(recipe, ref)
-    with staged_dir(out, force) as tmp:
+    with _output_errors(out), staged_dir(out, force) as tmp:
         buffers = BufferPool()
 
         def out_for(job: TensorJob) -> torch.Tensor | None:
@@ -447,7 +460,7 @@ def _merge_path_to_dir(
     df = recipe.data_flow
     assert df is not None
     out_dtype = getattr(torch, recipe.dtype)
-    with staged_dir(out, force) as tmp:
+    with _output_errors(out), staged_dir(out, force) as tmp:
         used = {df.embed_from, *(h.model for h in df.path)}
         ckpts: dict[str, Checkpoint] = {
             a: Checkpoint(recipe.models[a].local(f"models.{a}"), f"models.{a}", recipe.allow_pickle)

@@ -11,6 +11,7 @@ are written first. Files written here are read back with the `safetensors` packa
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import json
@@ -304,7 +305,9 @@ class _StreamFile:
             self._fd = -1
         if self._stage is not None:
             self._stage = None
-            self._map.close()
+            # a failed write's frame may still view the map: it is freed with that frame
+            with contextlib.suppress(BufferError):
+                self._map.close()
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -332,3 +332,29 @@ def test_existing_output_needs_force(tmp_path, llama_family):
     first = (mine / "model.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["merge", str(recipe), str(mine), "--force"])
     assert result.exit_code == 0 and (mine / "model.safetensors").stat().st_mtime_ns != first
+
+
+@pytest.mark.parametrize("fail_after", [0, 1 << 20])  # the first write, or one mid-shard
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fail_after):
+    """ENOSPC while the shards are written (O_DIRECT staging or not): exit 2, one line naming
+    the output and the fix, no output and no staging directory left behind."""
+    import errno
+
+    from evomerge.merge import safetensors_io
+    from evomerge.merge.synthetic import make_family
+
+    paths = make_family(tmp_path / "fam", "llama", hidden_size=256, vocab_size=4096)
+    written = [0]
+    real = safetensors_io._write_all
+
+    def disk_full(fd, data):
+        if written[0] + len(data) > fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        real(fd, data)
+
+    monkeypatch.setattr(safetensors_io, "_write_all", disk_full)
+    for direct in (True, False):
+        monkeypatch.setattr(safetensors_io, "DIRECT_IO", direct)
+        result, out = _merge(tmp_path, recipe_dict(paths, "ties"), "--max-shard-size", "2MB")
+        _assert_refused(result, out, f"{out}: No space left on device; free some space")
