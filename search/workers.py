@@ -1,7 +1,7 @@
 """Workers: resident source weights, in-place candidates, tasks built once; serial and Ray.
 
-A TrialWorker loads the source models once onto its device (with task vectors for
-task-arithmetic methods), preallocates one eval model, builds the Scorer once, and then runs
+A TrialWorker loads the source models once (in their stored dtype, on its GPUs or in host
+memory: merge.resident), preallocates one eval model, builds the Scorer once, and then runs
 trials: materialize the recipe into the eval model, score it, return a typed TrialResult.
 Everything a trial can throw becomes a FAILED result; the executors add what a worker cannot
 report itself (a hang past the timeout, a dead process), replace the worker, and go on. A worker
@@ -82,6 +82,9 @@ class TrialWorker:
         hub.use_cache(config.cache_dir)
         hub.forbid_downloads()  # the driver resolved every model; a worker only reads the cache
         self.device = device
+        if device.startswith("cuda"):  # an fp32 candidate's matmuls on tensor cores (TF32)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}{_ray_node()}"
         # "generation:index" -> raise | nan | hang | die; "start" (every start-up) or "start:N"
         # (the N-th, counted in the "attempts" file) -> oom | raise | hang | die (tests, soak)
