@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import logging
 import math
@@ -72,6 +73,29 @@ def combine_shards(specs: list[TaskSpec], parts: list[FitnessResult]) -> Fitness
     return FitnessResult(
         True, objective(specs, metrics), metrics, sum(counts.values()), seconds, counts=counts
     )
+
+
+_MAX_GEN_TOKS = 256  # lm-eval HFLM's max_gen_toks, for a request that does not set its own
+
+
+class _RequestBuilder:
+    """What building requests reads of lm-eval's model wrapper (rank, world size, the chat
+    template), without a model: the driver renders exactly the prompts a worker will."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, tokenizer):
+        from lm_eval.models.huggingface import HFLM
+
+        self.tokenizer = tokenizer
+        self.chat_template_args: dict = {}
+        # HFLM's own rendering (with its retry without a system role), bound to this object
+        self.apply_chat_template = functools.partial(HFLM.apply_chat_template, self)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
 
 
 class Scorer:
@@ -230,25 +254,56 @@ class Scorer:
     def _requests(self, which: str) -> list:
         """The built requests of an item set (built on first use, each set with the few-shot
         sampler seeded anew: the search set's prompts are those of a Scorer without rescoring)."""
+        if which not in self.requests:
+            self.requests[which] = self._build(which, self.lm)
+        return self.requests[which]
+
+    def _build(self, which: str, lm) -> list:
         from evomerge.fitness.requests import TaskRequests
 
-        if which not in self.requests:
-            chosen = self.samples if which == "search" else self.rescore_samples
-            # a task's whole set is built as lm-eval builds it (no sample list); a held-out
-            # part never enters the search's requests
-            subsets = chosen or {
-                name: docs
-                for name, docs in self.docs.items()
-                if len(docs) != len(self.loaded["tasks"][name].eval_docs)
-            }
-            with contextlib.redirect_stderr(io.StringIO()):
-                self.requests[which] = [
-                    TaskRequests.build(
-                        name, task, subsets.get(name), self.lm, self.seed, self.apply_chat_template
-                    )
-                    for name, task in self.loaded["tasks"].items()
-                ]
-        return self.requests[which]
+        chosen = self.samples if which == "search" else self.rescore_samples
+        # a task's whole set is built as lm-eval builds it (no sample list); a held-out
+        # part never enters the search's requests
+        subsets = chosen or {
+            name: docs
+            for name, docs in self.docs.items()
+            if len(docs) != len(self.loaded["tasks"][name].eval_docs)
+        }
+        with contextlib.redirect_stderr(io.StringIO()):
+            return [
+                TaskRequests.build(
+                    name, task, subsets.get(name), lm, self.seed, self.apply_chat_template
+                )
+                for name, task in self.loaded["tasks"].items()
+            ]
+
+    def longest_request(self, tokenizer, which: str = "search") -> tuple[int, int]:
+        """(the longest input of an item set's requests in tokens of `tokenizer`, the most
+        tokens any of its requests may generate): what sizes the KV cache and the logits of a
+        worker scoring them (search/memory.py). The requests are built as a worker builds them,
+        without a model, so this runs on the driver before any worker starts. Each count may
+        exceed lm-eval's by a token (a BOS it skips) and is not truncated to the model's
+        context: the memory plan caps it."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        inputs: set[str] = set()
+        generate = 0
+        for built in self._build(which, _RequestBuilder(tokenizer)):
+            for instances in built.by_doc.values():
+                for inst in instances:
+                    if inst.request_type == "generate_until":
+                        context, gen_kwargs = inst.args[0], inst.args[1]
+                        gen = normalize_gen_kwargs(dict(gen_kwargs), _MAX_GEN_TOKS)
+                        generate = max(generate, int(gen["max_gen_toks"]))
+                        inputs.add(context)
+                    else:  # loglikelihood: context + continuation; rolling: the whole text
+                        inputs.add("".join(inst.args[:2]))
+        longest = 0
+        texts = sorted(inputs)
+        for start in range(0, len(texts), 256):  # batches keep a large task's memory bounded
+            ids = tokenizer(texts[start : start + 256], add_special_tokens=True)["input_ids"]
+            longest = max([longest, *(len(i) for i in ids)])
+        return longest, generate
 
     def score(
         self,

@@ -1,4 +1,5 @@
-"""Refuse a search early: everything that could fail hours in, checked before any compute.
+"""Refuse a search early: everything that could fail hours in, checked before any compute,
+the workers' memory included (search/memory.py).
 
 Every problem is reported, one line each, instead of the first only.
 """
@@ -7,13 +8,32 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig
 
+if TYPE_CHECKING:
+    from evomerge.fitness.scorer import Scorer
+    from evomerge.search.memory import MemoryPlan
+
+
+@dataclass
+class Checked:
+    """What `check_search` found: every problem, one line each, and the memory plan (None when
+    the models or the search space could not be read)."""
+
+    problems: list[str]
+    plan: MemoryPlan | None = None
+
 
 def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
+    return check_search_plan(cfg, run_dir).problems
+
+
+def check_search_plan(cfg: SearchConfig, run_dir: Path | None) -> Checked:
     from evomerge.fitness.models import check_loadable
     from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import check_compatible
@@ -26,18 +46,49 @@ def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
             ckpts[alias] = Checkpoint(cfg.model_path(alias), label=f"models.{alias}")
         except EvomergeError as e:
             problems.append(str(e))
+    space_ok = False
     if len(ckpts) == len(cfg.models):
         try:
             check_compatible(ckpts, reference=cfg.base)
         except EvomergeError as e:
             problems.append(str(e))
         else:
-            problems += _check_space(cfg)
-    problems += _check_tasks(cfg)
+            space_problems = _check_space(cfg)
+            problems += space_problems
+            space_ok = not space_problems
+    task_problems, scorer = _check_tasks(cfg)
+    problems += task_problems
     problems += _check_workers(cfg)
+    plan = None
+    if space_ok:  # the plan reads the models and the space: only once both are sound
+        plan = _memory_plan(cfg, scorer)
+        # unmeasured, the KV cache and logits are sized at a guessed length: refuse only what
+        # does not fit even at one token (the tasks' problem is reported on its own)
+        line = plan.problem() if plan.sequence.measured else plan.replan(tokens=1).problem()
+        if line is not None:
+            problems.append(line)
     if run_dir is not None:
         problems += _check_run_dir(Path(run_dir))
-    return problems
+    return Checked(problems, plan)
+
+
+def _memory_plan(cfg: SearchConfig, scorer: Scorer | None) -> MemoryPlan:
+    """The memory plan at the length of the longest request a worker will score (the search
+    items, and the rescoring items when the best are rescored), tokenized as the base's
+    tokenizer does; lm-eval's default context when the tasks did not load."""
+    from evomerge.fitness.models import load_tokenizer
+    from evomerge.search.memory import SequenceLength, plan_memory
+
+    sequence = SequenceLength.default("the tasks did not load")
+    if scorer is not None:
+        which = "rescore" if cfg.fitness.rescore.top > 0 else "search"
+        try:
+            tokenizer = load_tokenizer(cfg.model_path(cfg.base))
+            sequence = SequenceLength.of_tasks(*scorer.longest_request(tokenizer, which))
+        except Exception as e:  # noqa: BLE001 - the plan still prints, at the stated default
+            first = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+            sequence = SequenceLength.default(f"the requests could not be measured: {first}")
+    return plan_memory(cfg, sequence)
 
 
 def _check_space(cfg: SearchConfig) -> list[str]:
@@ -62,9 +113,10 @@ def _check_space(cfg: SearchConfig) -> list[str]:
     return problems
 
 
-def _check_tasks(cfg: SearchConfig) -> list[str]:
+def _check_tasks(cfg: SearchConfig) -> tuple[list[str], Scorer | None]:
     """Every task loads (its dataset downloaded here, on the driver, or found in the cache when
-    offline); each one that does not is named."""
+    offline); each one that does not is named. Returns the problems and the search tasks'
+    Scorer, built as a worker builds it (the memory plan measures its requests), or None."""
     from evomerge.fitness.scorer import Scorer
 
     problems = [
@@ -73,18 +125,29 @@ def _check_tasks(cfg: SearchConfig) -> list[str]:
         if not path.is_dir()
     ]
     if problems:
-        return problems
+        return problems, None
     fc = cfg.fitness
     sets = [(fc.tasks, "search"), (cfg.heldout_specs(), "heldout")]
 
-    def load(specs, part) -> None:
-        Scorer(specs, include_paths=cfg.include_paths(), limit=fc.limit, part=part)
+    def load(specs, part) -> Scorer:
+        return Scorer(
+            specs,
+            include_paths=cfg.include_paths(),
+            limit=fc.limit,
+            seed=cfg.cma.seed,
+            num_fewshot=fc.num_fewshot,
+            batch_size=fc.batch_size,
+            apply_chat_template=fc.apply_chat_template,
+            rescore_limit=fc.rescore.limit,
+            part=part,
+        )
 
+    search = None
     for specs, part in sets:
         try:
-            load(specs, part)
+            scorer = load(specs, part)
         except EvomergeError as e:
-            return [f"fitness.tasks: {line}" for line in str(e).splitlines()]
+            return [f"fitness.tasks: {line}" for line in str(e).splitlines()], None
         except Exception:  # noqa: BLE001 - a task that fails to load: find which, name each
             for spec in specs:
                 try:
@@ -92,7 +155,9 @@ def _check_tasks(cfg: SearchConfig) -> list[str]:
                 except Exception as e:  # noqa: BLE001
                     first = str(e).splitlines()[0] if str(e) else type(e).__name__
                     problems.append(f"fitness.tasks: {spec.name}: cannot load: {first}")
-    return list(dict.fromkeys(problems))
+        else:
+            search = scorer if part == "search" else search
+    return list(dict.fromkeys(problems)), search if not problems else None
 
 
 def _check_workers(cfg: SearchConfig) -> list[str]:
@@ -101,6 +166,12 @@ def _check_workers(cfg: SearchConfig) -> list[str]:
     wc = cfg.workers
     if wc.device == "cuda" and wc.address is None and not torch.cuda.is_available():
         return ["workers.device: cuda, but this machine has no CUDA device; use auto or cpu"]
+    visible = torch.cuda.device_count() if wc.address is None and wc.device != "cpu" else 0
+    if visible and wc.gpus_per_worker > visible:
+        return [
+            f"workers.gpus_per_worker: {wc.gpus_per_worker}, but this machine has {visible} "
+            f"GPU{'s' * (visible > 1)}; lower it to {visible} or fewer"
+        ]
     if wc.count and wc.address is None:
         cpus = os.cpu_count() or 1
         if wc.count * wc.cpus_per_worker > cpus:

@@ -289,7 +289,7 @@ def search(
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
     set_env(offline)
-    from evomerge.search.check import check_search, task_code
+    from evomerge.search.check import check_search_plan, task_code
     from evomerge.search.config import SearchConfig
     from evomerge.search.rundir import RunDir
 
@@ -299,12 +299,14 @@ def search(
         cfg = cfg.model_copy(update={"report_to": trackers})
     run_dir = run_dir or Path("runs") / cfg.name
     ensure_zoo(cfg)
-    problems = check_search(cfg, run_dir)
+    checked = check_search_plan(cfg, run_dir)
     for note in task_code(cfg):
         console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    refuse(problems)
+    refuse(checked.problems)  # one line per problem, the memory plan's included
     if check:
-        console.print(f"{config}: ok (models, genome, tasks, workers, run directory)")
+        if checked.plan is not None:
+            console.print(checked.plan.table())
+        console.print(f"{config}: ok (models, genome, tasks, workers, memory, run directory)")
         return
     run = RunDir.create(run_dir, cfg)
     run_and_report(run, trackers)
