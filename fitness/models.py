@@ -58,13 +58,17 @@ def empty_model(path: Path | str, dtype: str, placement):
     move to another. Buffers (rotary frequencies, embedding scales) are computed as usual. A
     model split over several devices is dispatched with accelerate's hooks, which move the
     hidden state from one device to the next. Every parameter must then be written."""
+    import dataclasses
+
     from accelerate import dispatch_model, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):  # parameters on the meta device
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    device_map = placement.device_map(model)
+    # the head goes where the model's own tie puts it (a checkpoint may store a tied head)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    device_map = dataclasses.replace(placement, tied=tied).device_map(model)
     for name, module in model.named_modules():
         if name not in device_map:
             continue
@@ -74,7 +78,7 @@ def empty_model(path: Path | str, dtype: str, placement):
             module._parameters[key] = torch.nn.Parameter(empty, requires_grad=False)
         for key, b in module.named_buffers(recurse=False):
             module._buffers[key] = b.to(device)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()  # the head was given memory of its own above: it is the embedding
     if len(set(device_map.values())) > 1:
         model = dispatch_model(model, device_map=device_map)

@@ -28,6 +28,12 @@ def layer_runs(num_layers: int, devices: int) -> list[range]:
     return runs
 
 
+def tied_head(info, names) -> bool:
+    """Whether the model's head is its embedding: the config ties them (transformers' default
+    where config.json does not say) and the checkpoint holds no head of its own."""
+    return bool(info.tie_word_embeddings) and "lm_head.weight" not in set(names)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Tensor name -> device, from the model's layer count and the devices it is split over."""

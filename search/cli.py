@@ -291,6 +291,7 @@ def search(
     set_env(offline)
     from evomerge.search.check import check_search_plan, task_code
     from evomerge.search.config import SearchConfig
+    from evomerge.search.memory import with_planned_sources
     from evomerge.search.rundir import RunDir
 
     trackers = _report_to(report_to)
@@ -309,6 +310,7 @@ def search(
         console.print(f"{config}: ok (models, genome, tasks, workers, memory, run directory)")
         return
     run = RunDir.create(run_dir, cfg)
+    run.config = with_planned_sources(run.config, checked.plan)  # run.yaml keeps auto
     run_and_report(run, trackers)
 
 
@@ -328,8 +330,9 @@ def resume(
 ):
     """Resume a search from its journal; finished trials are never run again."""
     set_env(offline)
-    from evomerge.search.check import check_search
+    from evomerge.search.check import check_search_plan
     from evomerge.search.config import SearchConfig
+    from evomerge.search.memory import with_planned_sources
     from evomerge.search.rundir import RunDir
 
     trackers = _report_to(report_to)
@@ -337,7 +340,9 @@ def resume(
     run.config = _with_workers(run.config, workers, address)
     ensure_zoo(run.config)
     # resolves the pinned models and loads the tasks here, on the driver: no worker downloads
-    refuse(check_search(run.config, None))
+    checked = check_search_plan(run.config, None)
+    refuse(checked.problems)
+    run.config = with_planned_sources(run.config, checked.plan)
     run_and_report(run, trackers)
 
 

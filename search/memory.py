@@ -162,6 +162,7 @@ class Layout:
     def read(cls, config: SearchConfig) -> Layout:
         from evomerge.merge.architecture import classify
         from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.placement import tied_head
 
         ckpts = {a: Checkpoint(p, label=f"models.{a}") for a, p in config.model_paths().items()}
         base = ckpts[config.base]
@@ -185,7 +186,7 @@ class Layout:
             floating={n: base.dtype(n).is_floating_point for n in names},
             stored=stored,
             num_layers=info.num_layers,
-            tied=info.tie_word_embeddings and not has_head,
+            tied=tied_head(info, names) and not has_head,
             vocab=int(vocab),
             kv_width=_kv_width(text),
             max_length=_max_length(text),
@@ -672,3 +673,13 @@ def choose_sources(
     )
     plan = plan_memory(forced, SequenceLength(sequence, "given"), capacity)
     return "device" if plan.fits_gpus() else "host"
+
+
+def with_planned_sources(config: SearchConfig, plan: MemoryPlan | None) -> SearchConfig:
+    """`config` with workers.sources auto replaced by the driver's choice, where the driver's
+    plan knew the GPUs' memory and the tasks' lengths: a worker left to choose knows its GPU but
+    not the tasks, and would size the KV cache at DEFAULT_SEQUENCE."""
+    wc = config.workers
+    if plan is None or wc.sources != "auto" or not plan.gpu or plan.capacity.gpu is None:
+        return config
+    return config.model_copy(update={"workers": wc.model_copy(update={"sources": plan.sources})})

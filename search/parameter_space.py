@@ -266,14 +266,16 @@ class ResidentCandidate:
 
     def __init__(self, config: SearchConfig, device: str):
         from evomerge.fitness.models import empty_model, load_tokenizer
+        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.placement import tied_head
         from evomerge.merge.resident import ResidentSources
 
         paths = config.model_paths()
-        info = ModelInfo.from_dir(paths[config.base])
+        base = Checkpoint(paths[config.base], label=f"models.{config.base}")
         placement = Placement(
             worker_devices(device, config.workers.gpus_per_worker),
-            info.num_layers,
-            tied=bool(info.raw.get("tie_word_embeddings", False)),
+            base.info.num_layers,
+            tied=tied_head(base.info, base.names),
         )
         where = config.workers.sources
         if where == "auto" and placement.devices == ("cpu",):

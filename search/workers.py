@@ -231,7 +231,8 @@ class SerialExecutor:
             raise
         except Exception as e:  # noqa: BLE001 - as a Ray worker's: one line, traceback on --debug
             text = "".join(traceback.format_exception_only(e))
-            raise EvomergeError(start_failure(f"the worker ({device})", text, device)) from e
+            who = f"the worker ({device})"
+            raise EvomergeError(start_failure(who, text, device, config)) from e
         self.workers = 1
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
@@ -278,9 +279,9 @@ def _is_memory(line: str) -> bool:
     return any(m in line.lower() for m in _MEMORY)
 
 
-def start_failure(who: str, text: str, device: str) -> str:
+def start_failure(who: str, text: str, device: str, config: SearchConfig | None = None) -> str:
     """The one line saying why a worker could not start (`text`: the error's text), and what
-    to change."""
+    to change; for memory, beside the memory plan's figure for the busiest GPU."""
     line = cause_line(text)
     if not _is_memory(line):
         return f"{who} could not start: {line}; `evomerge --debug` shows the worker's traceback"
@@ -290,9 +291,27 @@ def start_failure(who: str, text: str, device: str) -> str:
     else:  # CPU workers on one machine share its memory
         fix = "fewer workers per machine (workers.count) may fit it"
     return (
-        f"{who} could not start: {line}; see `evomerge search CONFIG --check` for the memory "
-        f"plan; {fix}"
+        f"{who} could not start: {line}{_planned(config) if device == 'cuda' else ''}; see "
+        f"`evomerge search CONFIG --check` for the memory plan; {fix}"
     )
+
+
+def _planned(config: SearchConfig | None) -> str:
+    """ ", the memory plan puts N GB on cuda:K" (headers only), or nothing where it cannot say."""
+    if config is None:
+        return ""
+    try:
+        from evomerge.search.memory import plan_memory
+
+        wc = config.workers  # the worker that failed ran on a GPU, whatever the driver sees
+        gpu = config.model_copy(update={"workers": wc.model_copy(update={"device": "cuda"})})
+        totals = plan_memory(gpu).gpu_totals()
+    except Exception:  # noqa: BLE001 - the error being reported matters more than this figure
+        return ""
+    if not totals:
+        return ""
+    where, most = max(totals.items(), key=lambda kv: kv[1])
+    return f" (the memory plan puts {most / 1e9:.1f} GB on {where})"
 
 
 def worker_count(wc: WorkerConfig, resources: dict) -> tuple[int, bool]:
@@ -424,7 +443,7 @@ class RayExecutor:
         node = re.search(r"\bip=([\w.:-]+)", _ANSI.sub("", text))  # the failed task's node
         where += f", node {node.group(1)}" if node else ""
         who = f"worker {self.slot.pop(actor, '?')} of {self.workers} ({where})"
-        return start_failure(who, text, "cuda" if self.use_gpu else "cpu")
+        return start_failure(who, text, "cuda" if self.use_gpu else "cpu", self.config)
 
     def _start_timeouts(self) -> None:
         limit = self.config.workers.start_timeout

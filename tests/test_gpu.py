@@ -195,5 +195,5 @@ def test_memory_plan_matches_what_a_cuda_worker_allocates(bf16_family, tmp_path)
     before = torch.cuda.memory_allocated()
     sources, model = _candidate(bf16_family, "device", "cuda:0")
     allocated = torch.cuda.memory_allocated() - before
-    planned = plan.part_bytes("sources") + plan.part_bytes("candidate")
+    planned = plan.bytes_of("cuda:0", "sources") + plan.bytes_of("cuda:0", "candidate")
     assert abs(allocated - planned) <= 0.05 * planned, (allocated, planned)

@@ -424,3 +424,21 @@ def test_the_gpus_the_driver_sees_are_the_capacity(monkeypatch, tmp_path):
     assert plan.devices == ("cuda:0",) and plan.workers_per_node == 2  # one worker per GPU
     cpu = plan_memory(_tiny_config(paths, device="cpu"), SequenceLength(8, "test"))
     assert cpu.capacity.gpu is None and cpu.devices == ("cpu",)
+
+
+def test_workers_are_handed_the_drivers_choice_of_sources(fams, tiny_zoo):
+    """With the GPUs' memory known, the driver resolves auto (it measured the tasks; a worker
+    would size the KV cache at the default length) and the workers get device or host; with
+    nothing known, auto goes on to the workers, who see their own GPU."""
+    from evomerge.search.memory import with_planned_sources
+
+    for memory, want in (("80GB", "device"), ("48GB", "host")):
+        data = _config(tiny_zoo, fams["7b-bf16"], sources="auto", gpu_memory=memory)
+        data["fitness"]["batch_size"] = 16
+        config = SearchConfig.parse(data)
+        plan = plan_memory(config, SequenceLength(512, "test"))
+        handed = with_planned_sources(config, plan)
+        assert handed.workers.sources == want
+        assert handed.digest() == config.digest()  # a worker setting: the run is the same run
+    unknown = SearchConfig.parse(_config(tiny_zoo, fams["7b-bf16"], sources="auto"))
+    assert with_planned_sources(unknown, plan_memory(unknown)).workers.sources == "auto"

@@ -98,6 +98,7 @@ def test_cli_search_whose_workers_run_out_of_memory_stops_in_one_line(
     text = " ".join(out.split())
     assert "(cuda, 1 GPU, node " in text and f"could not start: {OOM}" in text, out
     assert "see `evomerge search CONFIG --check` for the memory plan" in text, out
+    assert re.search(r"\(the memory plan puts \d+\.\d GB on cuda:0\)", text), out
     assert "workers.sources: host or workers.gpus_per_worker may fit it" in text, out
     assert "ray::" not in text and "creation task" not in text, out
     # one attempt per worker at most, none replaced: the first failure stopped the search
