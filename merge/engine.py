@@ -19,6 +19,7 @@ from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import guard_output, staged_dir, write_marker
 from evomerge.merge.kernels import NonFinite
+from evomerge.merge.masks import CounterDraws, Generator
 from evomerge.merge.parallel import Workers, merge_threads, single_thread
 from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.recipe import Group, ParameterSpace, Recipe
@@ -179,9 +180,12 @@ def merge_job(
     ps = recipe.parameter_space
     assert ps is not None
     method = ps.merge_method
-    generator = None
+    generator: Generator | None = None
     if method.random:
-        generator = torch.Generator().manual_seed(tensor_seed(ps.seed, job.name))
+        seed = tensor_seed(ps.seed, job.name)
+        generator = (
+            CounterDraws(seed) if ps.masks == "counter" else torch.Generator().manual_seed(seed)
+        )
     inputs = TensorInputs(
         base=loaded["base"],
         sources=loaded["sources"],

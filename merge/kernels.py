@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evomerge.merge import masks
+from evomerge.merge.masks import Generator
 from evomerge.merge.parallel import Workers
 from evomerge.merge.sparsify import Rescale, _kth_largest
 
@@ -152,11 +154,15 @@ def rank_cut(
 class Thin:
     """How one model's task vector is thinned, chunk by chunk (`merge.sparsify`'s semantics)."""
 
-    kind: str  # "all": unchanged; "zero": all dropped; "rank": cut(s); "mask": a given mask
+    # "all": unchanged; "zero": all dropped; "rank": cut(s); "mask": a given mask; "counter":
+    # kept where the counter draw of the entry is below `density` (masks.uniform_np)
+    kind: str
     divide: float | None = None  # inverse_density: the kept entries divided by the density
     keep: Cut | None = None  # rank: kept = first `keep` ...
     drop: Cut | None = None  # ... less the first `drop` (breadcrumbs' outliers)
-    mask: torch.Tensor | None = None  # mask: a flat bool tensor (DARE's random draw)
+    mask: torch.Tensor | None = None  # mask: a flat bool tensor (DARE's sequential draw)
+    key: int = 0  # counter: the stream's key
+    density: float = 1.0  # counter
 
     def apply(self, d: torch.Tensor, lo: int, ws: Workers) -> torch.Tensor:
         """The thinned chunk. Masks multiply, also for TIES, whose reference drops entries with
@@ -174,6 +180,10 @@ class Thin:
         if self.kind == "mask":
             assert self.mask is not None
             np.copyto(keep_f.numpy(), self.mask[lo : lo + n].numpy(), casting="unsafe")
+        elif self.kind == "counter":  # this chunk's own draws: no whole-tensor mask
+            draws = masks.uniform_np(self.key, lo, lo + n)
+            np.less(draws, np.float32(self.density), out=ws.scratch("keep", n, torch.bool).numpy())
+            np.copyto(keep_f.numpy(), ws.scratch("keep", n, torch.bool).numpy(), casting="unsafe")
         else:
             keep = ws.scratch("keep", n, torch.bool).numpy()
             if self.keep is None and self.drop is None:  # the cut keeps every entry
@@ -200,7 +210,7 @@ def _plan_thin(
     rescale: Rescale,
     n: int,
     shape: torch.Size,
-    generator: torch.Generator | None,
+    generator: Generator | None,
     cut: Callable[[int], Cut],
 ) -> Thin:
     """The reference's decisions for one model (merge.sparsify), without touching the data
@@ -231,6 +241,10 @@ def _plan_thin(
             keep=cut(top) if top < n else None,
             drop=cut(first) if first > 0 else None,
         )
+    if sparsifier == "random" and isinstance(generator, masks.CounterDraws):
+        if n >= masks.MAX_ENTRIES:
+            raise ValueError(f"a tensor of {n} entries: counter masks take under 2^32")
+        return Thin("counter", divide=divide, key=generator.next_key(), density=density)
     if sparsifier == "random":
         assert generator is not None
         draws = torch.rand(shape, generator=generator).reshape(-1)  # the reference's draws
@@ -249,7 +263,7 @@ def task_vector_into(
     lambda_: float,
     normalize: bool,
     rescale: Rescale,
-    generator: torch.Generator | None,
+    generator: Generator | None,
     out: torch.Tensor,
     ws: Workers,
 ) -> None:

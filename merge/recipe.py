@@ -110,6 +110,9 @@ class ParameterSpace(BaseModel):
     normalize: bool | None = None  # None: the method's default
     rescale: Rescale | None = None  # None: the method's default
     seed: int = 0
+    # which generator draws random methods' masks (merge.masks): counter, what searches write;
+    # torch, the sequential generator of recipes written before it, which they rebuild
+    masks: Literal["torch", "counter"] = "torch"
     groups: list[Group] = Field(min_length=1)
 
     @property

@@ -22,6 +22,7 @@ import torch
 
 from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.masks import Generator
 from evomerge.merge.parallel import Workers, single_thread
 from evomerge.merge.sparsify import Rescale
 
@@ -70,7 +71,7 @@ class TensorInputs:
     group: dict[str, float]  # every declared group parameter
     normalize: bool = False
     rescale: Rescale = Rescale.none
-    generator: torch.Generator | None = None  # seeded, for random methods
+    generator: Generator | None = None  # seeded, for random methods
 
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
@@ -196,25 +197,25 @@ class Sparsifier:
     """Thins one task vector: the first primitive of the task-vector family."""
 
     params: tuple[Param, ...]
-    thin: Callable[[torch.Tensor, dict[str, float], Rescale, torch.Generator | None], torch.Tensor]
+    thin: Callable[[torch.Tensor, dict[str, float], Rescale, Generator | None], torch.Tensor]
     random: bool = False
     kernel: str | None = None  # its name in merge.kernels' chunked path, if it has one
 
 
-def _magnitude(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+def _magnitude(d: torch.Tensor, p: dict, rescale: Rescale, g: Generator | None):
     return sparsify.magnitude(d, p["density"], rescale)
 
 
-def _outliers(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+def _outliers(d: torch.Tensor, p: dict, rescale: Rescale, g: Generator | None):
     return sparsify.magnitude_outliers(d, p["density"], p["gamma"], rescale)
 
 
-def _random(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+def _random(d: torch.Tensor, p: dict, rescale: Rescale, g: Generator | None):
     assert g is not None  # merge_tensor gives every random method its seeded generator
     return sparsify.random(d, p["density"], g, rescale)
 
 
-def _della(d: torch.Tensor, p: dict, rescale: Rescale, g: torch.Generator | None):
+def _della(d: torch.Tensor, p: dict, rescale: Rescale, g: Generator | None):
     assert g is not None
     return sparsify.della_magprune(d, p["density"], p["epsilon"], g, rescale)
 

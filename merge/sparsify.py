@@ -22,6 +22,8 @@ from enum import Enum
 import numpy as np
 import torch
 
+from evomerge.merge import masks
+
 
 class Rescale(str, Enum):
     """How kept entries are rescaled after dropping."""
@@ -162,13 +164,13 @@ def magnitude_outliers(
 def random(
     delta: torch.Tensor,
     density: float,
-    generator: torch.Generator,
+    generator: masks.Generator,
     rescale: Rescale = Rescale.inverse_density,
 ) -> torch.Tensor:
     """Keep each entry with probability `density` (DARE, Yu et al. 2023)."""
     if density >= 1:
         return delta
-    mask = torch.rand(delta.shape, generator=generator) < density
+    mask = masks.uniform(generator, delta.shape, delta.device) < density
     return _apply_mask(delta, mask.to(delta.device, delta.dtype), rescale, density)
 
 
@@ -176,7 +178,7 @@ def della_magprune(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    generator: masks.Generator,
     rescale: Rescale = Rescale.inverse_density,
 ) -> torch.Tensor:
     """Keep entries with probabilities rising with their magnitude rank in each row (DELLA).
@@ -199,7 +201,8 @@ def della_magprune(
     ranks = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))  # 0 = smallest
     width = max(rows.shape[1] - 1, 1)
     probs = (density - epsilon) + (ranks / width) * 2 * epsilon
-    keep = torch.rand(rows.shape, generator=generator) < probs.cpu()
+    draws = masks.uniform(generator, rows.shape, rows.device)
+    keep = draws < probs.to(draws.device)
     mask = keep.to(delta.device, delta.dtype).reshape(delta.shape)
     return _apply_mask(delta, mask, rescale, probs.reshape(delta.shape))
 

@@ -62,6 +62,9 @@ class MergeSpace(_Strict):
     # the candidate's dtype; auto: the checkpoints' own (the base's floating dtype), so bf16
     # sources give a bf16 candidate (SearchConfig.merge_dtype resolves it)
     dtype: Literal["auto"] | DType = "auto"
+    # random methods' masks (merge.masks): counter draws, computed per chunk where the tensor
+    # is; torch, the sequential CPU generator (runs started before counter masks keep it)
+    masks: Literal["torch", "counter"] = "counter"
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +215,12 @@ class RacingConfig(_Strict):
 
 class FitnessConfig(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
+    # what answers lm-eval's requests: hf, the candidate as a transformers model in the worker
+    # (lm-eval's HFLM); vllm, one vLLM engine per worker that every candidate is written into
+    # (fitness/vllm_backend.py; `pip install 'evomerge[vllm]'`). Same requests, same greedy
+    # settings, same per-item scores; vllm pays off on GPUs and models large enough for its
+    # batching to win (README, "Fitness backends")
+    backend: Literal["hf", "vllm"] = "hf"
     include: list[str] = Field(default_factory=list)  # extra lm-eval task directories
     limit: int | float | None = None  # items per task: a count, or a fraction <= 1
     num_fewshot: int | None = Field(None, ge=0)
@@ -321,6 +330,11 @@ class SearchConfig(_Strict):
             raise ValueError(
                 "cma.active: racing decides only the best half's ranks, which active CMA's "
                 "negative weights would also read; leave cma.active unset (off under racing)"
+            )
+        if self.dfs is not None and self.fitness.backend == "vllm":
+            raise ValueError(
+                "fitness.backend: vllm scores parameter-space searches; a data-flow path "
+                "rewires the model's layers per candidate, which a vLLM engine cannot: use hf"
             )
         if self.dfs is not None:
             # "ps": the parameter-space stage, fixed (dfs.ps_recipe) or searched with the path

@@ -152,6 +152,8 @@ class ParameterSearch(SearchSpace):
         }
         if space.normalize is not None:
             ps["normalize"] = space.normalize
+        if self.method.random:
+            ps["masks"] = space.masks
         return Recipe.parse(
             {
                 "dtype": self.dtype,
@@ -207,7 +209,7 @@ class ParameterSearch(SearchSpace):
             )
         sparse = {e: {"weight": 1.0, "density": 0.5} for e in experts}
         out["ties (density 0.5)"] = one("ties", sparse)
-        out["dare_ties (density 0.5)"] = one("dare_ties", sparse, seed=0)
+        out["dare_ties (density 0.5)"] = one("dare_ties", sparse, seed=0, masks=cfg.space.masks)
         return out
 
     def references(self) -> dict[str, Recipe]:

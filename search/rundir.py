@@ -124,7 +124,14 @@ class RunDir:
         if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise EvomergeError(f"{meta_path}: format {found!r}, expected {RUN_FORMAT}")
-        stored = SearchConfig.parse(meta.get("config"), f"{meta_path} (config)")
+        data = meta.get("config")
+        if isinstance(data, dict) and isinstance(data.get("space"), dict):
+            # a run started before counter masks drew its masks with torch's generator
+            data["space"].setdefault("masks", "torch")
+        stored = SearchConfig.parse(data, f"{meta_path} (config)")
+        if config is not None and "masks" not in config.space.model_fields_set:
+            space = config.space.model_copy(update={"masks": stored.space.masks})
+            config = config.model_copy(update={"space": space})
         if config is not None and config.digest() != stored.digest():
             fields = changed_fields(stored.decisions(), config.decisions())
             raise EvomergeError(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from evomerge.merge import kernels, parallel
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.masks import CounterDraws
 from evomerge.merge.parallel import Workers, merge_threads
 from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.registry import (
@@ -40,7 +41,7 @@ def workers():
     w.close()
 
 
-def _inputs(name, shape, dtype, density, rescale, normalize, lam, seed, ties):
+def _inputs(name, shape, dtype, density, rescale, normalize, lam, seed, ties, counter=False):
     m = METHODS[name]
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
@@ -65,7 +66,9 @@ def _inputs(name, shape, dtype, density, rescale, normalize, lam, seed, ties):
             group=values(m.group_params, {"lambda": lam, "t": 0.3}),
             normalize=normalize,
             rescale=rescale,
-            generator=torch.Generator().manual_seed(5) if m.random else None,
+            generator=(CounterDraws(5) if counter else torch.Generator().manual_seed(5))
+            if m.random
+            else None,
         )
 
     return m, make
@@ -80,7 +83,10 @@ def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
 CHUNKED = [n for n, m in METHODS.items() if m.merge_into is not None and "della" not in n]
 
 
-@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize(
+    "name,counter",  # random methods with either generator's masks
+    [(n, False) for n in CHUNKED] + [(n, True) for n in CHUNKED if METHODS[n].random],
+)
 @pytest.mark.parametrize(
     "dtype,out_dtype",
     [
@@ -90,9 +96,13 @@ CHUNKED = [n for n, m in METHODS.items() if m.merge_into is not None and "della"
         (torch.float32, torch.bfloat16),
     ],
 )
-def test_chunked_merge_is_the_reference_bit_for_bit(small_chunks, workers, name, dtype, out_dtype):
+def test_chunked_merge_is_the_reference_bit_for_bit(
+    small_chunks, workers, name, dtype, out_dtype, counter
+):
     """Every method with a chunked path, over densities (sampled and whole-tensor cuts, k = n),
-    rescales, normalize and lambda, with and without ties at the cut: the same bits."""
+    rescales, normalize and lambda, with and without ties at the cut, random masks from either
+    generator (counter draws made per chunk in the kernel, for the whole tensor in the
+    reference): the same bits."""
     cases = itertools.product(
         [(7, 13), (96, 100)],  # one chunk; 10 chunks, sampled cut
         [0.5, 0.05, 0.9999, 1.0],
@@ -101,7 +111,7 @@ def test_chunked_merge_is_the_reference_bit_for_bit(small_chunks, workers, name,
         [False, True],
     )
     for shape, density, rescale, (normalize, lam), ties in cases:
-        m, make = _inputs(name, shape, dtype, density, rescale, normalize, lam, 1, ties)
+        m, make = _inputs(name, shape, dtype, density, rescale, normalize, lam, 1, ties, counter)
         ref = merge_tensor(m, make()).to(out_dtype)
         out = torch.full(shape, 7.0, dtype=out_dtype)
         merge_tensor_into(m, make(), out, workers)
