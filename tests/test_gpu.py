@@ -197,3 +197,16 @@ def test_memory_plan_matches_what_a_cuda_worker_allocates(bf16_family, tmp_path)
     allocated = torch.cuda.memory_allocated() - before
     planned = plan.bytes_of("cuda:0", "sources") + plan.bytes_of("cuda:0", "candidate")
     assert abs(allocated - planned) <= 0.05 * planned, (allocated, planned)
+
+
+def test_counter_masks_on_cuda_are_the_cpus():
+    """DARE's counter draws made on the GPU (integer torch ops) are the CPU's NumPy draws, bit
+    for bit, so a dare_ties candidate merged on a GPU is the one rebuilt on a CPU."""
+    from evomerge.merge.masks import CounterDraws, uniform_np, uniform_torch
+
+    for key, lo, n in [(0, 0, 1 << 20), (0xDEADBEEF, (1 << 32) - (1 << 20), 1 << 20)]:
+        gpu = uniform_torch(key, lo, lo + n, "cuda").cpu().numpy()
+        assert np.array_equal(gpu.view(np.uint32), uniform_np(key, lo, lo + n).view(np.uint32))
+    a = CounterDraws(3).uniform((512, 300), "cuda").cpu()
+    b = CounterDraws(3).uniform((512, 300), "cpu")
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
