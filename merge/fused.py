@@ -11,12 +11,14 @@ against (tests/test_fused.py runs both on a CPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from evomerge.merge.kernels import NonFinite
+from evomerge.merge.masks import CounterDraws
 from evomerge.merge.sparsify import _kth_largest
 
 F32 = torch.float32
@@ -94,6 +96,34 @@ def combine_compiled(*args) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001 - a compiler failure: eager is correct, only slower
         _eager(e)
         return combine(*args)
+
+
+GPU_CHUNK = 1 << 24  # entries a chunk: its fp32 temporaries are tens of MB, not a tensor's GBs
+
+
+def chunked_into(merge: Callable, x, out: torch.Tensor, chunk: int | None = None) -> None:
+    """`merge` (an elementwise method's reference: registry.Method.elementwise) over chunks of
+    the flat inputs, each result written into its slice of `out`: the reference's bits, with
+    the temporaries of one chunk instead of a dozen of the whole tensor (on a 70B embedding,
+    25 GB). A random method's counter draws start at the chunk's first entry."""
+    chunk = chunk or GPU_CHUNK
+    n = out.numel()
+    flat_out = out.view(-1)
+    base = x.base.reshape(-1) if x.base is not None else None
+    sources = [s.reshape(-1) for s in x.sources]
+    g = x.generator
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        part = dataclasses.replace(
+            x,
+            base=None if base is None else base[lo:hi],
+            sources=[s[lo:hi] for s in sources],
+            generator=None if g is None else CounterDraws(g.seed, lo),
+        )
+        merged = merge(part)
+        if not bool(torch.isfinite(merged).all()):
+            raise NonFinite
+        flat_out[lo:hi].copy_(merged.reshape(-1))
 
 
 def device_cut(a: torch.Tensor, k: int) -> tuple[float, int]:

@@ -242,8 +242,8 @@ def _plan_thin(
             drop=cut(first) if first > 0 else None,
         )
     if sparsifier == "random" and isinstance(generator, masks.CounterDraws):
-        if n >= masks.MAX_ENTRIES:
-            raise ValueError(f"a tensor of {n} entries: counter masks take under 2^32")
+        if n > masks.MAX_ENTRIES:
+            raise ValueError(f"a tensor of {n} entries: counter masks take at most 2^32")
         return Thin("counter", divide=divide, key=generator.next_key(), density=density)
     if sparsifier == "random":
         assert generator is not None

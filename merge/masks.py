@@ -82,8 +82,9 @@ class CounterDraws:
     """The random draws of one tensor's merge: stream 0 for its first draw (the first merged
     model), stream 1 for the next, ... as a sequential generator's successive draws."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, offset: int = 0):
         self.seed = seed
+        self.offset = offset  # the first entry's position: a chunk's draws are its own
         self.streams = 0
 
     def next_key(self) -> int:
@@ -94,12 +95,13 @@ class CounterDraws:
     def uniform(self, shape: torch.Size | tuple[int, ...], device: torch.device | str):
         """The next stream's draws for a whole tensor of `shape`, on `device`."""
         n = int(np.prod(shape)) if len(shape) else 1
-        if n >= MAX_ENTRIES:
-            raise ValueError(f"a tensor of {n} entries: counter masks take under 2^32")
+        lo, hi = self.offset, self.offset + n
+        if hi > MAX_ENTRIES:
+            raise ValueError(f"entries up to {hi}: counter masks take at most 2^32")
         key = self.next_key()
         if torch.device(device).type == "cpu":
-            return torch.from_numpy(uniform_np(key, 0, n)).reshape(shape)
-        return uniform_torch(key, 0, n, device).reshape(shape)
+            return torch.from_numpy(uniform_np(key, lo, hi)).reshape(shape)
+        return uniform_torch(key, lo, hi, device).reshape(shape)
 
 
 def uniform(generator, shape, device) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.masks import Generator
+from evomerge.merge.masks import CounterDraws, Generator
 from evomerge.merge.parallel import Workers, single_thread
 from evomerge.merge.sparsify import Rescale
 
@@ -97,6 +97,9 @@ class Method:
     default_rescale: Rescale = Rescale.none
     mergekit: bool = True  # mergekit has it under this name, with the same parameter names
     merge_into: MergeIntoFn | None = None  # optional: `merge` chunked, in place (merge.kernels)
+    # every output entry reads only the same entry of the inputs (and, for a random method, that
+    # entry's counter draw): off a CPU, `merge` then runs a chunk at a time (fused.chunked_into)
+    elementwise: bool = False
 
     def param(self, name: str) -> Param:
         for p in (*self.model_params, *self.group_params):
@@ -165,10 +168,25 @@ def merge_tensor_into(
             and method.merge_into(inputs, out, workers)
         ):
             return
+        if out.device.type != "cpu" and out.is_contiguous() and chunkable(method, inputs):
+            fused.chunked_into(method.merge, inputs, out)
+            return
         merged = method.merge(inputs)
         if not bool(torch.isfinite(merged).all()):
             raise kernels.NonFinite
         out.copy_(merged.reshape(out.shape))
+
+
+def chunkable(method: Method, inputs: TensorInputs | None = None, masks: str = "counter") -> bool:
+    """Whether `method` (with these inputs, or a recipe's `masks`) merges a chunk at a time off a
+    CPU: elementwise, no L1 rescale (whole-tensor sums), and random draws that are per entry."""
+    if not method.elementwise:
+        return False
+    if inputs is None:
+        return not method.random or masks == "counter"
+    if inputs.rescale is Rescale.l1:
+        return False
+    return not method.random or isinstance(inputs.generator, CounterDraws)
 
 
 # -- the parameters ---------------------------------------------------------------------------
@@ -292,6 +310,7 @@ def task_vector_method(
         needs_base=True,
         min_models=0,  # a group of the base alone keeps the base
         random=bool(sparsifier and sparsifier.random),
+        elementwise=sparsifier in (None, RANDOM),  # magnitude cuts and DELLA's ranks are not
         options=("normalize", "rescale"),
         default_normalize=default_normalize,
         default_rescale=default_rescale,
@@ -349,6 +368,7 @@ for _method in [
         options=("normalize",),
         default_normalize=True,
         merge_into=_linear_into,
+        elementwise=True,
     ),
     Method(
         "slerp",
@@ -364,6 +384,7 @@ for _method in [
         _passthrough,
         max_models=1,
         merge_into=_passthrough_into,
+        elementwise=True,
     ),
     task_vector_method(
         "task_arithmetic",

@@ -11,8 +11,9 @@ that fixes it (`evomerge search --check` prints the whole plan). What it counts,
   streaming window, `engine.READ_AHEAD` bytes read ahead plus the inputs of the tensor being
   merged);
 - the candidate: every tensor of the base in the merge dtype (integer tensors as stored);
-- merge temporaries: the GPU merge path computes a tensor in fp32 as whole-tensor temporaries,
-  (models read + 2) x the largest tensor on the device x 4 bytes;
+- merge temporaries: the GPU merge path computes in fp32, (models read + 2) x the largest
+  tensor on the device x 4 bytes, or x one chunk (fused.GPU_CHUNK entries) for the methods that
+  merge a chunk at a time (linear, task arithmetic, DARE with counter masks);
 - the KV cache and the logits (fp32, and lm-eval's log_softmax of them) of one scoring batch at
   the tasks' longest request;
 - a fixed reserve per GPU for the CUDA context and the allocator's fragmentation.
@@ -157,12 +158,16 @@ class Layout:
     stage: Literal["none", "fixed", "searched"] = "none"
     stage_dtype: str = "float32"  # a fixed stage: its recipe's dtype
     hops: int = 0  # data flow: the most hops (layers) a path runs
+    # the method merges a chunk at a time off a CPU (fused.chunked_into): its fp32 temporaries
+    # are those of one chunk, not of the device's largest tensor
+    chunked: bool = False
 
     @classmethod
     def read(cls, config: SearchConfig) -> Layout:
         from evomerge.merge.architecture import classify
         from evomerge.merge.checkpoint import Checkpoint
         from evomerge.merge.placement import tied_head
+        from evomerge.merge.registry import chunkable, get_method
 
         ckpts = {a: Checkpoint(p, label=f"models.{a}") for a, p in config.model_paths().items()}
         base = ckpts[config.base]
@@ -190,6 +195,7 @@ class Layout:
             vocab=int(vocab),
             kv_width=_kv_width(text),
             max_length=_max_length(text),
+            chunked=chunkable(get_method(config.space.method), masks=config.space.masks),
             **extra,
         )
 
@@ -278,6 +284,7 @@ class Row:
 def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
     """Every part on every device of one worker (`aliases`: the models merged, base first)."""
     from evomerge.merge.engine import READ_AHEAD
+    from evomerge.merge.fused import GPU_CHUNK
     from evomerge.merge.placement import Placement
 
     devices = _devices(s)
@@ -310,10 +317,10 @@ def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
                     out["sources", d if s.sources == "device" or not gpu else HOST] += (
                         layout.stored[a][n]
                     )
-            # the GPU merge path: a tensor's inputs and two more, whole, in fp32
-            out["merge temporaries", d] += (
-                (len(aliases) + 2) * max(layout.numel[n] for n in names) * 4
-            )
+            # the GPU merge path: a tensor's inputs and two more in fp32, whole or a chunk's
+            largest = max(layout.numel[n] for n in names)
+            entries = min(largest, GPU_CHUNK) if layout.chunked else largest
+            out["merge temporaries", d] += (len(aliases) + 2) * entries * 4
             if gpu and s.sources == "host":  # read ahead, plus the tensor being merged
                 inputs = max(sum(layout.stored[a][n] for a in aliases) for n in names)
                 out["sources window", d] += READ_AHEAD + inputs

@@ -81,3 +81,45 @@ def test_a_compiler_that_fails_on_first_call_falls_back_to_eager(monkeypatch):
     with pytest.warns(UserWarning, match="TIES runs eagerly"):
         _check(compile=True)
     assert fused._compiled["fn"] is fused.combine
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, m in METHODS.items() if m.elementwise]
+)  # linear, passthrough, task arithmetic, DARE
+def test_chunked_off_cpu_path_is_the_reference_bit_for_bit(name):
+    """What a GPU runs for the elementwise methods (the reference a chunk at a time, counter
+    draws from each chunk's first entry), run here on CPU tensors: the reference's bits, on
+    bf16 sources, for chunk sizes that do and do not divide the tensor."""
+    from evomerge.merge.masks import CounterDraws
+    from evomerge.merge.registry import chunkable
+
+    m = METHODS[name]
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(91, 57, generator=g).to(torch.bfloat16)
+    srcs = [
+        (base.float() + 0.02 * torch.randn(91, 57, generator=g)).to(torch.bfloat16)
+        for _ in range(3)
+    ]
+    given_ = [{"weight": w, "density": d} for w, d in ((0.6, 0.3), (-0.3, 0.8), (0.5, 0.5))]
+    params = [values(m.model_params, p) for p in given_]
+    if m.max_models == 1:
+        srcs, params = srcs[:1], params[:1]
+    for normalize, rescale in [(False, Rescale.none), (True, Rescale.inverse_density)]:
+
+        def make(normalize=normalize, rescale=rescale) -> TensorInputs:
+            return TensorInputs(
+                base if m.needs_base else None,
+                srcs,
+                params,
+                values(m.group_params, {"lambda": 1.3}),
+                normalize,
+                rescale if "rescale" in m.options else Rescale.none,
+                CounterDraws(21) if m.random else None,
+            )
+
+        assert chunkable(m, make())
+        want = merge_tensor(m, make())
+        for chunk in (1000, 91 * 57, 1 << 20):
+            out = torch.full((91, 57), 7.0)
+            fused.chunked_into(m.merge, make(), out, chunk=chunk)
+            assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (chunk, normalize)

@@ -46,8 +46,12 @@ def bf16_family(tmp_path_factory):
 
 
 def _recipe(paths, method):
+    """`method`, or `method:counter` for a random method's counter masks."""
+    method, _, masks = method.partition(":")
     data = recipe_dict(paths, method, layers=LAYERS)
     data["dtype"] = "bfloat16"
+    if masks:
+        data["parameter_space"]["masks"] = masks
     return Recipe.parse(data)
 
 
@@ -77,11 +81,17 @@ def _candidate(paths, where, device):
     return sources, empty_model(paths["base"], "bfloat16", placement)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "linear"])
-def test_bf16_resident_candidate_on_cuda_matches_cpu(bf16_family, method):
-    """bf16 sources resident on the GPU, a bf16 candidate: elementwise methods give the CPU's
-    bits exactly (DARE's masks come from the same CPU generator); TIES, compiled into one
-    fused kernel, within a bf16 unit."""
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "dare_ties:counter", "task_arithmetic", "linear"]
+)
+def test_bf16_resident_candidate_on_cuda_matches_cpu(bf16_family, method, monkeypatch):
+    """bf16 sources resident on the GPU, a bf16 candidate: elementwise methods (merged a chunk
+    at a time there) give the CPU's bits exactly, DARE's masks drawn on the CPU (torch's
+    generator) or on the GPU (counter draws); TIES, compiled into one fused kernel, within a
+    bf16 unit."""
+    from evomerge.merge import fused
+
+    monkeypatch.setattr(fused, "GPU_CHUNK", 100_000)  # several chunks per tensor
     recipe = _recipe(bf16_family, method)
     sources, model = _candidate(bf16_family, "device", "cuda:0")
     assert all(

@@ -149,5 +149,7 @@ def test_searches_write_counter_masks_and_old_runs_keep_theirs(tmp_path, tiny_zo
 
 def test_counter_masks_refuse_tensors_past_their_positions():
     with pytest.raises(ValueError, match="2\\^32"):
-        CounterDraws(0).uniform((1 << 16, 1 << 16), "cpu")
+        CounterDraws(0).uniform(((1 << 16) + 1, 1 << 16), "cpu")  # refused before drawing
+    with pytest.raises(ValueError, match="2\\^32"):
+        CounterDraws(0, offset=(1 << 32) - 10).uniform((11,), "cpu")
     assert masks.MAX_ENTRIES == 1 << 32

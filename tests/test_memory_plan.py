@@ -442,3 +442,24 @@ def test_workers_are_handed_the_drivers_choice_of_sources(fams, tiny_zoo):
         assert handed.digest() == config.digest()  # a worker setting: the run is the same run
     unknown = SearchConfig.parse(_config(tiny_zoo, fams["7b-bf16"], sources="auto"))
     assert with_planned_sources(unknown, plan_memory(unknown)).workers.sources == "auto"
+
+
+def test_elementwise_methods_plan_one_chunks_temporaries(fams, tiny_zoo):
+    """Task arithmetic (and linear, DARE with counter masks) merge a chunk at a time on a GPU:
+    their fp32 temporaries are a chunk's, where TIES needs its largest tensor's whole (on a 70B
+    embedding, 25 GB)."""
+    from evomerge.merge.fused import GPU_CHUNK
+
+    def plan(method: str, masks: str = "counter"):
+        data = _config(
+            tiny_zoo, fams["70b-bf16"], sources="host", gpus_per_worker=8, gpu_memory="80GB"
+        )
+        data["space"].update(method=method, masks=masks)
+        return plan_memory(SearchConfig.parse(data), SequenceLength(64, "test"))
+
+    chunk = (4 + 2) * GPU_CHUNK * 4  # base + 3 experts, two more, fp32
+    for method in ("task_arithmetic", "linear", "dare_ties"):
+        assert plan(method).bytes_of("cuda:0", "merge temporaries") == chunk, method
+    whole = plan("ties").bytes_of("cuda:0", "merge temporaries")
+    assert whole == 6 * 128256 * 8192 * 4  # the embedding, whole
+    assert plan("dare_ties", masks="torch").bytes_of("cuda:0", "merge temporaries") == whole
