@@ -246,7 +246,7 @@ def _plan_thin(
             raise ValueError(f"a tensor of {n} entries: counter masks take at most 2^32")
         return Thin("counter", divide=divide, key=generator.next_key(), density=density)
     if sparsifier == "random":
-        assert generator is not None
+        assert isinstance(generator, torch.Generator)
         draws = torch.rand(shape, generator=generator).reshape(-1)  # the reference's draws
         # `draws < density` in NumPy: the same fp32 comparison, without torch's slow bool output
         mask = torch.from_numpy(np.less(draws.numpy(), np.float32(density)))
