@@ -241,9 +241,15 @@ class Scorer:
         """Wrap the resident model once; later in-place weight changes are seen by `score`."""
         from evomerge.fitness.requests import ReusableHFLM
 
-        self.lm = ReusableHFLM(
+        lm = ReusableHFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=device
         )
+        return self.bind_lm(lm)
+
+    def bind_lm(self, lm) -> Scorer:
+        """Score through an lm-eval LM that holds the model itself (the vLLM backend's
+        engine-backed wrapper, fitness/vllm_backend.py): requests are built as for `bind`."""
+        self.lm = lm
         # prompts depend on the tasks and the seed, and on the tokenizer only through a chat
         # template: built once per item set unless one is applied
         if self.apply_chat_template:

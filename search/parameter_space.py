@@ -180,6 +180,8 @@ class ParameterSearch(SearchSpace):
 
     # -- worker side --------------------------------------------------------------------------
     def candidate(self, device: str, provided: dict[str, Any] | None = None) -> Candidate:
+        if self.config.fitness.backend == "vllm":
+            return EngineCandidate(self.config, device)
         return ResidentCandidate(self.config, device)
 
     # -- hooks --------------------------------------------------------------------------------
@@ -292,6 +294,65 @@ class ResidentCandidate:
 
     def materialize(self, recipe: Recipe) -> None:
         self.sources.materialize(recipe, self.model)
+
+
+class EngineCandidate:
+    """The vLLM backend's worker side (`fitness.backend: vllm`): the sources resident as for
+    ResidentCandidate, and no eval model of the worker's own: the merge goes a tensor at a time
+    from `merge_stream` (the bits `evomerge merge` writes) into one vLLM engine, in place
+    (fitness/vllm_backend.py). The engine runs tensor parallel over the worker's GPUs
+    (`workers.gpus_per_worker`). On one GPU the merge runs there, from sources on it
+    (`workers.sources: device`) or streamed from host memory (host, and auto: the engine's
+    weights and KV cache share that GPU); over several, the merge runs on the CPU and each
+    rank loads its shard of every merged tensor."""
+
+    model: Any = None  # the engine holds the candidate's weights
+
+    def __init__(self, config: SearchConfig, device: str):
+        from evomerge.fitness.models import load_tokenizer
+        from evomerge.fitness.vllm_backend import Engine
+        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.placement import tied_head
+        from evomerge.merge.resident import ResidentSources, Where
+
+        paths = config.model_paths()
+        base = Checkpoint(paths[config.base], label=f"models.{config.base}")
+        wc = config.workers
+        ranks = wc.gpus_per_worker if device == "cuda" else 1
+        if device == "cuda":
+            worker_devices(device, ranks)  # refuses a worker seeing fewer GPUs, in one line
+        self.device = "cuda:0" if device == "cuda" and ranks == 1 else "cpu"
+        where: Where = "device" if self.device == "cpu" or wc.sources == "device" else "host"
+        tied = tied_head(base.info, base.names)
+        placement = Placement((self.device,), base.info.num_layers, tied=tied)
+        self.sources = ResidentSources(paths, config.base, placement, where)
+        self.engine = Engine(
+            paths[config.base],
+            config.merge_dtype,
+            "cuda" if device == "cuda" else "cpu",
+            tensor_parallel=ranks,
+            max_num_seqs=config.fitness.batch_size,
+            seed=config.cma.seed,
+        )
+        self.tokenizer = load_tokenizer(paths[config.base])
+
+    def lm(self, batch_size: int):
+        """The lm-eval LM answering the Scorer's requests with this engine."""
+        from evomerge.fitness.vllm_backend import engine_lm
+
+        return engine_lm(self.engine, self.tokenizer, batch_size)
+
+    def materialize(self, recipe: Recipe) -> None:
+        from evomerge.merge.engine import merge_stream
+
+        stream = merge_stream(
+            recipe,
+            self.sources.models,
+            self.device,
+            workers=self.sources.workers,
+            read_ahead=self.sources.where == "host",
+        )
+        self.engine.write((job.name, tensor) for job, tensor in stream)
 
 
 def worker_devices(device: str, gpus: int) -> tuple[str, ...]:

@@ -104,7 +104,13 @@ class TrialWorker:
             apply_chat_template=fc.apply_chat_template,
             rescore_limit=fc.rescore.limit,
         )
-        self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
+        if fc.backend == "vllm":  # the engine holds the candidate and answers the requests
+            from evomerge.search.parameter_space import EngineCandidate
+
+            assert isinstance(self.candidate, EngineCandidate)
+            self.scorer.bind_lm(self.candidate.lm(fc.batch_size))
+        else:
+            self.scorer.bind(self.candidate.model, self.candidate.tokenizer, device)
         self.scorer.lm.cancelled = _ray_cancelled
         self.seed = config.cma.seed
         self.fractions = chunk_fractions(fc.racing.first_chunk, fc.racing.chunks)
