@@ -377,6 +377,162 @@ def mask_throughput(entries: int, threads: int, repeats: int = 3) -> dict:
     return figures
 
 
+# -- the journal at 10,000 trials ------------------------------------------------------------
+_JOURNAL_GEN = """
+import hashlib, json, math, os, sys
+sys.path.insert(0, sys.argv[1])
+from bench_scale import use_tree
+use_tree(sys.argv[2])
+os.fsync = lambda fd: None  # generation only: what is measured is the readers
+from evomerge.search.config import SearchConfig
+from evomerge.search.driver import run_search
+from evomerge.search.rundir import RunDir
+from evomerge.search.trial import Status, TrialResult
+
+WORKER = "gpu-node-17.cluster.example.org:81623:cuda:0"
+TASKS = {"zoo_add_gen_search": "exact_match", "zoo_caps_mc_search": "acc"}
+
+
+def result(trial):
+    # a fitness the optimizer can climb, noise from the recipe's hash, 1 in 97 failed
+    h = int(hashlib.sha256(json.dumps(trial.recipe, sort_keys=True).encode()).hexdigest(), 16)
+    if h % 97 == 0:
+        return TrialResult.failed("CUDA out of memory. Tried to allocate 2.00 GiB", WORKER)
+    ps = trial.recipe.get("parameter_space") or {"groups": []}
+    ws = [p.get("weight", 0.5) for g in ps["groups"] for p in g["params"].values()] or [0.5]
+    fit = 0.6 - sum((w - 0.7) ** 2 for w in ws) / len(ws) + (h % 1000) / 20000
+    n = 80 if trial.items == "rescore" else 16
+    metrics = {f"{t}/{m}": round(fit + k / 50, 6) for k, (t, m) in enumerate(TASKS.items())}
+    return TrialResult(
+        Status.COMPLETE, fit, metrics, merge_seconds=1.8 + (h % 7) / 10,
+        eval_seconds=31.0 + (h % 13), examples=n, worker=WORKER,
+        counts={t: n // len(TASKS) for t in TASKS},
+    )
+
+
+class Fake:
+    workers = 1
+
+    def run(self, trials, on_result):
+        for t in trials:
+            on_result(t, result(t))
+
+    def shutdown(self):
+        pass
+
+
+cfg = SearchConfig.parse(json.loads(sys.argv[3]))
+run_search(RunDir.create(sys.argv[4], cfg), lambda: Fake())
+"""
+
+_JOURNAL_CLI = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from bench_scale import use_tree
+use_tree(sys.argv[2])
+from evomerge.search import cli
+if not Path(cli.__file__).resolve().is_relative_to(Path(sys.argv[3]).resolve()):
+    raise SystemExit(f"evomerge.search.cli imported from {cli.__file__}, not {sys.argv[3]}")
+sys.argv = ["evomerge", *sys.argv[4:]]
+cli.main()
+"""
+
+
+def journal_figures(trials: int = 10_000, before: str = "5d9b498") -> dict:
+    """`evomerge status RUN` and `evomerge report RUN` on a `trials`-trial run directory, each
+    in a fresh process as a user runs them, the code of commit `before` (extracted with `git
+    archive`) against the working tree's. The run is written by each code's own driver (a
+    fake executor: a climbable fitness, 1 in 97 trials failed, rescoring on; fsync off while
+    writing), with the genome of a real search: TIES over base + 2 experts of 28 layers, one
+    group per layer plus embed and head (30 groups, 120 genes), models at long absolute
+    hub-cache paths. Rows: before (its own journal), after (its own journal), after reading the
+    before journal (a run started before, resumed or reported by the new code), and after on
+    one generation (the commands' fixed cost: Python, torch, pandas, matplotlib, the plots)."""
+    popsize = 20
+    with tempfile.TemporaryDirectory(prefix="bench_journal-") as tmp:
+        root = Path(tmp)
+        snap = "snapshots/0f9b7e2c4d1a8b6e3f5c7a9d2e4b6c8a0f1e3d5b"
+        hub = root / "scratch/project_462000123/users/evomerge-bench/hf-cache/hub"
+        models = {}
+        for alias in ("base", "math", "code"):
+            d = hub / f"models--example-org--Llama-3.1-8B-Instruct-{alias}-finetune" / snap
+            d.mkdir(parents=True)
+            config = {"model_type": "llama", "num_hidden_layers": 28, "hidden_size": 4096}
+            (d / "config.json").write_text(json.dumps(config))
+            models[alias] = {"path": str(d)}
+
+        def data(budget: int) -> dict:
+            return {
+                "name": "bench-journal",
+                "models": models,
+                "base": "base",
+                "space": {"method": "ties", "layers_per_group": 1, "dtype": "bfloat16"},
+                "fitness": {
+                    "tasks": [{"name": "zoo_add_gen_search"}, {"name": "zoo_caps_mc_search"}],
+                    "limit": 8,
+                },
+                "cma": {"popsize": popsize, "budget": budget, "seed": 1},
+                "workers": {"count": 0},
+            }
+
+        old, new = root / "before", root / "after"
+        full = extract(before, old)
+        link_tree(new)
+        trees = {"before": (old, old / "evomerge"), "after": (new, REPO)}
+        here = str(Path(__file__).resolve().parent)
+
+        def child(script: str, code: str, *args: str) -> float:
+            tree, expect = trees[code]
+            argv = [sys.executable, "-c", script, here, str(tree)]
+            argv += [str(expect)] if script is _JOURNAL_CLI else []
+            t = time.perf_counter()
+            res = subprocess.run([*argv, *args], capture_output=True, text=True)
+            seconds = time.perf_counter() - t
+            if res.returncode != 0:
+                raise SystemExit(f"journal {code} {args[:1]} failed:\n{res.stderr[-3000:]}")
+            return seconds
+
+        runs = {"before": root / "run-before", "after": root / "run-after"}
+        written = {}
+        for code, path in runs.items():
+            written[code] = child(_JOURNAL_GEN, code, json.dumps(data(trials)), str(path))
+        small = root / "run-small"
+        child(_JOURNAL_GEN, "after", json.dumps(data(popsize)), str(small))
+        rows = []
+        cases = [
+            ("before", runs["before"], "before"),
+            ("after", runs["after"], "after"),
+            ("after, journal written before", runs["before"], "after"),
+            (f"after, {popsize} trials (fixed cost)", small, "after"),
+        ]
+        for label, path, code in cases:
+            journal = path / "trials.jsonl"
+            row = {"code": label, "journal_mb": journal.stat().st_size / 1e6}
+            row["trials"] = popsize if path == small else trials
+            for command in ("status", "report"):
+                seconds = child(_JOURNAL_CLI, code, command, str(path))
+                if seconds < 5:  # the better of two: a shared machine's noise is a second
+                    seconds = min(seconds, child(_JOURNAL_CLI, code, command, str(path)))
+                row[f"{command}_s"] = seconds
+            rows.append(row)
+            print(
+                f"  journal {label}: {row['journal_mb']:.1f} MB, status {row['status_s']:.2f} s, "
+                f"report {row['report_s']:.2f} s",
+                flush=True,
+            )
+    return {
+        "trials": trials,
+        "popsize": popsize,
+        "genes": 120,
+        "groups": 30,
+        "before": full,
+        "write_s": written,
+        "rows": rows,
+        "load_average": os.getloadavg(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a ~7M-parameter family (the test)")
@@ -525,6 +681,17 @@ def main() -> None:
             f"counter draws on the GPU {mask['after_cuda_per_s'] / 1e6:.0f} M/s"
         )
 
+    journal = journal_figures(400 if args.quick else 10_000)
+    print(
+        f"\njournal at {journal['trials']} trials (30-group TIES, 3 models; each command a fresh "
+        f"process; load average {journal['load_average'][0]:.2f}):"
+    )
+    for r in journal["rows"]:
+        print(
+            f"  {r['code']:32} {r['journal_mb']:6.1f} MB  status {r['status_s']:6.2f} s  "
+            f"report {r['report_s']:6.2f} s"
+        )
+
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "parameters": params,
@@ -544,6 +711,7 @@ def main() -> None:
         ],
         "goals": goals,
         "masks": mask,
+        "journal": journal,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nfigures: {out}")

@@ -364,9 +364,9 @@ def export(
 
     run = RunDir.reopen(run_dir)
     ensure_zoo(run.config)
-    run.records()  # a journal with unreadable lines is read around them: say so first
+    run.journal()  # a journal with unreadable lines is read around them: say so first
     warn(run)
-    done = do_export(run_dir, out, trial, top_k, max_shard_size, force)
+    done = do_export(run, out, trial, top_k, max_shard_size, force)
     md = done / "heldout.md"
     if md.exists():
         print(md.read_text())
@@ -389,11 +389,11 @@ def report(
     if watch:
         if not every > 0:
             raise EvomergeError(f"--every {every}: give a number of seconds > 0")
-        RunDir.reopen(run_dir)  # not a run: one line, before any waiting
+        run = RunDir.reopen(run_dir)  # not a run: one line, before any waiting
         # explicit: a background job inherits SIGINT ignored, and the watch would never stop
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            out = watch_report(run_dir, every, log=lambda line: console.print(line))
+            out = watch_report(run, every, log=lambda line: console.print(line))
         except KeyboardInterrupt:
             console.print("stopped watching")
             raise typer.Exit(130) from None
@@ -401,8 +401,8 @@ def report(
             signal.signal(signal.SIGINT, previous)
         console.print(f"report: {out / 'index.html'}")
         return
-    out = write_report(run_dir)
-    run = RunDir.reopen(run_dir)
+    run = RunDir.reopen(run_dir)  # its journal parsed once, for the report and the tables
+    out = write_report(run)
     for title, table in summarize(run, trials_frame(run)).items():
         print(f"\n{title}\n{table.to_string()}")
     warn(run)

@@ -37,7 +37,7 @@ def _search_progress(run):
         # once a trial takes longer than that)
         speed_estimate_period=1800,
     )
-    trials = run.trials()
+    trials = run.journal().trials  # as journaled: the bar needs no recipe
     finished = [t for t in trials.values() if t.get("status") in ("COMPLETE", "FAILED")]
     last: dict = max(finished, key=lambda t: t.get("time", 0), default={})
     task = bar.add_task(

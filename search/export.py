@@ -26,8 +26,8 @@ EXPORT_MARKER = "export"
 
 def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
     """The chosen trial (`G:I`), or the top-k COMPLETE trials (`RunDir.ranked`: the winner of the
-    final rescoring first)."""
-    trials = run.trials()
+    final rescoring first). Only the chosen trials' recipes are built."""
+    trials = run.journal().trials
     if trial:
         try:
             g, i = (int(p) for p in trial.split(":"))
@@ -35,11 +35,11 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
             raise EvomergeError(f"--trial {trial!r}: use GENERATION:INDEX, e.g. 12:3") from None
         if (g, i) not in trials or trials[g, i]["status"] != Status.COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
-        return [trials[g, i]]
+        return [run.full(trials[g, i])]
     done = run.ranked(trials)
     if not done:
         raise EvomergeError(f"{run.path}: no COMPLETE trial to export yet")
-    return done[: max(1, top_k)]
+    return [run.full(t) for t in done[: max(1, top_k)]]
 
 
 def heldout_rows(
@@ -131,14 +131,14 @@ Found by an evolutionary search (CMA-ES) in `{run.path}` (trial
 
 
 def export(
-    run_dir: Path,
+    run_dir: Path | RunDir,
     out: Path,
     trial: str | None = None,
     top_k: int = 1,
     max_shard_size: str = "5GB",
     force: bool = False,
 ) -> Path:
-    run = RunDir.reopen(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.reopen(run_dir)
     guard_output(out, [run.path, *run.config.model_paths().values()], EXPORT_MARKER, force)
     chosen = pick_trials(run, trial, top_k)
     recipe = Recipe.parse(chosen[0]["recipe"])

@@ -7,6 +7,7 @@ parameters per model), and `index.html` tying them together.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
 from pathlib import Path
@@ -17,12 +18,13 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import staged_dir, write_atomic
 from evomerge.merge.recipe import Recipe
 from evomerge.search.plots import pyplot, save
-from evomerge.search.rundir import RunDir
+from evomerge.search.rundir import RunDir, is_run_dir
 from evomerge.search.spaces import space_for
 from evomerge.search.trial import Status
 
 
 def trials_frame(run: RunDir) -> pd.DataFrame:
+    """One row per trial, from the journal as journaled (no recipe is built)."""
     rows = [
         {
             "generation": g,
@@ -41,7 +43,7 @@ def trials_frame(run: RunDir) -> pd.DataFrame:
             },
             **_items(t),
         }
-        for (g, i), t in sorted(run.trials().items())
+        for (g, i), t in sorted(run.journal().trials.items())
     ]
     return pd.DataFrame(rows)
 
@@ -80,8 +82,7 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     done = df[df.status == Status.COMPLETE]
     per_gen = done.groupby("generation")["fitness"].agg(["max", "mean", "min", "count"])
     per_gen["best so far"] = per_gen["max"].cummax()
-    records = run.records()
-    times = [r["time"] for r in records if "time" in r]
+    times = [r["time"] for r in run.journal(update=False).records if "time" in r]
     wall = (max(times) - min(times)) if len(times) > 1 else 0.0
     merge = float(df["merge_seconds"].fillna(0).sum())
     evaluate = float(df["eval_seconds"].fillna(0).sum())
@@ -126,7 +127,7 @@ def best_and_parents(run: RunDir) -> pd.DataFrame:
     """The best trial beside the parents, on the search split (the line the search must
     clear), with the rescored fitness where the winner was scored again at the end."""
     rows = []
-    ranked = run.ranked()
+    ranked = run.ranked(run.journal(update=False).trials)
     if ranked:
         best = ranked[0]
         rows.append(
@@ -162,7 +163,7 @@ def rescored_frame(run: RunDir) -> pd.DataFrame:
             "rescore examples": t["rescored"].get("examples"),
             "error": t["rescored"].get("error"),
         }
-        for t in run.trials().values()
+        for t in run.journal(update=False).trials.values()
         if isinstance(t.get("rescored"), dict)
     ]
     if not rows:
@@ -173,10 +174,11 @@ def rescored_frame(run: RunDir) -> pd.DataFrame:
     return frame.set_index("trial").round(4)
 
 
-def write_report(run_dir: Path, refresh: float | None = None) -> Path:
+def write_report(run_dir: Path | RunDir, refresh: float | None = None) -> Path:
     """Write RUN/report/ whole (staged, then renamed into place: never half-written). While
-    the run is live and `refresh` is given, the page reloads itself every `refresh` seconds."""
-    run = RunDir.reopen(run_dir)
+    the run is live and `refresh` is given, the page reloads itself every `refresh` seconds.
+    Given a RunDir, its journal is followed (parsed once, then only what was appended)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.reopen(run_dir)
     df = trials_frame(run)
     if df.empty:
         raise EvomergeError(f"{run.path}: no trials journaled yet; report once the search has run")
@@ -185,19 +187,25 @@ def write_report(run_dir: Path, refresh: float | None = None) -> Path:
     return run.path / "report"
 
 
-def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Path:
+def watch_report(run_dir: Path | RunDir, every: float, log=print, sleep=time.sleep) -> Path:
     """Rewrite the report every `every` seconds while the run is live (the page reloads
-    itself); once it is not, write it a last time, without the reload, and return."""
+    itself); once it is not, write it a last time, without the reload, and return. The run
+    directory is opened once and its journal followed: each round parses only the lines
+    appended since the last."""
     from evomerge.search.status import row, run_status
 
-    run_dir = Path(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else None
+    where = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
     said = None
     while True:
-        status = run_status(run_dir)
-        has_trials = status.done > 0 or (run_dir / "trials.jsonl").is_file()
-        if has_trials and status.state != "not a run":
+        if run is None and is_run_dir(where):
+            with contextlib.suppress(EvomergeError):  # not readable yet: the status says why
+                run = RunDir.reopen(where)
+        status = run_status(run if run is not None else where)
+        has_trials = status.done > 0 or (where / "trials.jsonl").is_file()
+        if run is not None and has_trials and status.state != "not a run":
             try:
-                out = write_report(run_dir, refresh=every)
+                out = write_report(run, refresh=every)
             except EvomergeError:
                 out = None  # no trial journaled yet: wait for the first
         else:
@@ -213,7 +221,7 @@ def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Pa
         if not status.live:
             if out is None:
                 raise EvomergeError(
-                    f"{run_dir}: {status.state}, no trial journaled; nothing to report"
+                    f"{where}: {status.state}, no trial journaled; nothing to report"
                 )
             return out
         sleep(every)
@@ -222,7 +230,7 @@ def watch_report(run_dir: Path, every: float, log=print, sleep=time.sleep) -> Pa
 def _write(run: RunDir, df: pd.DataFrame, out: Path, refresh: float | None = None) -> None:
     from evomerge.search.status import row, run_status
 
-    now = run_status(run.path)
+    now = run_status(run)
     status = row(now)
     refresh = refresh if now.live else None  # a finished page stays still
     tables = summarize(run, df)

@@ -2,6 +2,7 @@
 
     run.yaml                 the config as given, its hash, the pinned model revisions
     trials.jsonl             append-only journal, one fsync'd JSON line per trial state change
+                             (its lines and compact recipes: search.journal)
     trials.quarantine.jsonl  lines of the journal that could not be read, moved aside on resume
     best/recipe.yaml         the best trial's recipe, replaced atomically on improvement
     parents.json             the parents' scores on the search split, measured at the start
@@ -20,7 +21,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,9 +31,15 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.merge.files import read_yaml, write_atomic
 from evomerge.merge.recipe import ModelRef, Recipe
 from evomerge.search.config import SearchConfig, changed_fields
+from evomerge.search.journal import Journal, full, line, no_gc, parse_record
 from evomerge.search.trial import Status
 
-RUN_FORMAT = "evomerge-run/1"
+__all__ = ["FORMATS", "JOURNAL", "LOCK", "RUN_FORMAT", "RunDir", "is_run_dir", "parse_record"]
+
+# /2: the journal's recipes may be compact (search.journal); /1 runs, started before, are read,
+# resumed and appended to as they were written (whole recipes), so their files stay /1 files
+RUN_FORMAT = "evomerge-run/2"
+FORMATS = ("evomerge-run/1", RUN_FORMAT)
 JOURNAL = "trials.jsonl"
 QUARANTINE = "trials.quarantine.jsonl"
 LOCK = "run.lock"
@@ -43,48 +50,20 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "run.yaml").is_file()
 
 
-def parse_record(line: bytes) -> tuple[dict | None, str | None]:
-    """(record, None) for a valid journal line, else (None, why)."""
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, "not JSON"
-    if not isinstance(record, dict):
-        return None, "not a record (a JSON object)"
-    g, i, status = record.get("generation"), record.get("index"), record.get("status")
-    if not (type(g) is int and type(i) is int and g >= 1 and i >= 0):
-        return None, "no valid generation and index"
-    # a record changes a trial's status, or (without one) annotates it: its final rescoring
-    if status not in {s.value for s in Status} and not (status is None and "rescored" in record):
-        return None, f"unknown status {status!r}"
-    return record, None
-
-
-def read_journal(path: Path) -> tuple[list[dict], list[tuple[int, str, bytes]]]:
-    """Every valid record, in order, and the bad lines as (line number, why, raw bytes).
-
-    A bad line is skipped, never a reason to stop reading: every valid record after it counts.
-    A complete last record that only lacks its newline (a kill between write and newline) is
-    valid."""
-    if not path.exists():
-        return [], []
-    records, bad = [], []
-    for n, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        record, why = parse_record(line)
-        if record is None:
-            bad.append((n, str(why), line))
-        else:
-            records.append(record)
-    return records, bad
-
-
 class RunDir:
-    def __init__(self, path: Path, config: SearchConfig):
+    def __init__(
+        self,
+        path: Path,
+        config: SearchConfig,
+        pinned: dict[str, str] | None = None,
+        compact: bool = False,
+    ):
         self.path = Path(path)
         self.config = config
         self.warnings: list[str] = []  # what reading the journal skipped, for the user
+        self.pinned = pinned  # run.yaml's pinned references: the models of compact recipes
+        self.compact = compact  # journal recipes compactly (a run started as evomerge-run/2)
+        self._journal: Journal | None = None
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -106,7 +85,7 @@ class RunDir:
             "pinned": pinned,  # the exact revisions this run uses, for all of its life
         }
         write_atomic(path / "run.yaml", yaml.safe_dump(meta, sort_keys=False))
-        return cls(path, config.pinned())
+        return cls(path, config.pinned(), pinned=dict(pinned), compact=True)
 
     @classmethod
     def reopen(cls, path: Path, config: SearchConfig | None = None) -> RunDir:
@@ -121,9 +100,12 @@ class RunDir:
                 f"{path}: not a run directory (no run.yaml); start it with evomerge search"
             )
         meta = read_yaml(meta_path, "run")
-        if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise EvomergeError(f"{meta_path}: format {found!r}, expected {RUN_FORMAT}")
+            raise EvomergeError(
+                f"{meta_path}: format {found!r}, expected {' or '.join(FORMATS)} (a newer "
+                "evomerge may read it)"
+            )
         data = meta.get("config")
         if isinstance(data, dict) and isinstance(data.get("space"), dict):
             # a run started before counter masks drew its masks with torch's generator
@@ -144,7 +126,10 @@ class RunDir:
             # the revisions the run started with, not wherever a branch points today
             models = {a: ModelRef(path=str(ref)) for a, ref in pinned.items()}
             run_config = run_config.model_copy(update={"models": models})
-        return cls(path, run_config)
+        refs: dict[str, str] | None = None
+        if isinstance(pinned, dict) and all(isinstance(r, str) for r in pinned.values()):
+            refs = {str(a): r for a, r in pinned.items()}  # what compact recipes' models are
+        return cls(path, run_config, pinned=refs, compact=meta["format"] == RUN_FORMAT)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -190,13 +175,31 @@ class RunDir:
     def journal_path(self) -> Path:
         return self.path / JOURNAL
 
+    def journal(self, update: bool = True) -> Journal:
+        """The journal, parsed once per RunDir and followed: each call reads only the lines
+        appended since the last (`update=False`: not even that, a snapshot for one report).
+        Its records and trials are as journaled (compact recipes unbuilt: `records()` and
+        `trials()` build them); a reader that needs no recipe uses these."""
+        if self._journal is None:
+            self._journal = Journal(self.journal_path, self.pinned)
+            update = True
+        if update and self._journal.update():
+            bad = self._journal.bad
+            if bad:
+                lines = ", ".join(f"{n} ({why})" for n, why, _ in bad[:5])
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                warning = f"{self.journal_path}: skipped unreadable line(s) {lines}{more}"
+                if warning not in self.warnings:
+                    self.warnings.append(warning)
+        return self._journal
+
     def repair_journal(self) -> None:
         """Before appending (resume): move unreadable lines to the quarantine file, with their
-        line numbers, and rewrite the journal with the valid records only (atomically), so new
-        records follow a clean line. Nothing valid is dropped."""
-        records, bad = read_journal(self.journal_path)
-        data = self.journal_path.read_bytes() if self.journal_path.exists() else b""
-        if not bad and (not data or data.endswith(b"\n")):
+        line numbers, and rewrite the journal with the valid lines only (atomically, byte for
+        byte), so new records follow a clean line. Nothing valid is dropped."""
+        journal = self.journal()
+        bad = journal.bad
+        if not bad and journal.terminated:
             return
         if bad:
             with open(self.path / QUARANTINE, "ab") as f:
@@ -211,36 +214,40 @@ class RunDir:
                 f"({', '.join(str(n) for n, _, _ in bad[:5])}{'...' if len(bad) > 5 else ''}) "
                 f"to {QUARANTINE}"
             )
-        write_atomic(self.journal_path, b"".join(_line(r) for r in records))
+        skip = {n for n, _, _ in bad}
+        lines = self.journal_path.read_bytes().split(b"\n")
+        kept = [raw for n, raw in enumerate(lines, start=1) if raw.strip() and n not in skip]
+        write_atomic(self.journal_path, b"".join(raw + b"\n" for raw in kept))
+        journal.update()  # a new file: read again from its start
 
     def append(self, records: list[dict]) -> None:
-        """Append records and make them durable before returning."""
+        """Append records (recipes compact where the run's format allows) and make them
+        durable before returning."""
+        data = self.journal().pack(records) if self.compact else b"".join(line(r) for r in records)
         with open(self.journal_path, "ab") as f:
-            f.write(b"".join(_line(r) for r in records))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
     def records(self) -> list[dict]:
-        records, bad = read_journal(self.journal_path)
-        if bad:
-            lines = ", ".join(f"{n} ({why})" for n, why, _ in bad[:5])
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            warning = f"{self.journal_path}: skipped unreadable line(s) {lines}{more}"
-            if warning not in self.warnings:
-                self.warnings.append(warning)
-        return records
+        """Every valid record, in order, recipes rebuilt (new dicts at the top level)."""
+        with no_gc():
+            return [full(r) for r in self.journal().records]
 
     def trials(self) -> dict[tuple[int, int], dict]:
-        """(generation, index) -> the trial's latest state, fields merged over its records."""
-        state: dict[tuple[int, int], dict] = {}
-        for r in self.records():
-            key = (r["generation"], r["index"])
-            state[key] = {**state.get(key, {}), **r}
-        return state
+        """(generation, index) -> the trial's latest state, fields merged over its records,
+        recipes rebuilt."""
+        with no_gc():
+            return {k: full(t) for k, t in self.journal().trials.items()}
 
-    def ranked(self, trials: dict | None = None) -> list[dict]:
+    def full(self, trial: dict) -> dict:
+        """A record or trial of `journal()` with its recipe rebuilt."""
+        return full(trial)
+
+    def ranked(self, trials: Mapping[tuple[int, int], dict] | None = None) -> list[dict]:
         """COMPLETE trials, best first: those scored again at the end (`rescored`) by that
-        score, then the rest by search fitness; ties by trial order."""
+        score, then the rest by search fitness; ties by trial order. Of `trials()` unless
+        given (`journal().trials`: ranked without building a recipe)."""
         state = self.trials() if trials is None else trials
         done = [t for t in state.values() if t["status"] == Status.COMPLETE]
 
@@ -270,7 +277,3 @@ class RunDir:
     def log(self, line: str) -> None:
         with open(self.path / "search.log", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-
-
-def _line(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"

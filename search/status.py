@@ -59,18 +59,25 @@ def _lock_holder(path: Path) -> tuple[int | None, str | None]:
     return pid, host
 
 
-def run_status(path: Path, now: float | None = None) -> RunStatus:
+def run_status(path: Path | RunDir, now: float | None = None) -> RunStatus:
     """The status of one run directory; a directory that is not a run, or is unreadable, is a
-    status saying so (never an exception)."""
-    path = Path(path)
+    status saying so (never an exception). Given a RunDir (a watch asks again and again), its
+    journal is followed: only what was appended since the last call is parsed."""
     now = time.time() if now is None else now
-    if not path.is_dir():
-        return RunStatus(path, "not a run", "not a directory" if path.exists() else "not found")
-    if not is_run_dir(path):
-        return RunStatus(path, "not a run", "no run.yaml")
+    if isinstance(path, RunDir):
+        run: RunDir | None = path
+        path = path.path
+    else:
+        path, run = Path(path), None
+        if not path.is_dir():
+            what = "not a directory" if path.exists() else "not found"
+            return RunStatus(path, "not a run", what)
+        if not is_run_dir(path):
+            return RunStatus(path, "not a run", "no run.yaml")
     try:
-        run = RunDir.reopen(path)
-        trials = run.trials()
+        run = run or RunDir.reopen(path)
+        journal = run.journal()
+        trials, records = journal.trials, journal.records  # as journaled: no recipe is built
         parents = {
             k: v["fitness"] for k, v in run.parents().items() if v.get("fitness") is not None
         }
@@ -95,7 +102,7 @@ def run_status(path: Path, now: float | None = None) -> RunStatus:
             if t["generation"] == s.last_generation and t["status"] == Status.COMPLETE
         ]
         s.last_mean = sum(ok) / len(ok) if ok else math.nan
-    times = sorted(r["time"] for r in run.records() if isinstance(r.get("time"), int | float))
+    times = sorted(r["time"] for r in records if isinstance(r.get("time"), int | float))
     limit = _gap_limit(run)
     # time spent searching: the journal's gaps, except those long enough to be downtime
     # between a crash and a resume

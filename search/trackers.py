@@ -17,18 +17,26 @@ finished trials, the same in every session):
 Guarantees:
 - Logging never kills or stalls a search: every tracker call runs on one background thread, and
   a tracker that raises is reported in one warning line and dropped for the rest of the session.
-- A resumed search continues the same tracker run: RUN_DIR/trackers.json keeps each tracker's
+- A resumed search continues the same tracker run: RUN_DIR/trackers.jsonl keeps each tracker's
   run id and a ledger of what it logged (trials by generation:index, generations, the config).
   On resume the journal's trials that the ledger lacks are logged (so `--report-to` added on a
-  resume back-fills the whole search), and nothing is logged twice. The ledger is written right
-  after each tracker call returns; a kill inside that window (milliseconds) is closed by the
-  trackers' own state where they keep one: TensorBoard purges steps past the ledger
-  (`purge_step`), MLflow's metric history is read back on resume.
+  resume back-fills the whole search), and nothing is logged twice. The ledger is appended to
+  (one fsync'd line per call) right after each tracker call returns, and compacted (one line
+  per tracker, rewritten atomically) when a session opens the trackers: a 10,000-trial search
+  no longer rewrites a growing file per trial. A kill inside the window between a tracker's
+  write and the ledger's (milliseconds) is closed by the trackers' own state where they keep
+  one: TensorBoard purges steps past the ledger (`purge_step`), MLflow's metric history is read
+  back on resume. A run directory's `trackers.json` (the ledger before, one JSON object
+  rewritten whole) is read when there is no `trackers.jsonl`, and replaced by it.
+
+Ledger lines: `{"tracker": NAME, "entry": {...}}` (the tracker's whole entry: ids, `logged`,
+`last_step`), `{"tracker": NAME, "logged": SECTION, "item": ITEM, "step": STEP}` (one call:
+ITEM appended to the section's list, or absent: the section logged once; `best` holds the best
+trial's id; STEP raises `last_step`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -46,7 +54,8 @@ from evomerge.search.rundir import RunDir
 from evomerge.search.tracker_backends import BACKENDS
 from evomerge.search.trial import FINISHED, Status
 
-LEDGER = "trackers.json"
+LEDGER = "trackers.jsonl"
+OLD_LEDGER = "trackers.json"  # the ledger of runs started before: read, then replaced
 # what `pip install` needs for each tracker (the extras in pyproject.toml)
 EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 CLOSE_TIMEOUT = float(os.environ.get("EVOMERGE_TRACKER_TIMEOUT", "60"))
@@ -113,7 +122,8 @@ class Reporter:
         self.run, self.names, self.warn = run, list(names), warn
         self.info = info or (lambda line: None)
         self.backends = backends or BACKENDS
-        self.ledger = _read_ledger(run.path / LEDGER, warn)
+        self.ledger = read_ledger(run.path, warn)
+        self._seen: dict[tuple[str, str], set] = {}  # (tracker, section) -> items logged
         self.steps: dict[tuple[int, int], int] = {}  # trial -> evaluations (journal order)
         self.backlog = self._journal()  # read before the thread starts: it needs the steps
         self.trackers: dict[str, Any] = {}
@@ -163,7 +173,7 @@ class Reporter:
         when that is whole (every trial asked in it finished), as tracker events."""
         state: dict[tuple[int, int], dict] = {}
         order = []
-        for r in self.run.records():
+        for r in self.run.journal().records:  # as journaled: no recipe is built
             key = (r["generation"], r["index"])
             if "status" not in r:
                 continue  # a rescoring annotation, not a state change
@@ -279,8 +289,9 @@ class Reporter:
             if not self._guard(name, self._reconcile, tracker, entry):
                 continue
             self.info(f"{name}: {tracker.where()}")
+        self._seen.clear()  # reconciling changed what the entries hold
+        self._compact()
         self._call("config", None, "config", self.run.config.dump())
-        self._save()
 
     def _reconcile(self, tracker: Any, entry: dict) -> None:
         """Trials the tracker has (by its own record) that the ledger missed: a kill between
@@ -297,22 +308,34 @@ class Reporter:
         """Call `method(*args)` on each live tracker whose ledger lacks `item` of `section`
         (None: the section is logged once), then record it in the ledger (and `step` as the
         last step logged: TensorBoard's purge point on resume)."""
-        changed = False
+        notes = []
         for name, tracker in list(self.trackers.items()):
             logged = self.ledger[name]["logged"]
-            if logged.get(section) is True or item in logged.get(section, []):
+            if logged.get(section) is True or item in self._items(name, section):
                 continue
             if self._guard(name, getattr(tracker, method), *args):
+                note: dict = {"tracker": name, "logged": section}
                 if item is None:
                     logged[section] = True
                 else:
                     logged.setdefault(section, []).append(item)
+                    self._items(name, section).add(item)
+                    note["item"] = item
                 if step is not None:
                     entry = self.ledger[name]
                     entry["last_step"] = max(step, entry.get("last_step") or 0)
-                changed = True
-        if changed:
-            self._save()
+                    note["step"] = step
+                notes.append(note)
+        self._note(notes)
+
+    def _items(self, name: str, section: str) -> set:
+        """The items of a ledger's section, as a set: a check per trial of a 10,000-trial
+        search against a list would be quadratic on resume."""
+        key = (name, section)
+        if key not in self._seen:
+            items = self.ledger[name]["logged"].get(section)
+            self._seen[key] = set(items) if isinstance(items, list) else set()
+        return self._seen[key]
 
     def _best(self, step: int, best: dict) -> None:
         key = f"{best['generation']}:{best['index']}"
@@ -325,17 +348,20 @@ class Reporter:
         values["best/rescored_fitness"] = finite((best.get("rescored") or {}).get("fitness"))
         values = {k: v for k, v in values.items() if v is not None}
 
-        def log(t, entry):
+        notes = []
+
+        def log(name, t, entry):
             if entry["logged"].get("best") == key:
                 return
             t.scalars(step, values)
             if "recipe.yaml" in files:
                 t.best(step, best, files)
             entry["logged"]["best"] = key
+            notes.append({"tracker": name, "logged": "best", "item": key})
 
         for name, tracker in list(self.trackers.items()):
-            self._guard(name, log, tracker, self.ledger[name])
-        self._save()
+            self._guard(name, log, name, tracker, self.ledger[name])
+        self._note(notes)
 
     def _guard(self, name: str, fn, *args) -> bool:
         """Run one tracker call; an exception is one warning and the tracker is dropped."""
@@ -349,11 +375,29 @@ class Reporter:
             self.trackers.pop(name, None)
             return False
 
-    def _save(self) -> None:
+    def _note(self, notes: list[dict]) -> None:
+        """Append what was just logged to the ledger, durably (fsync'd before returning)."""
+        if not notes:
+            return
+        path = self.run.path / LEDGER
         try:
-            write_atomic(self.run.path / LEDGER, json.dumps(self.ledger, indent=1) + "\n")
+            with open(path, "ab") as f:
+                f.write(b"".join(_ledger_line(n) for n in notes))
+                f.flush()
+                os.fsync(f.fileno())
         except OSError as e:
-            self.warn(f"{self.run.path / LEDGER}: {e.strerror}; tracker ledger not saved")
+            self.warn(f"{path}: {e.strerror}; tracker ledger not saved")
+
+    def _compact(self) -> None:
+        """The ledger as one line per tracker (atomically): what a session starts from. A
+        ledger of the old form (trackers.json) is replaced by it."""
+        path = self.run.path / LEDGER
+        if not self.ledger and not path.exists():
+            return
+        try:
+            write_ledger(self.run.path, self.ledger)
+        except OSError as e:
+            self.warn(f"{path}: {e.strerror}; tracker ledger not saved")
 
 
 def _same_target(saved: dict, ids: dict) -> bool:
@@ -366,7 +410,86 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
-def _read_ledger(path: Path, warn: Callable[[str], None]) -> dict:
+def _ledger_line(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def write_ledger(run_dir: Path, ledger: dict[str, dict]) -> None:
+    """The ledger compacted, one entry line per tracker, replacing the file atomically (and a
+    run's old trackers.json, once the new ledger holds everything it held)."""
+    lines = [_ledger_line({"tracker": n, "entry": e}) for n, e in ledger.items()]
+    write_atomic(Path(run_dir) / LEDGER, b"".join(lines))
+    (Path(run_dir) / OLD_LEDGER).unlink(missing_ok=True)
+
+
+def read_ledger(run_dir: Path, warn: Callable[[str], None] = _default_warn) -> dict:
+    """Tracker name -> its entry (ids, `logged`, `last_step`): trackers.jsonl folded line by
+    line, or a run's old trackers.json. An unreadable line is skipped (one warning); a last
+    line cut by a kill only loses the call it recorded, which the trackers' own state covers
+    (see the module's guarantees), so it is skipped without one."""
+    path = Path(run_dir) / LEDGER
+    if not path.is_file():
+        return _read_old_ledger(Path(run_dir) / OLD_LEDGER, warn)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        warn(f"{path}: unreadable; trackers start new runs")
+        return {}
+    ledger: dict[str, dict] = {}
+    seen: dict[tuple[str, str], set] = {}
+    lines = data.split(b"\n")
+    bad = 0
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            ok = isinstance(record, dict) and _fold(ledger, seen, record)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        cut = n == len(lines) - 1  # no newline after it: a write the kill cut short
+        bad += not ok and not cut
+    if bad:
+        warn(f"{path}: skipped {bad} unreadable line(s)")
+    return ledger
+
+
+def _fold(ledger: dict[str, dict], seen: dict[tuple[str, str], set], record: dict) -> bool:
+    """Apply one ledger line; False when it is not one."""
+    name = record.get("tracker")
+    if not isinstance(name, str):
+        return False
+    if "entry" in record:
+        entry = record["entry"]
+        if not isinstance(entry, dict) or not isinstance(entry.setdefault("logged", {}), dict):
+            return False
+        ledger[name] = entry
+        for key in [k for k in seen if k[0] == name]:
+            del seen[key]
+        return True
+    section, item, step = record.get("logged"), record.get("item"), record.get("step")
+    if not isinstance(section, str):
+        return False
+    entry = ledger.setdefault(name, {"logged": {}})
+    logged = entry["logged"]
+    if section == "best":
+        logged["best"] = item
+    elif item is None:
+        logged[section] = True
+    else:
+        items = logged.setdefault(section, [])
+        if not isinstance(items, list):
+            return False
+        have = seen.setdefault((name, section), set(items))
+        if item not in have:
+            have.add(item)
+            items.append(item)
+    if type(step) is int:
+        entry["last_step"] = max(step, entry.get("last_step") or 0)
+    return True
+
+
+def _read_old_ledger(path: Path, warn: Callable[[str], None]) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -385,11 +508,9 @@ def session_trackers(run: RunDir, override: list[str] | None = None) -> list[str
     logged before)."""
     if override is not None:
         return override
-    ledger = run.path / LEDGER
     names = list(run.config.report_to)
-    if ledger.is_file():
-        with contextlib.suppress(OSError, ValueError):  # an unreadable ledger adds nothing
-            names += [n for n in json.loads(ledger.read_text()) if n in TRACKERS]
+    # an unreadable ledger adds nothing (the Reporter, reading it again, says so)
+    names += [n for n in read_ledger(run.path, warn=lambda line: None) if n in TRACKERS]
     return list(dict.fromkeys(names))
 
 

@@ -43,3 +43,9 @@ def test_bench_scale_quick(tmp_path):
             assert inside == (row["code"] == "after"), (row["code"], f)
     assert {g["method"] for g in report["goals"]} == {"ties", "linear"}
     assert "goal after" in run.stdout
+    # the journal's figures: each code's status and report timed, the compact journal smaller
+    journal = {r["code"]: r for r in report["journal"]["rows"]}
+    assert {"before", "after", "after, journal written before"} <= set(journal)
+    for row in journal.values():
+        assert all(row[k] > 0 for k in ("journal_mb", "status_s", "report_s")), row
+    assert journal["after"]["journal_mb"] < journal["before"]["journal_mb"] / 2

@@ -20,7 +20,7 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig
 from evomerge.search.driver import Progress, run_search
 from evomerge.search.rundir import RunDir
-from evomerge.search.trackers import LEDGER, Reporter
+from evomerge.search.trackers import LEDGER, OLD_LEDGER, Reporter, read_ledger, write_ledger
 from evomerge.search.workers import SerialExecutor
 from tests.conftest import search_config
 
@@ -207,7 +207,7 @@ def test_tracker_curves_equal_the_journal(tiny_zoo, tmp_path):
     assert runs[0].data.params["fitness.limit"] == "8"
     best = client.download_artifacts(run_id, "best/recipe.yaml", str(tmp_path / "dl"))
     assert Path(best).read_text() == (tmp_path / "r" / "best" / "recipe.yaml").read_text()
-    ledger = json.loads((tmp_path / "r" / LEDGER).read_text())
+    ledger = read_ledger(tmp_path / "r")
     assert ledger["mlflow"]["run_id"] == run_id
 
     # W&B offline: the run file holds every trial once, against evaluations
@@ -225,23 +225,33 @@ def _quick(zoo):  # without the final rescoring (5 candidates on every item) whe
     return {**search_config(zoo).fitness.model_dump(), "rescore": {"top": 0}}
 
 
-def test_killed_and_resumed_search_is_one_tracker_run(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("ledger", ["jsonl", "old json"])
+def test_killed_and_resumed_search_is_one_tracker_run(tiny_zoo, tmp_path, ledger):
+    """Also from the ledger of a run started before the append-only one (trackers.json, one
+    JSON object): read, continued, and replaced by trackers.jsonl."""
     cfg = _cfg(tiny_zoo, fitness=_quick(tiny_zoo))
     path = tmp_path / "r"
     with pytest.raises(Stop):
         _search(path, cfg, stop_after=6)  # killed in the middle of generation 2
-    first = json.loads((path / LEDGER).read_text())
+    # appended to, line by line (the session's opening compaction, then one line per call)
+    assert len((path / LEDGER).read_bytes().splitlines()) > 3 * 6
+    first = read_ledger(path)
     assert len(first["mlflow"]["logged"]["trials"]) == 6
     # the worst moment for a kill: after the trackers wrote trial 6, before the ledger did
     for name in ("tensorboard", "mlflow"):
         first[name]["logged"]["trials"].remove("2:1")
         first[name]["last_step"] = 5
-    (path / LEDGER).write_text(json.dumps(first))
+    if ledger == "jsonl":
+        write_ledger(path, first)
+    else:
+        (path / LEDGER).unlink()
+        (path / OLD_LEDGER).write_text(json.dumps(first, indent=1) + "\n")
     run, warnings = _search(path, cfg)
     assert warnings == []
+    assert not (path / OLD_LEDGER).exists()  # replaced by the append-only ledger
     curve = _journal_curve(run)
     assert len(curve) == 12
-    after = json.loads((path / LEDGER).read_text())
+    after = read_ledger(path)
     assert after["mlflow"]["run_id"] == first["mlflow"]["run_id"]
     assert after["wandb"]["run_id"] == first["wandb"]["run_id"]
 
@@ -393,3 +403,46 @@ def test_search_with_report_to_tensorboard_from_the_command_line(tiny_zoo, tmp_p
     assert dict(_tensorboard(tmp_path / "r" / "tensorboard", "trial/fitness")) == pytest.approx(
         curve, abs=1e-6
     )
+
+
+# -- the ledger -----------------------------------------------------------------------------
+
+
+def test_the_ledger_is_appended_and_read_back_as_the_entries_it_records(tmp_path):
+    """Entries, then one line per call; a line cut by a kill is skipped quietly (its call is
+    logged again or purged: the trackers' own state), any other unreadable line is one
+    warning; a run's old trackers.json is read when there is no trackers.jsonl."""
+    lines = [
+        {"tracker": "mlflow", "entry": {"run_id": "r1", "logged": {"trials": ["1:0"]}}},
+        {"tracker": "mlflow", "logged": "config"},
+        {"tracker": "mlflow", "logged": "trials", "item": "1:1", "step": 2},
+        {"tracker": "mlflow", "logged": "trials", "item": "1:1", "step": 2},  # twice: once
+        {"tracker": "wandb", "logged": "trials", "item": "1:0", "step": 1},
+        {"tracker": "mlflow", "logged": "best", "item": "1:1"},
+    ]
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in lines)
+    (tmp_path / LEDGER).write_bytes(data + b'{"tracker": "mlflow", "logged": "tri')
+    warnings: list[str] = []
+    ledger = read_ledger(tmp_path, warnings.append)
+    assert warnings == []
+    assert ledger == {
+        "mlflow": {
+            "run_id": "r1",
+            "logged": {"trials": ["1:0", "1:1"], "config": True, "best": "1:1"},
+            "last_step": 2,
+        },
+        "wandb": {"logged": {"trials": ["1:0"]}, "last_step": 1},
+    }
+    (tmp_path / LEDGER).write_bytes(data[:40] + b"\n" + data + b"[1]\n")
+    assert read_ledger(tmp_path, warnings.append) == ledger
+    assert len(warnings) == 1 and "skipped 2 unreadable line(s)" in warnings[0]
+
+    write_ledger(tmp_path, ledger)  # compacted: one line per tracker
+    assert len((tmp_path / LEDGER).read_bytes().splitlines()) == 2
+    assert read_ledger(tmp_path) == ledger
+
+    (tmp_path / LEDGER).unlink()
+    (tmp_path / OLD_LEDGER).write_text(json.dumps(ledger))
+    assert read_ledger(tmp_path) == ledger
+    write_ledger(tmp_path, ledger)
+    assert not (tmp_path / OLD_LEDGER).exists() and read_ledger(tmp_path) == ledger
