@@ -117,7 +117,6 @@ def _check_tasks(cfg: SearchConfig) -> tuple[list[str], Scorer | None]:
     """Every task loads (its dataset downloaded here, on the driver, or found in the cache when
     offline); each one that does not is named. Returns the problems and the search tasks'
     Scorer, built as a worker builds it (the memory plan measures its requests), or None."""
-    from evomerge.fitness.scorer import Scorer
 
     problems = [
         f"fitness.include: {path} is not a directory of task YAMLs"
@@ -130,17 +129,7 @@ def _check_tasks(cfg: SearchConfig) -> tuple[list[str], Scorer | None]:
     sets = [(fc.tasks, "search"), (cfg.heldout_specs(), "heldout")]
 
     def load(specs, part) -> Scorer:
-        return Scorer(
-            specs,
-            include_paths=cfg.include_paths(),
-            limit=fc.limit,
-            seed=cfg.cma.seed,
-            num_fewshot=fc.num_fewshot,
-            batch_size=fc.batch_size,
-            apply_chat_template=fc.apply_chat_template,
-            rescore_limit=fc.rescore.limit,
-            part=part,
-        )
+        return cfg.scorer(specs, part)
 
     search = None
     for specs, part in sets:

@@ -419,6 +419,24 @@ class SearchConfig(_Strict):
 
         return self.fitness.heldout_tasks or to_split(self.fitness.tasks, "heldout")
 
+    def scorer(self, specs: list[TaskSpec] | None = None, part: str = "search"):
+        """The Scorer of these tasks (default: the search's) as a worker builds it: the driver's
+        checks and memory plan measure the very requests the workers will answer."""
+        from evomerge.fitness.scorer import Scorer
+
+        fc = self.fitness
+        return Scorer(
+            fc.tasks if specs is None else specs,
+            include_paths=self.include_paths(),
+            limit=fc.limit,
+            seed=self.cma.seed,
+            num_fewshot=fc.num_fewshot,
+            batch_size=fc.batch_size,
+            apply_chat_template=fc.apply_chat_template,
+            rescore_limit=fc.rescore.limit,
+            part=part,
+        )
+
     def include_paths(self) -> list[Path]:
         paths = [Path(p) for p in self.fitness.include]
         zoo = self.zoo_dir()

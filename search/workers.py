@@ -73,7 +73,6 @@ class TrialWorker:
         os.environ.update(QUIET_ENV)  # the user's own HF settings arrive through the runtime env
         if threads:
             torch.set_num_threads(threads)
-        from evomerge.fitness.scorer import Scorer
         from evomerge.search.spaces import space_for
 
         config = SearchConfig.parse(config_data)
@@ -94,16 +93,7 @@ class TrialWorker:
             _inject_start_fault(start_fault)  # where the sources load: the likeliest to fail
         self.candidate = space_for(config).candidate(device)
         fc = config.fitness
-        self.scorer = Scorer(
-            fc.tasks,
-            include_paths=config.include_paths(),
-            limit=fc.limit,
-            seed=config.cma.seed,
-            num_fewshot=fc.num_fewshot,
-            batch_size=fc.batch_size,
-            apply_chat_template=fc.apply_chat_template,
-            rescore_limit=fc.rescore.limit,
-        )
+        self.scorer = config.scorer()
         if fc.backend == "vllm":  # the engine holds the candidate and answers the requests
             from evomerge.search.parameter_space import EngineCandidate
 
