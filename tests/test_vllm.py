@@ -382,3 +382,71 @@ def test_engine_that_cannot_start_stops_the_search(tiny_zoo, tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     lines = [ln for ln in res.stderr.splitlines() if "could not start" in ln]
     assert len(lines) == 1 and "head_dim=8" in lines[0], res.stderr
+
+
+@needs_vllm
+def test_a_dead_engine_fails_one_trial_and_the_search_goes_on(demo_zoo, tmp_path, monkeypatch):
+    """The engine's core shut down under a running trial (what a crashed engine core leaves:
+    every later call raises): that trial is FAILED with the cause, the worker finds the engine
+    dead and replaces it (in the driver's process a new engine; a Ray worker exits and the
+    executor starts another), and every later candidate scores, to the end of the budget.
+    A request that fails on a healthy engine only fails its trial: the engine is kept."""
+    from evomerge.search.driver import Progress, run_search
+    from evomerge.search.parameter_space import EngineCandidate
+    from evomerge.search.rundir import RunDir
+    from evomerge.search.workers import SerialExecutor
+
+    data = _demo_config(demo_zoo, limit=20).dump()
+    data["workers"] = {"count": 0}
+    data["cma"] |= {"budget": 8, "popsize": 4}
+    data["fitness"]["rescore"] = {"top": 0}
+    from evomerge.search.config import SearchConfig
+
+    cfg = SearchConfig.parse(data)
+    broken: list[tuple[EngineCandidate, object]] = []  # the candidate, its dead LLM
+    materialize = EngineCandidate.materialize
+    calls = [0]
+
+    def breaking(self, recipe):
+        materialize(self, recipe)
+        calls[0] += 1
+        if calls[0] == 7:  # the parents took 5 writes: the second search candidate, scoring
+            broken.append((self, self.engine.llm))
+            _break(self.engine)
+        if calls[0] == 9:  # a healthy engine's request that fails: only its trial fails
+            self.engine.llm.generate = _raise_once(self.engine.llm.generate)
+
+    monkeypatch.setattr(EngineCandidate, "materialize", breaking)
+    torch.set_num_threads(2)
+    run = RunDir.create(tmp_path / "run", cfg)
+    run_search(run, lambda: SerialExecutor(cfg), Progress())
+    trials = list(run.trials().values())
+    failed = [t for t in trials if t["status"] == "FAILED"]
+    assert len(trials) == 8, trials
+    assert len(failed) == 2, [(t["index"], t["generation"], t["error"]) for t in failed]
+    assert "the vLLM engine died" in failed[0]["error"], failed[0]["error"]
+    assert "the vLLM engine died" not in failed[1]["error"] and "once" in failed[1]["error"]
+    assert all(t["status"] == "COMPLETE" for t in trials if t not in failed)
+    assert all(t["fitness"] > 0 for t in trials if t not in failed)  # the new engine answers
+    ((candidate, dead),) = broken
+    assert candidate.engine.llm is not dead and candidate.engine.dead is None  # replaced
+
+
+def _break(engine) -> None:
+    """What an engine core whose worker died leaves in the driver's process: the core shut
+    down and its worker gone, so every later step or weight load raises."""
+    core = engine.llm.llm_engine.engine_core.engine_core  # in-process: the EngineCore itself
+    core.model_executor.shutdown()
+    core.model_executor.driver_worker.worker = None
+
+
+def _raise_once(generate):
+    raised = [False]
+
+    def once(*args, **kwargs):
+        if not raised[0] and kwargs.get("use_tqdm") is False and len(args[0]) > 1:
+            raised[0] = True
+            raise RuntimeError("a request failed once")
+        return generate(*args, **kwargs)
+
+    return once
