@@ -49,11 +49,20 @@ PARTS = (
     "sources",
     "sources window",
     "candidate",
+    "vLLM weights",
     "merge temporaries",
+    "vLLM reload buffer",
+    "vLLM write batches",
     "KV cache",
+    "vLLM KV cache",
     "logits",
+    "vLLM activations",
+    "vLLM CUDA graphs",
     "reserve",
 )
+# vLLM's CUDA graphs (a CUDA engine is not eager) and its workspaces, per GPU: vLLM reports
+# a few hundred MB to ~1 GB for graphs captured up to max_num_seqs; not measured here
+VLLM_GRAPHS = 2**30
 HOST = "host"
 NODE_GPUS = 8  # GPUs of a node, where the driver sees none (a fix never spans more)
 
@@ -161,6 +170,13 @@ class Layout:
     # the method merges a chunk at a time off a CPU (fused.chunked_into): its fp32 temporaries
     # are those of one chunk, not of the device's largest tensor
     chunked: bool = False
+    # what a vLLM engine's plan reads besides: which tensors are matrices (sharded over
+    # tensor-parallel ranks; vectors such as norms are replicated), the widths its activations
+    # take, and its max_model_len (vllm_backend.engine_length of the config)
+    matrix: Mapping[str, bool] = field(default_factory=dict)
+    hidden: int = 0
+    intermediate: int = 0
+    engine_length: int = DEFAULT_SEQUENCE
 
     @classmethod
     def read(cls, config: SearchConfig) -> Layout:
@@ -196,6 +212,10 @@ class Layout:
             kv_width=_kv_width(text),
             max_length=_max_length(text),
             chunked=chunkable(get_method(config.space.method), masks=config.space.masks),
+            matrix={n: len(base.shape(n)) >= 2 for n in names},
+            hidden=int(text.get("hidden_size") or text.get("n_embd") or 0),
+            intermediate=int(text.get("intermediate_size") or text.get("n_inner") or 0),
+            engine_length=_engine_length(text),
             **extra,
         )
 
@@ -216,6 +236,12 @@ def _kv_width(text: dict) -> int:
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or int(hidden) // int(heads)
     return 2 * int(kv_heads) * int(head_dim)
+
+
+def _engine_length(text: dict) -> int:
+    from evomerge.fitness.vllm_backend import engine_length  # imports no vLLM
+
+    return engine_length(text)
 
 
 def _max_length(text: dict) -> int:
@@ -272,6 +298,9 @@ class Setting:
     batch: int
     tokens: int  # per sequence, capped at the model's context
     dtype: str  # the candidate's (merge) dtype
+    backend: str = "hf"  # fitness.backend
+    # vllm: the tokens one engine step prefills (vLLM's default max_num_batched_tokens)
+    batched_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +316,8 @@ def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
     from evomerge.merge.fused import GPU_CHUNK
     from evomerge.merge.placement import Placement
 
+    if s.backend == "vllm" and layout.kind == "parameter space":
+        return _engine_rows(layout, s, aliases)
     devices = _devices(s)
     gpu = s.gpus > 0
     first = devices[0]
@@ -344,6 +375,122 @@ def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
     return [Row(p, w, b) for (p, w), b in out.items() if b > 0]
 
 
+def _engine_rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
+    """What a vLLM worker holds (parameter_space.EngineCandidate, fitness/vllm_backend.py): the
+    resident sources, no eval model, and one engine, tensor parallel over the worker's GPUs.
+
+    - sources: on its GPU with one GPU and `workers.sources: device`; else in host memory
+      (auto and host stream from there; over several GPUs the merge runs on the CPU);
+    - merge temporaries: where the merge runs (the GPU with one, else the host);
+    - vLLM weights: the candidate in the merge dtype, on each rank its shard (matrices split
+      over the ranks, vectors replicated);
+    - vLLM reload buffer: in-place reload gathers a whole (fused) module, q/k/v or gate/up,
+      then materializes it on the rank before copying it in: the largest module's shard, plus,
+      with one GPU, the merged tensors it holds until then;
+    - vLLM write batches (several GPUs): a decoder layer of merged tensors at a time on the
+      host, its pickle, and each rank's unpickled copy;
+    - vLLM KV cache: vllm_backend.kv_cache_bytes, per rank;
+    - vLLM activations: one step's prefill (vLLM's max_num_batched_tokens tokens: the MLP's
+      widths and a few hidden states), the prompt logits and log-probabilities of those tokens
+      in fp32 (lm-eval's loglikelihood asks for prompt log-probabilities), and the sampler's
+      logits for every sequence;
+    - vLLM CUDA graphs, and the reserve (CUDA context, fragmentation) on each GPU."""
+    from evomerge.fitness.vllm_backend import kv_cache_bytes
+    from evomerge.merge.engine import READ_AHEAD
+    from evomerge.merge.fused import GPU_CHUNK
+
+    gpu = s.gpus > 0
+    devices = _devices(s)
+    ranks = s.gpus if gpu else 1
+    item = _ITEMSIZE[s.dtype]
+    on_gpu = gpu and s.gpus == 1  # the merge runs on the one GPU, else on the CPU
+    merge_at = devices[0] if on_gpu or not gpu else HOST
+    sources_at = devices[0] if (on_gpu and s.sources == "device") or not gpu else HOST
+    out: dict[tuple[str, str], int] = defaultdict(int)
+
+    def size(n: str) -> int:  # the merged tensor, as written
+        return layout.numel[n] * item if layout.floating[n] else layout.stored[aliases[0]][n]
+
+    def shard(n: str) -> int:
+        return math.ceil(size(n) / ranks) if layout.matrix.get(n, True) else size(n)
+
+    for n in layout.names:
+        for a in aliases:
+            out["sources", sources_at] += layout.stored[a][n]
+    largest = max(layout.numel.values())
+    entries = min(largest, GPU_CHUNK) if layout.chunked and merge_at != HOST and gpu else largest
+    out["merge temporaries", merge_at] += (len(aliases) + 2) * entries * 4
+    if on_gpu and s.sources == "host":  # read ahead, plus the tensor being merged
+        inputs = max(sum(layout.stored[a][n] for a in aliases) for n in layout.names)
+        out["sources window", devices[0]] += READ_AHEAD + inputs
+    modules = _modules(layout.names)
+    module = max(sum(size(n) for n in names) for names in modules.values())
+    if not on_gpu and gpu:
+        layer = max(sum(size(n) for n in names) for names in _layers(layout.names).values())
+        out["vLLM write batches", HOST] += (2 + ranks) * layer
+    kv = kv_cache_bytes(layout.num_layers * layout.kv_width * item, layout.engine_length, s.batch)
+    steps = s.batched_tokens
+    prompt = min(steps, layout.engine_length)
+    activations = (
+        steps * (3 * layout.intermediate // ranks + 4 * layout.hidden) * item
+        + prompt * layout.vocab * (item + 8)
+        + s.batch * layout.vocab * 8
+    )
+    for d in devices:
+        out["vLLM weights", d] += sum(shard(n) for n in layout.names)
+        out["vLLM reload buffer", d] += math.ceil(module / ranks) + (module if on_gpu else 0)
+        if not gpu:  # in-process on the CPU: the merged tensors are handed over as they come
+            out["vLLM reload buffer", d] += module
+        out["vLLM KV cache", d] += kv
+        out["vLLM activations", d] += activations
+        if gpu:
+            out["vLLM CUDA graphs", d] += VLLM_GRAPHS
+            out["reserve", d] += GPU_RESERVE
+    return [Row(p, w, b) for (p, w), b in out.items() if b > 0]
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}
+_FUSED |= {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _modules(names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The base's tensors grouped as vLLM's modules hold them (q/k/v and gate/up fused)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        parts = n.split(".")
+        module = parts[:-1]
+        if len(module) >= 1 and module[-1] in _FUSED:
+            module = [*module[:-1], _FUSED[module[-1]]]
+        out[".".join(module)].append(n)
+    return out
+
+
+def _layers(names: tuple[str, ...]) -> dict[object, list[str]]:
+    """The base's tensors grouped as vllm_backend._by_layer batches them over several ranks."""
+    from evomerge.merge.architecture import classify
+
+    out: dict[object, list[str]] = defaultdict(list)
+    for n in names:
+        try:
+            slot = classify(n)
+            key: object = slot.layer if slot.group == "layer" else n
+        except EvomergeError:
+            key = n
+        out[key].append(n)
+    return out
+
+
+def vllm_batched_tokens(gpu: bool, capacity: Capacity) -> int:
+    """vLLM 0.32's default max_num_batched_tokens for the LLM class, which the engine keeps
+    (vllm/engine/arg_utils.py, get_batch_defaults): 4096 on a CPU (one rank); on CUDA 16384
+    from 70 GiB of GPU memory (an A100 aside), else 8192."""
+    if not gpu:
+        return 4096
+    cap = capacity.gpu
+    big = cap is not None and cap >= 70 * 2**30 and "a100" not in capacity.gpu_from.lower()
+    return 16384 if big or cap is None else 8192
+
+
 @dataclass
 class MemoryPlan:
     """One worker's memory, part by part and device by device, and what it is checked against."""
@@ -364,6 +511,11 @@ class MemoryPlan:
     @property
     def gpu(self) -> bool:
         return self.setting.gpus > 0
+
+    @property
+    def engine(self) -> bool:
+        """A vLLM worker's plan (fitness.backend: vllm)."""
+        return self.setting.backend == "vllm" and self.layout.kind == "parameter space"
 
     def bytes_of(self, where: str, part: str | None = None) -> int:
         return sum(r.nbytes for r in self.rows if r.where == where and part in (None, r.part))
@@ -427,7 +579,7 @@ class MemoryPlan:
         """What fixes the largest part: the settings that shrink it, each checked to make the
         plan fit (where none does alone, the settings that shrink it most)."""
         s = self.setting
-        if part in ("KV cache", "logits"):
+        if part in ("KV cache", "logits", "vLLM KV cache"):
             batch = next((b for b in _halvings(s.batch) if self.replan(batch=b).fits_gpus()), None)
             return f"set fitness.batch_size: {batch}" if batch else "lower fitness.batch_size"
         if self.layout.kind == "data flow":  # its models load whole on the first GPU
@@ -439,7 +591,7 @@ class MemoryPlan:
         if part == "sources" and s.sources == "device" and self.replan(sources="host").fits_gpus():
             fixes.append("workers.sources: host")
         if (
-            part == "candidate"
+            part in ("candidate", "vLLM weights")
             and s.dtype == "float32"
             and self.replan(dtype="bfloat16").fits_gpus()
         ):
@@ -457,7 +609,7 @@ class MemoryPlan:
         more = f"more GPUs per worker than {most}" if gpus is None else "more GPUs per worker"
         if part == "sources" and s.sources == "device":
             return f"set workers.sources: host and use {more}"
-        if part == "candidate" and s.dtype == "float32":
+        if part in ("candidate", "vLLM weights") and s.dtype == "float32":
             return f"set space.dtype: bfloat16 and use {more}"
         return f"use {more}"
 
@@ -471,7 +623,8 @@ class MemoryPlan:
         fixes = []
         if 1 <= fits < n:
             fixes.append(f"workers.count: {fits} (fewer workers per node)")
-        if self.gpu and self.sources == "host" and self.replan(sources="device").fits_gpus():
+        on_device = self.replan(sources="device")
+        if self.gpu and self.sources == "host" and on_device.fits_gpus() and on_device.fits_host():
             fixes.append("workers.sources: device")
         fix = "set " + " or ".join(fixes) if fixes else "use fewer or smaller models"
         if not fixes and self.gpu and self.sources == "host":
@@ -493,6 +646,10 @@ class MemoryPlan:
 
         s = self.setting
         how = f"{s.gpus} GPU{'s' * (s.gpus > 1)} per worker" if self.gpu else "CPU workers"
+        engine = self.engine
+        if engine:
+            ranks = f", tensor parallel over {s.gpus}" if s.gpus > 1 else ""
+            how += f", one vLLM engine{ranks}"
         shown = self.gpu and self.layout.kind != "data flow"  # else there is no choice
         sources = f"sources on {self.sources}" if shown else ""
         if self.configured == "auto" and sources:
@@ -504,7 +661,7 @@ class MemoryPlan:
                 how,
                 sources,
                 f"candidate {s.dtype}",
-                f"batch {s.batch} x {s.tokens} tokens",
+                f"batch {s.batch} x {s.tokens} tokens" if not engine else "",
             )
             if x
         )
@@ -551,6 +708,13 @@ class MemoryPlan:
             f"host capacity: {_cap(self.capacity.host, self.capacity.host_from)}; "
             f"workers per node: {self.workers_per_node} ({self.workers_note})",
         ]
+        if engine:
+            notes[0] = (
+                f"vLLM engine: max_model_len {self.layout.engine_length} (the model's context), "
+                f"its KV cache sized for fitness.batch_size {s.batch} sequences of that length "
+                f"on each GPU; {s.batched_tokens} tokens prefilled a step (vLLM's default); "
+                f"the tasks' sequences: {self.sequence.note}"
+            )
         return Group(Text(title, style="bold"), table, *(Text(n) for n in notes))
 
     def _column(self, where: str, parts: list[str]) -> list[int]:
@@ -628,12 +792,15 @@ def plan_memory(
     wc = config.workers
     gpu = _gpu_workers(config, capacity)
     aliases = (config.base, *config.experts)
+    engine = config.fitness.backend == "vllm" and layout.kind == "parameter space"
     setting = Setting(
         gpus=wc.gpus_per_worker if gpu else 0,
         sources="device",
         batch=config.fitness.batch_size,
         tokens=min(sequence.tokens, layout.max_length),
         dtype=config.merge_dtype,
+        backend=config.fitness.backend,
+        batched_tokens=vllm_batched_tokens(gpu, capacity) if engine else 0,
     )
     per_node, note = _workers_per_node(config, gpu, capacity)
     plan = MemoryPlan(
@@ -649,6 +816,15 @@ def plan_memory(
         layout=layout,
         aliases=aliases,
     )
+    if engine and gpu:
+        # EngineCandidate keeps its sources on the GPU only when told to (device) on one GPU:
+        # auto leaves the GPU to the engine's weights and KV cache
+        if wc.sources == "device" and wc.gpus_per_worker == 1:
+            return plan
+        plan = plan.replan(sources="host")
+        if wc.sources == "auto":
+            plan.auto_note = "host, the vLLM engine's weights and KV cache share the GPU"
+        return plan
     host_mode = gpu and layout.kind != "data flow"  # a data-flow path loads on its GPU only
     if host_mode and wc.sources == "host":
         return plan.replan(sources="host")

@@ -463,3 +463,94 @@ def test_elementwise_methods_plan_one_chunks_temporaries(fams, tiny_zoo):
     whole = plan("ties").bytes_of("cuda:0", "merge temporaries")
     assert whole == 6 * 128256 * 8192 * 4  # the embedding, whole
     assert plan("dare_ties", masks="torch").bytes_of("cuda:0", "merge temporaries") == whole
+
+
+def _vllm(data: dict, **fitness) -> SearchConfig:
+    data["fitness"] |= {"backend": "vllm", **fitness}
+    return SearchConfig.parse(data)
+
+
+def test_a_vllm_worker_plans_its_engine_not_an_eval_model(fams, tiny_zoo, capsys):
+    """fitness.backend: vllm: the sources (streamed from host memory under auto), no eval
+    model, and the engine: its weights split over the ranks, its KV cache as the engine sizes
+    it (kv_cache_bytes: fitness.batch_size sequences of the model's whole context), its
+    activations, graphs; the table's rows say so."""
+    from rich.console import Console
+
+    from evomerge.fitness.vllm_backend import kv_cache_bytes
+    from evomerge.search.memory import VLLM_GRAPHS
+
+    bf16 = 7_241_732_096 * 2  # Mistral 7B's parameters in bf16
+    data = _config(
+        tiny_zoo, fams["7b-bf16"], sources="auto", gpu_memory="80GB", host_memory="2000GB"
+    )
+    plan = plan_memory(_vllm(data, batch_size=4), SequenceLength(300, "test"))
+    assert plan.sources == "host" and "vLLM engine" in plan.auto_note
+    parts = {r.part for r in plan.rows}
+    assert not parts & {"candidate", "KV cache", "logits"}  # no HF eval model
+    assert plan.bytes_of("cuda:0", "vLLM weights") == bf16
+    per_token = 32 * 2 * 8 * 128 * 2  # layers x K,V x KV heads x head dim x bf16
+    kv = kv_cache_bytes(per_token, 32768, 4)
+    assert plan.bytes_of("cuda:0", "vLLM KV cache") == kv > 4 * 32768 * per_token
+    assert plan.bytes_of("cuda:0", "vLLM CUDA graphs") == VLLM_GRAPHS
+    assert plan.bytes_of("host", "sources") == 3 * bf16 and plan.bytes_of("cuda:0", "sources") == 0
+    assert plan.bytes_of("cuda:0", "vLLM activations") > 16384 * 32000 * 8  # prompt logprobs
+    assert plan.problem() is None
+    Console(width=200).print(plan.table())
+    out = capsys.readouterr().out
+    assert "one vLLM engine" in out and "vLLM KV cache" in out and "max_model_len 32768" in out
+
+    # two ranks: each holds half the matrices; the merge and its write batches on the host
+    two = plan_memory(
+        _vllm(
+            _config(
+                tiny_zoo,
+                fams["7b-bf16"],
+                gpus_per_worker=2,
+                gpu_memory="80GB",
+                host_memory="2000GB",
+            )
+        ),
+        SequenceLength(300, "test"),
+    )
+    halves = [two.bytes_of(f"cuda:{i}", "vLLM weights") for i in range(2)]
+    assert halves[0] == halves[1] and bf16 / 2 < halves[0] < bf16 / 2 + 10**6  # norms: whole
+    assert (
+        two.bytes_of("host", "merge temporaries") > 0
+        and two.bytes_of("host", "vLLM write batches") > 0
+    )
+    assert two.bytes_of("cuda:0", "merge temporaries") == 0
+    # a CPU worker: everything in its own memory, no GPU parts
+    cpu = plan_memory(
+        _vllm(_config(tiny_zoo, fams["7b-bf16"], device="cpu"), batch_size=1),
+        SequenceLength(300, "test"),
+    )
+    assert cpu.gpu_totals() == {} and cpu.bytes_of("cpu", "vLLM weights") == bf16
+    assert cpu.bytes_of("cpu", "vLLM CUDA graphs") == 0
+
+
+def test_a_vllm_worker_that_cannot_fit_is_refused_in_one_line(fams, tiny_zoo, tmp_path):
+    """The engine's KV cache at fitness.batch_size 64 sequences of Mistral's 32k context does
+    not fit an 80 GB GPU: `--check` refuses it in one line naming that part and the batch that
+    fits; with the sources on the GPU as well, the line names the sources and host."""
+    data = _config(
+        tiny_zoo, fams["7b-bf16"], sources="auto", gpu_memory="80GB", host_memory="2000GB"
+    )
+    data["fitness"] |= {"backend": "vllm", "batch_size": 64}
+    result = _check(tmp_path, data)
+    assert result.exit_code == 2, result.output
+    errors = _errors(result.output)
+    assert len(errors) == 1, result.output
+    line = " ".join(errors[0].split())
+    assert "the largest part is the vLLM KV cache: set fitness.batch_size: " in line, line
+    batch = int(line.rsplit("fitness.batch_size: ", 1)[1])
+    fixed = _vllm(data, batch_size=batch)
+    assert plan_memory(fixed, SequenceLength(300, "test")).fits_gpus()
+    assert not plan_memory(_vllm(data, batch_size=2 * batch), SequenceLength(300, "t")).fits_gpus()
+
+    data = _config(
+        tiny_zoo, fams["7b-bf16"], sources="device", gpu_memory="80GB", host_memory="2000GB"
+    )
+    plan = plan_memory(_vllm(data, batch_size=4), SequenceLength(300, "test"))
+    line = plan.problem()
+    assert line is not None and "the largest part is the sources: set workers.sources: host" in line
