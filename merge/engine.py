@@ -118,6 +118,12 @@ class TensorJob:
         return (*((self.base,) if self.base else ()), *self.aliases)
 
 
+def output_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
+    """A merged checkpoint's dtype for a tensor stored as `stored`: the recipe's for floating
+    tensors; integer buffers keep theirs (they are copied, never averaged)."""
+    return getattr(torch, recipe.dtype) if stored.is_floating_point else stored
+
+
 def plan_merge(
     recipe: Recipe, ckpts: Mapping[str, TensorSource], names: Iterable[str] | None = None
 ) -> list[TensorJob]:
@@ -129,19 +135,19 @@ def plan_merge(
     num_layers = ref.info.num_layers
     table = ps.layout(num_layers)
     method = ps.merge_method
-    out_dtype = getattr(torch, recipe.dtype)
     wanted = None if names is None else set(names)
     jobs = []
     for name in ref.names:
         if wanted is not None and name not in wanted:
             continue
         shape = tuple(ref.shape(name))
+        dtype = output_dtype(recipe, ref.dtype(name))
         if not ref.dtype(name).is_floating_point:  # integer buffers are copied, never averaged
-            jobs.append(TensorJob(name, ref.dtype(name), shape, None, None, (recipe.main_alias,)))
+            jobs.append(TensorJob(name, dtype, shape, None, None, (recipe.main_alias,)))
             continue
         group = ParameterSpace.group_for(table, classify(name), num_layers)
         base = ps.base if ps.base and method.needs_base else None
-        jobs.append(TensorJob(name, out_dtype, shape, group, base, tuple(ps.merged_models(group))))
+        jobs.append(TensorJob(name, dtype, shape, group, base, tuple(ps.merged_models(group))))
     return jobs
 
 
@@ -292,11 +298,7 @@ def iter_merged(
 
 
 def output_specs(recipe: Recipe, ref: Checkpoint) -> list[TensorSpec]:
-    out_dtype = getattr(torch, recipe.dtype)
-    return [
-        TensorSpec(n, out_dtype if ref.dtype(n).is_floating_point else ref.dtype(n), ref.shape(n))
-        for n in ref.names
-    ]
+    return [TensorSpec(n, output_dtype(recipe, ref.dtype(n)), ref.shape(n)) for n in ref.names]
 
 
 def parse_size(text: str | int) -> int:
@@ -479,11 +481,7 @@ def _merge_path_to_dir(
             ckpts[PS] = Checkpoint(stage, "parameter_space result")
         plan = path_plan(recipe, ckpts)
         specs = [
-            TensorSpec(
-                n,
-                out_dtype if ckpts[a].dtype(s).is_floating_point else ckpts[a].dtype(s),
-                ckpts[a].shape(s),
-            )
+            TensorSpec(n, output_dtype(recipe, ckpts[a].dtype(s)), ckpts[a].shape(s))
             for n, a, s, _, _ in plan
         ]
 
