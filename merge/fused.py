@@ -4,8 +4,8 @@ compiled together with torch.compile, behind the same `merge_into` interface as 
 On a CPU the chunked kernels (merge.kernels) keep a tensor's temporaries in cache; on a GPU the
 reference's dozen whole-tensor passes, each a kernel launch reading and writing the tensor, are
 what costs. Compiled, the combination reads the base and the task vectors once and writes the
-result once. The magnitude cuts (a value v and a flat index c per model, as in merge.kernels)
-are selected before, on the device, by the reference's radix select. Used only on CUDA; eager
+result once. The magnitude cuts (a value v and a flat index c per model, `merge.selection`'s)
+are selected before, on the device. Used only on CUDA; eager
 where compilation fails. `combine` is also the eager definition the compiled one is checked
 against (tests/test_fused.py runs both on a CPU)."""
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
+from evomerge.merge import selection
+from evomerge.merge.inputs import TensorInputs
 from evomerge.merge.kernels import NonFinite
 from evomerge.merge.masks import CounterDraws
-from evomerge.merge.sparsify import _kth_largest
 
 F32 = torch.float32
 
@@ -35,17 +36,12 @@ def combine(
     normalize: bool,
 ) -> torch.Tensor:
     """methods.combine_deltas(base, [where(keep_i, d_i, 0)], weights, consensus=True, ...) for
-    flat fp32 tensors, where keep_i is |d_i| > v[i], or |d_i| == v[i] at an index below cut[i]
-    (every entry where keep_all[i]). Every op is the reference's, elementwise."""
+    flat fp32 tensors, where keep_i is the cut (v[i], cut[i]) (`selection.keeps`; every entry
+    where keep_all[i]). Every op is the reference's, elementwise."""
     idx = torch.arange(base.numel(), device=base.device)
     xs = []
     for i, d in enumerate(deltas):
-        if keep_all[i]:
-            t = d
-        else:
-            a = d.abs()
-            keep = (a > v[i]) | ((a == v[i]) & (idx < cut[i]))
-            t = torch.where(keep, d, 0.0)
+        t = d if keep_all[i] else torch.where(selection.keeps(d.abs(), v[i], cut[i], idx), d, 0.0)
         xs.append(t * weights[i])
     total = xs[0]
     for x in xs[1:]:
@@ -101,7 +97,9 @@ def combine_compiled(*args) -> torch.Tensor:
 GPU_CHUNK = 1 << 24  # entries a chunk: its fp32 temporaries are tens of MB, not a tensor's GBs
 
 
-def chunked_into(merge: Callable, x, out: torch.Tensor, chunk: int | None = None) -> None:
+def chunked_into(
+    merge: Callable, x: TensorInputs, out: torch.Tensor, chunk: int | None = None
+) -> None:
     """`merge` (an elementwise method's reference: registry.Method.elementwise) over chunks of
     the flat inputs, each result written into its slice of `out`: the reference's bits, with
     the temporaries of one chunk instead of a dozen of the whole tensor (on a 70B embedding,
@@ -112,6 +110,7 @@ def chunked_into(merge: Callable, x, out: torch.Tensor, chunk: int | None = None
     base = x.base.reshape(-1) if x.base is not None else None
     sources = [s.reshape(-1) for s in x.sources]
     g = x.generator
+    assert g is None or isinstance(g, CounterDraws)  # registry.chunkable: counter draws only
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         part = dataclasses.replace(
@@ -126,45 +125,27 @@ def chunked_into(merge: Callable, x, out: torch.Tensor, chunk: int | None = None
         flat_out[lo:hi].copy_(merged.reshape(-1))
 
 
-def device_cut(a: torch.Tensor, k: int) -> tuple[float, int]:
-    """(v, c) keeping the first k (1 <= k < n) entries of the flat magnitudes `a`, on their
-    device: sparsify._kth_largest for v, then the tied entries' indices only where needed."""
-    n = a.numel()
-    v = float(_kth_largest(a, k))
-    greater = int(torch.count_nonzero(a > v))
-    tied = int(torch.count_nonzero(a == v))
-    keep_tied = k - greater
-    if keep_tied >= tied:
-        return v, n
-    positions = torch.nonzero(a == v).squeeze(1)
-    return v, int(positions[keep_tied - 1]) + 1
-
-
-def ties_into(
-    base: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    params: Sequence[dict[str, float]],
-    lambda_: float,
-    normalize: bool,
-    out: torch.Tensor,
-    compile: bool = True,
-) -> bool:
-    """TIES (magnitude sparsifier, sign consensus, no rescale) into `out`, fused; False where
-    nothing is merged (the reference handles a group of the base alone)."""
-    flat_base = base.reshape(-1).float()
+def ties_into(x: TensorInputs, out: torch.Tensor, compile: bool = True) -> bool:
+    """TIES (magnitude sparsifier, sign consensus, no rescale; a consensus method without a
+    sparsifier declares no density: all kept) into `out`, fused; False where nothing is merged
+    (the reference handles a group of the base alone). `x.rescale` is not read."""
+    assert x.base is not None
+    flat_base = x.base.reshape(-1).float()
     n = flat_base.numel()
-    ds = [s.reshape(-1).float() - flat_base for s in sources]
+    ds = [s.reshape(-1).float() - flat_base for s in x.sources]
     if not ds:
         return False
     vs, cuts, keep_all = [], [], []
-    for d, p in zip(ds, params):
-        density = p["density"]
-        k = max(1, int(density * n))
-        everything = density >= 1 or k >= n
-        keep_all.append(everything)
-        v, c = (0.0, n) if everything else device_cut(d.abs(), k)
-        vs.append(v)
-        cuts.append(c)
+    for d, p in zip(ds, x.params):
+        ranks = selection.magnitude_ranks(p.get("density", 1.0), n)
+
+        def cut(k: int, d: torch.Tensor = d) -> selection.Cut:
+            return selection.exact_cut(d.abs(), k)
+
+        keep = ranks.cuts(cut)[0] if ranks else None
+        keep_all.append(keep is None)
+        vs.append(0.0 if keep is None else keep.v)
+        cuts.append(n if keep is None else keep.index)
     dev = flat_base.device
     fn = combine_compiled if compile else combine
     merged = fn(
@@ -172,10 +153,10 @@ def ties_into(
         ds,
         torch.tensor(vs, dtype=F32, device=dev),
         torch.tensor(cuts, dtype=torch.int64, device=dev),
-        torch.tensor([p["weight"] for p in params], dtype=F32, device=dev),
-        torch.tensor(lambda_, dtype=F32, device=dev),
+        torch.tensor([p["weight"] for p in x.params], dtype=F32, device=dev),
+        torch.tensor(x.group["lambda"], dtype=F32, device=dev),
         tuple(keep_all),
-        normalize,
+        x.normalize,
     )
     if not bool(torch.isfinite(merged).all()):
         raise NonFinite

@@ -8,12 +8,9 @@ op writes into the destination (a model parameter, or an output buffer in the re
 Every op is elementwise, so the result is bit-identical to the reference (`tests/test_kernels.py`
 checks it on every method and option this module takes).
 
-What is not elementwise is the magnitude cut of TIES and breadcrumbs: keep the k entries of
-largest |delta|, ties by lowest flat index (`merge.sparsify`). It is found exactly from a strided
-sample (the sample's quantiles bound the cut value; one chunked pass counts the entries above
-the upper bound and gathers the few between the bounds; the cut is selected among those), with a
-full selection as the fallback when the sample's bounds miss. The cut is a value v and a flat
-index c: an entry is kept when |d| > v, or |d| == v at an index below c.
+What is not elementwise is the magnitude cut of TIES and breadcrumbs (keep the k entries of
+largest |delta|, ties by lowest flat index): `merge.selection` counts and finds it, here from a
+strided sample and one chunked pass (`selection.rank_cut`); each chunk then applies it.
 
 Not here (the reference runs): DELLA (per-row ranks), the L1 rescale (whole-tensor sums), slerp,
 and methods registered without a `merge_into`.
@@ -21,21 +18,20 @@ and methods registered without a `merge_into`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from evomerge.merge import masks
+from evomerge.merge import masks, selection
+from evomerge.merge.inputs import TensorInputs
 from evomerge.merge.masks import Generator
 from evomerge.merge.parallel import Workers
-from evomerge.merge.sparsify import Rescale, _kth_largest
+from evomerge.merge.selection import Cut
+from evomerge.merge.sparsify import Rescale
 
 CHUNK = 1 << 17  # entries per chunk: 512 KiB in fp32; a chunk's temporaries stay in cache
-SAMPLE_STRIDE = 61  # prime: a row length is never a multiple, so every column is sampled
-SAMPLED_FROM = 1 << 18  # entries; a smaller tensor's cut is selected on the whole tensor
 
 F32 = torch.float32
 
@@ -46,105 +42,6 @@ class NonFinite(ArithmeticError):
 
 def _blocks(n: int) -> int:
     return (n + CHUNK - 1) // CHUNK
-
-
-# -- the magnitude cut ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cut:
-    """The first k entries of the ranking (larger |d| first, ties by lower flat index): the
-    entries with |d| > v, and those with |d| == v at a flat index below `index`."""
-
-    v: float
-    index: int
-
-    def mask(self, a: np.ndarray, lo: int, out: np.ndarray) -> np.ndarray:
-        """Which of the entries lo .. lo + len(a) - 1, whose magnitudes are `a`, are kept."""
-        v = np.float32(self.v)
-        if self.index >= lo + a.size:
-            return np.greater_equal(a, v, out=out)
-        np.greater(a, v, out=out)
-        if self.index > lo:
-            head = self.index - lo
-            out[:head] |= a[:head] == v
-        return out
-
-
-def exact_cut(a: np.ndarray, k: int) -> Cut:
-    """The cut keeping k (1 <= k < n) of the magnitudes `a` (fp32, flat), selected on them all."""
-    n = a.size
-    v = np.float32(float(_kth_largest(torch.from_numpy(a), k)))
-    greater = int(np.count_nonzero(a > v))
-    tied = np.flatnonzero(a == v)
-    return _cut_from(v, greater, tied, k, n)
-
-
-def _cut_from(v: np.float32, greater: int, tied: np.ndarray, k: int, n: int) -> Cut:
-    keep_tied = k - greater  # 1 .. len(tied): v is the k-th largest
-    index = n if keep_tied >= tied.size else int(tied[keep_tied - 1]) + 1
-    return Cut(float(v), index)
-
-
-def rank_cut(
-    workers: Workers,
-    n: int,
-    k: int,
-    magnitudes: Callable[[int, int], torch.Tensor],
-    sample: Callable[[], np.ndarray],
-) -> Cut:
-    """The cut keeping k (1 <= k < n) entries of the magnitudes that `magnitudes(lo, hi)` gives
-    chunk by chunk (fp32, in a scratch buffer of the calling thread), exactly.
-
-    `sample()` gives the magnitudes at flat indices 0, S, 2S, ... (S = SAMPLE_STRIDE). Its
-    quantiles around rank n - k (ascending) bound the cut value with a margin of 4 standard
-    deviations of a sampled rank; one pass counts the entries above the upper bound and gathers
-    those between the bounds (with their indices), and the cut is selected among them. When
-    the bounds miss (the count says the cut lies outside), the whole tensor is selected on."""
-    if n < SAMPLED_FROM:
-        return exact_cut(magnitudes(0, n).numpy().copy(), k)
-    s = sample()
-    m = s.size
-    centre = (n - k) / SAMPLE_STRIDE
-    margin = int(4 * math.sqrt(m)) + 8
-    jl = min(m - 1, max(0, int(centre) - margin))
-    jh = max(jl, min(m - 1, int(centre) + margin + 1))
-    part = np.partition(s, [jl, jh])
-    low = float(part[jl]) if jl > 0 else -math.inf
-    high = float(part[jh]) if jh < m - 1 else math.inf
-    blocks = _blocks(n)
-    above = [0] * blocks
-    found: list[tuple[np.ndarray, np.ndarray]] = [
-        (np.empty(0, np.int64), np.empty(0, np.float32))
-    ] * blocks
-
-    def gather(b: int) -> None:
-        lo = b * CHUNK
-        a = magnitudes(lo, min(n, lo + CHUNK)).numpy()
-        above[b] = int(np.count_nonzero(a > high))
-        inside = a >= low
-        inside &= a <= high
-        idx = np.flatnonzero(inside)
-        found[b] = (idx + lo, a[idx])
-
-    workers.run(blocks, gather)
-    greater_than_high = sum(above)
-    values = np.concatenate([f[1] for f in found])
-    take = k - greater_than_high  # how many of the candidates are kept, largest first
-    if not 1 <= take <= values.size:  # the cut lies outside the sample's bounds: select on all
-        full = torch.empty(n, dtype=F32)
-
-        def fill(b: int) -> None:
-            lo = b * CHUNK
-            hi = min(n, lo + CHUNK)
-            full[lo:hi] = magnitudes(lo, hi)
-
-        workers.run(blocks, fill)
-        return exact_cut(full.numpy(), k)
-    indices = np.concatenate([f[0] for f in found])
-    v = np.partition(values, values.size - take)[values.size - take]
-    greater = greater_than_high + int(np.count_nonzero(values > v))
-    return _cut_from(v, greater, indices[values == v], k, n)
 
 
 # -- the task-vector family -------------------------------------------------------------------
@@ -222,25 +119,19 @@ def _plan_thin(
     if density >= 1:
         return Thin("all")
     divide = density if rescale is Rescale.inverse_density else None
-    if sparsifier == "magnitude":
-        k = max(1, int(density * n))
-        if k >= n:  # _top_k keeps everything
-            return Thin("all") if rescale is Rescale.none else Thin("rank", divide=divide)
-        return Thin("rank", divide=divide, keep=cut(k))
-    if sparsifier == "outliers":
-        keep = int(density * n)
-        if keep == 0:
-            return Thin("zero")
-        n_top = int(x_params["gamma"] * n)
-        n_bottom = max(0, n - keep - n_top)
-        first = n - n_bottom - keep
-        top = first + keep
-        return Thin(
-            "rank",
-            divide=divide,
-            keep=cut(top) if top < n else None,
-            drop=cut(first) if first > 0 else None,
+    if sparsifier in ("magnitude", "outliers"):
+        ranks = (
+            selection.magnitude_ranks(density, n)
+            if sparsifier == "magnitude"
+            else selection.outlier_ranks(density, x_params["gamma"], n)
         )
+        assert ranks is not None  # density < 1
+        if ranks.stop == 0:
+            return Thin("zero")
+        keep, drop = ranks.cuts(cut)
+        if keep is None and drop is None and rescale is Rescale.none:
+            return Thin("all")  # d * 1 would be d: skip the pass
+        return Thin("rank", divide=divide, keep=keep, drop=drop)
     if sparsifier == "random" and isinstance(generator, masks.CounterDraws):
         if n > masks.MAX_ENTRIES:
             raise ValueError(f"a tensor of {n} entries: counter masks take at most 2^32")
@@ -255,27 +146,19 @@ def _plan_thin(
 
 
 def task_vector_into(
-    sparsifier: str | None,
-    consensus: bool,
-    base: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    params: Sequence[dict[str, float]],
-    lambda_: float,
-    normalize: bool,
-    rescale: Rescale,
-    generator: Generator | None,
-    out: torch.Tensor,
-    ws: Workers,
+    sparsifier: str | None, consensus: bool, x: TensorInputs, out: torch.Tensor, ws: Workers
 ) -> None:
     """base + lambda * mix(w_i * thin(x_i - base)) into `out` (CPU): `registry.task_vector_method`
     and `methods.combine_deltas`, op for op, a chunk at a time."""
+    assert x.base is not None
+    base, params, normalize, lambda_ = x.base, x.params, x.normalize, x.group["lambda"]
     n = out.numel()
     shape = base.shape
     flat_base = base.reshape(-1)
     to_f32 = flat_base.dtype != F32
     flat_out = out.view(-1)
     direct = out.dtype == F32  # the last op writes into the destination itself
-    srcs = [s.reshape(-1) for s in sources]
+    srcs = [s.reshape(-1) for s in x.sources]
 
     def base_chunk(lo: int, hi: int) -> torch.Tensor:
         b = flat_base[lo:hi]
@@ -296,14 +179,14 @@ def task_vector_into(
             return torch.abs(delta_chunk(i, lo, hi, None), out=ws.scratch("abs", hi - lo))
 
         def sample() -> np.ndarray:
-            stride = SAMPLE_STRIDE
+            stride = selection.SAMPLE_STRIDE
             return (srcs[i][::stride].float() - flat_base[::stride].float()).abs().numpy()
 
-        return lambda k: rank_cut(ws, n, k, magnitudes, sample)
+        return lambda k: selection.rank_cut(ws, n, k, magnitudes, sample, CHUNK)
 
     # a group of the base alone (no models) keeps the base: no thins
     thins = [
-        _plan_thin(sparsifier, params[i], rescale, n, shape, generator, cutter(i))
+        _plan_thin(sparsifier, params[i], x.rescale, n, shape, x.generator, cutter(i))
         for i in range(len(srcs))
     ]
     weights = [p["weight"] for p in params]
@@ -371,18 +254,13 @@ def task_vector_into(
     ws.run(_blocks(n), combine)
 
 
-def linear_into(
-    sources: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    normalize: bool,
-    out: torch.Tensor,
-    ws: Workers,
-) -> None:
+def linear_into(x: TensorInputs, out: torch.Tensor, ws: Workers) -> None:
     """`methods.linear` into `out`, a chunk at a time."""
-    w = torch.tensor(list(weights), dtype=F32)
+    normalize = x.normalize
+    w = torch.tensor([p["weight"] for p in x.params], dtype=F32)
     coefficients = list(w)
     w_sum = w.sum()
-    srcs = [s.reshape(-1) for s in sources]
+    srcs = [s.reshape(-1) for s in x.sources]
     n = out.numel()
     flat_out = out.view(-1)
     direct = out.dtype == F32
@@ -407,9 +285,9 @@ def linear_into(
     ws.run(_blocks(n), combine)
 
 
-def copy_into(source: torch.Tensor, out: torch.Tensor, ws: Workers) -> None:
-    """`source.float()` into `out` (passthrough), checked finite, a chunk at a time."""
-    src = source.reshape(-1)
+def copy_into(x: TensorInputs, out: torch.Tensor, ws: Workers) -> None:
+    """The first source, `.float()`, into `out` (passthrough), checked finite, a chunk at a time."""
+    src = x.sources[0].reshape(-1)
     flat_out = out.view(-1)
     n = out.numel()
 

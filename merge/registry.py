@@ -22,6 +22,7 @@ import torch
 
 from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.inputs import TensorInputs
 from evomerge.merge.masks import CounterDraws, Generator
 from evomerge.merge.parallel import Workers, single_thread
 from evomerge.merge.sparsify import Rescale
@@ -57,21 +58,6 @@ class Param:
 
     def interval(self) -> str:
         return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
-
-
-@dataclass
-class TensorInputs:
-    """Everything a method sees to merge one tensor (all tensors fp32, on one device)."""
-
-    base: torch.Tensor | None
-    sources: Sequence[
-        torch.Tensor
-    ]  # one per merged model (the base excluded if the method needs one)
-    params: Sequence[dict[str, float]]  # per merged model: every declared model parameter
-    group: dict[str, float]  # every declared group parameter
-    normalize: bool = False
-    rescale: Rescale = Rescale.none
-    generator: Generator | None = None  # seeded, for random methods
 
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
@@ -276,28 +262,11 @@ def task_vector_method(
         devices = {t.device.type for t in [out, x.base, *x.sources]}
         if devices == {"cuda"}:  # TIES fused and compiled on a GPU; the rest: the reference
             fusable = consensus and x.rescale is Rescale.none and sparsifier in (None, MAGNITUDE)
-            return fusable and fused.ties_into(
-                x.base,
-                x.sources,
-                [{**p, "density": p.get("density", 1.0)} for p in x.params],
-                x.group["lambda"],
-                x.normalize,
-                out,
-            )
+            return fusable and fused.ties_into(x, out)
         if devices != {"cpu"}:
             return False
         kernels.task_vector_into(
-            sparsifier.kernel if sparsifier else None,
-            consensus,
-            x.base,
-            x.sources,
-            x.params,
-            x.group["lambda"],
-            x.normalize,
-            x.rescale,
-            x.generator,
-            out,
-            workers,
+            sparsifier.kernel if sparsifier else None, consensus, x, out, workers
         )
         return True
 
@@ -343,14 +312,14 @@ def _cpu(*tensors: torch.Tensor) -> bool:
 def _linear_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
     if not _cpu(out, *x.sources):
         return False
-    kernels.linear_into(x.sources, [p["weight"] for p in x.params], x.normalize, out, workers)
+    kernels.linear_into(x, out, workers)
     return True
 
 
 def _passthrough_into(x: TensorInputs, out: torch.Tensor, workers: Workers) -> bool:
     if not _cpu(out, x.sources[0]):
         return False
-    kernels.copy_into(x.sources[0], out, workers)
+    kernels.copy_into(x, out, workers)
     return True
 
 

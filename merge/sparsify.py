@@ -8,8 +8,8 @@ same masks on any device, so a merge scored on a GPU during search is the merge 
 
 Magnitude rankings (TIES, breadcrumbs, DELLA) follow one total order, the same on any device:
 larger magnitude first and, among equal magnitudes, the lower flat (row-major) index first. A
-density then keeps exactly its count of entries, k = int(density * n) (TIES: at least one), even
-where many entries tie at the cut, which bf16 checkpoints make common (few distinct values).
+density then keeps exactly its count of entries (`merge.selection`, which every path calls),
+even where many entries tie at the cut, which bf16 checkpoints make common (few distinct values).
 mergekit also keeps exactly k, but picks among the tied entries through torch's unstable sort,
 an order that is neither the index order nor reproducible across devices or torch versions, so
 no implementation can promise its choice there; ours is deterministic. Elsewhere the two agree.
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-import numpy as np
 import torch
 
-from evomerge.merge import masks
+from evomerge.merge import masks, selection
 
 
 class Rescale(str, Enum):
@@ -31,78 +30,6 @@ class Rescale(str, Enum):
     none = "none"
     inverse_density = "inverse_density"  # x / p: the DARE and DELLA papers
     l1 = "l1"  # match the L1 norm of the unmasked tensor: mergekit's behaviour
-
-
-_RADIX_FROM = 1 << 20  # entries; below, on a CPU, np.partition is faster (measured)
-
-
-def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of a flat tensor of non-negative fp32 values, exactly.
-
-    Radix select: the bit patterns of non-negative floats sort as integers, so two histogram
-    passes (high then low 16 bits) find the value. About 2x faster than torch.kthvalue at 10^7
-    entries on a CPU, and O(n) on any device. Its histograms have 2^15 and 2^16 bins, so on a
-    CPU below 2^20 entries NumPy's introselect is faster (64k entries: 0.48 ms, against 1.5 ms
-    radix and 0.67 ms torch.kthvalue; a small model's merge is mostly such tensors).
-    """
-    if values.device.type == "cpu" and values.numel() < _RADIX_FROM:
-        flat = values.reshape(-1).float().numpy()
-        return torch.tensor(np.partition(flat, k - 1)[k - 1])
-    bits = values.float().view(torch.int32)
-    high = (bits >> 16).long()
-    cum = torch.bincount(high, minlength=1 << 15).cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
-    below = int(cum[bucket - 1]) if bucket > 0 else 0
-    low = (bits[high == bucket] & 0xFFFF).long()
-    cum_low = torch.bincount(low, minlength=1 << 16).cumsum(0)
-    offset = int(torch.searchsorted(cum_low, torch.tensor(k - below, device=cum.device)))
-    return torch.tensor((bucket << 16) | offset, dtype=torch.int32).view(torch.float32)
-
-
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    return _kth_smallest(values, values.numel() - k + 1)
-
-
-def _top_k(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of exactly the `k` first entries of the ranking: larger first, ties by lower index.
-
-    The cut value v comes from `_kth_smallest` (one selection, as before); every entry above v is
-    kept and, of the entries equal to v, the lowest flat indices until k are kept. The tie-break
-    costs one count of the entries >= v and, where some tie at v beyond k, one pass gathering the
-    tied positions. On a CPU that runs in NumPy, whose boolean passes are faster than torch's.
-    """
-    n = magnitudes.numel()
-    if k <= 0:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    flat = magnitudes.reshape(-1).float()
-    v = _kth_largest(flat, k)
-    if flat.device.type == "cpu":
-        keep = torch.from_numpy(_first_k_numpy(flat.contiguous().numpy(), np.float32(v), k))
-    else:
-        keep = _first_k_torch(flat, v.to(flat.device), k)
-    return keep.reshape(magnitudes.shape)
-
-
-def _first_k_numpy(flat: np.ndarray, v: np.float32, k: int) -> np.ndarray:
-    """Entries >= v, less the highest-index ones equal to v beyond the first k."""
-    keep = flat >= v
-    excess = int(np.count_nonzero(keep)) - k
-    if excess > 0:
-        tied = np.flatnonzero(flat == v)  # ascending indices
-        keep[tied[tied.size - excess :]] = False
-    return keep
-
-
-def _first_k_torch(flat: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
-    """`_first_k_numpy` on any device."""
-    keep = flat >= v
-    excess = int(torch.count_nonzero(keep)) - k
-    if excess > 0:
-        tied = torch.nonzero(flat == v).squeeze(1)  # ascending indices
-        keep[tied[tied.numel() - excess :]] = False
-    return keep
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) -> torch.Tensor:
@@ -124,10 +51,10 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.no
     are kept (mergekit's choice there comes from an unstable sort and cannot be reproduced; this
     rule gives the same mask on any device).
     """
-    if density >= 1:
+    ranks = selection.magnitude_ranks(density, delta.numel())
+    if ranks is None:
         return delta
-    k = max(1, int(density * delta.numel()))
-    keep = _top_k(delta.abs(), k)
+    keep = ranks.mask(delta.abs())
     if rescale is Rescale.none:
         return torch.where(keep, delta, 0.0)  # one pass instead of a float mask and a product
     return _apply_mask(delta, keep.to(delta.dtype), rescale, density)
@@ -145,19 +72,12 @@ def magnitude_outliers(
     it is dropped, at the bottom cut kept (mergekit's choice among ties comes from an unstable
     sort and cannot be reproduced; this rule gives the same mask on any device).
     """
-    if density >= 1:
+    ranks = selection.outlier_ranks(density, gamma, delta.numel())
+    if ranks is None:
         return delta
-    n = delta.numel()
-    keep = int(density * n)
-    if keep == 0:
+    if ranks.stop == 0:
         return torch.zeros_like(delta)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - keep - n_top)
-    magnitudes = delta.abs()
-    first = n - n_bottom - keep  # outliers dropped: ranks 0 .. first - 1; kept: the next `keep`
-    mask = _top_k(magnitudes, first + keep)
-    if first > 0:
-        mask &= ~_top_k(magnitudes, first)
+    mask = ranks.mask(delta.abs())
     return _apply_mask(delta, mask.to(delta.dtype), rescale, density)
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from evomerge.merge import sparsify
+from evomerge.merge import selection, sparsify
 from evomerge.merge.architecture import classify
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.recipe import Recipe
@@ -87,8 +87,7 @@ def test_magnitude_keeps_exactly_k_lowest_index_first(density, seed, rows, cols,
     assert torch.equal(out, torch.where(ref, d, 0.0))
     # the tie-break off the CPU (torch ops) is the same rule as the CPU's (NumPy)
     mags = d.abs().reshape(-1)
-    v = sparsify._kth_largest(mags, k)
-    assert torch.equal(sparsify._first_k_torch(mags, v, k), ref.reshape(-1))
+    assert torch.equal(selection.first_k(mags, k), ref.reshape(-1))
     # mergekit keeps exactly k too (which of the tied ones is its own, unstable, choice)
     assert int((mergekit_magnitude(d, density) != 0).sum()) == k
 
@@ -112,7 +111,7 @@ def test_outliers_keep_exactly_k_lowest_index_first(density, gamma, seed, rows, 
 
 def test_exact_k_on_the_radix_path():
     """Above 2^20 entries the cut comes from the radix select; the tie-break is the same."""
-    d = _tie_heavy(3, 1, sparsify._RADIX_FROM + 4099, "bits", 2).reshape(-1)
+    d = _tie_heavy(3, 1, selection._RADIX_FROM + 4099, "bits", 2).reshape(-1)
     order = _stable_order(d)
     for density in (0.1, 0.63):
         k = int(density * d.numel())

@@ -40,7 +40,8 @@ def _check(compile: bool) -> None:
         for dtype in (torch.float32, torch.bfloat16):  # sources as stored
             base, srcs, params, ref = _case(shape, density, normalize, lam, ties, dtype)
             out = torch.full(shape, 7.0)
-            assert fused.ties_into(base, srcs, params, lam, normalize, out, compile=compile)
+            x = TensorInputs(base, srcs, params, {"lambda": lam}, normalize)
+            assert fused.ties_into(x, out, compile=compile)
             assert torch.equal(out, ref), (shape, density, normalize, dtype)
 
 
@@ -61,13 +62,15 @@ def test_fused_ties_compiled_is_the_reference():
 
 
 def test_device_cut_keeps_exactly_k_lowest_index_first():
-    from evomerge.merge.sparsify import _top_k
+    """The cut the fused path selects on a torch tensor, applied as its compiled code applies it."""
+    from evomerge.merge import selection
 
     a = (torch.arange(1000) % 7).float()  # heavy ties
     for k in (1, 100, 571, 999):
-        v, c = fused.device_cut(a, k)
-        keep = (a > v) | ((a == v) & (torch.arange(1000) < c))
-        assert torch.equal(keep, _top_k(a, k))
+        cut = selection.exact_cut(a, k)
+        keep = selection.keeps(a, torch.tensor(cut.v), torch.tensor(cut.index), torch.arange(1000))
+        assert int(keep.sum()) == k
+        assert torch.equal(keep, selection.top_k(a, k))
 
 
 def test_a_compiler_that_fails_on_first_call_falls_back_to_eager(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge import kernels, parallel
+from evomerge.merge import kernels, parallel, selection
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.masks import CounterDraws
 from evomerge.merge.parallel import Workers, merge_threads
@@ -24,14 +24,14 @@ from evomerge.merge.registry import (
     merge_tensor_into,
     values,
 )
-from evomerge.merge.sparsify import Rescale, _top_k
+from evomerge.merge.sparsify import Rescale
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 1000 entries and the sampled cut from 4096: every path on small tensors."""
     monkeypatch.setattr(kernels, "CHUNK", 1000)
-    monkeypatch.setattr(kernels, "SAMPLED_FROM", 4096)
+    monkeypatch.setattr(selection, "SAMPLED_FROM", 4096)
 
 
 @pytest.fixture(scope="module")
@@ -171,25 +171,26 @@ def test_non_finite_merge_raises(workers):
 @settings(max_examples=80, deadline=None)
 @given(st.integers(4000, 9000), st.integers(0, 5), st.data())
 def test_rank_cut_keeps_exactly_the_first_k(workers, n, distinct, data):
-    """The cut's mask is sparsify._top_k's: exactly k, ties by lowest index; from a good sample,
-    and from a sample whose bounds miss (the whole-tensor fallback)."""
+    """The chunked cut's mask is selection.top_k's: exactly k, ties by lowest index; from a good
+    sample, and from a sample whose bounds miss (the whole-tensor fallback)."""
     rng = np.random.default_rng(n + distinct)
     if distinct:
         a = rng.integers(0, distinct + 1, n).astype(np.float32) / 4  # few values: ties
     else:
         a = np.abs(rng.standard_normal(n)).astype(np.float32)
     k = data.draw(st.integers(1, n - 1))
-    want = _top_k(torch.from_numpy(a), k).numpy()
-    old = kernels.CHUNK, kernels.SAMPLED_FROM
-    kernels.CHUNK, kernels.SAMPLED_FROM = 777, 1000
+    want = selection.top_k(torch.from_numpy(a), k).numpy()
+    old = selection.SAMPLED_FROM
+    selection.SAMPLED_FROM = 1000
     try:
         for sample in (
-            lambda: a[:: kernels.SAMPLE_STRIDE].copy(),
+            lambda: a[:: selection.SAMPLE_STRIDE].copy(),
             lambda: np.full(5000, -1, np.float32),  # bounds below everything: the fallback
             lambda: np.full(5000, 100, np.float32),  # above everything (fallback if k is small)
             lambda: np.zeros(50, np.float32),
         ):
-            cut = kernels.rank_cut(workers, n, k, lambda lo, hi: torch.from_numpy(a[lo:hi]), sample)
+            chunks = lambda lo, hi: torch.from_numpy(a[lo:hi])  # noqa: E731
+            cut = selection.rank_cut(workers, n, k, chunks, sample, 777)
             got = np.concatenate(
                 [
                     cut.mask(a[lo : lo + 777], lo, np.empty(len(a[lo : lo + 777]), bool))
@@ -199,7 +200,7 @@ def test_rank_cut_keeps_exactly_the_first_k(workers, n, distinct, data):
             assert got.sum() == k
             assert np.array_equal(got, want)
     finally:
-        kernels.CHUNK, kernels.SAMPLED_FROM = old
+        selection.SAMPLED_FROM = old
 
 
 # -- threads ----------------------------------------------------------------------------------

@@ -277,18 +277,18 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
     st.data(),
 )
 def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
-    from evomerge.merge.sparsify import _kth_smallest
+    from evomerge.merge.selection import kth_smallest
 
     v = torch.tensor(values) * torch.rand(len(values)).round()  # more zeros and ties
     k = data.draw(st.integers(1, len(values)))
-    assert _kth_smallest(v, k) == torch.sort(v).values[k - 1]
+    assert kth_smallest(v, k) == torch.sort(v).values[k - 1]
 
 
 @pytest.mark.parametrize("k", [1, 12345, (1 << 20) + 7])
 def test_kth_smallest_radix_path_is_exact(k):
     """Above the size where the radix select takes over (2^20 entries, any device)."""
-    from evomerge.merge.sparsify import _RADIX_FROM, _kth_smallest
+    from evomerge.merge.selection import _RADIX_FROM, kth_smallest
 
     g = torch.Generator().manual_seed(k)
     v = (torch.randn(_RADIX_FROM + 7, generator=g).abs() * 4).round() / 4  # many ties
-    assert _kth_smallest(v, k) == torch.kthvalue(v, k).values
+    assert kth_smallest(v, k) == torch.kthvalue(v, k).values
