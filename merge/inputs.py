@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from evomerge.merge.sparsify import Rescale
+from evomerge.merge.rescale import Rescale
 
 if TYPE_CHECKING:
     import torch

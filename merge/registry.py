@@ -17,15 +17,26 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from evomerge.merge import fused, kernels, methods, sparsify
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.inputs import TensorInputs
-from evomerge.merge.masks import CounterDraws, Generator
-from evomerge.merge.parallel import Workers, single_thread
-from evomerge.merge.sparsify import Rescale
+from evomerge.merge.lazy import lazy
+from evomerge.merge.rescale import Rescale
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merge import fused, kernels, methods, parallel, sparsify
+    from evomerge.merge.masks import Generator
+    from evomerge.merge.parallel import Workers
+else:
+    # the declarations (the recipe schema, `evomerge status` and `report`) need no torch: the
+    # tensor modules are imported where a merge first runs (merge.lazy)
+    torch = lazy("torch")
+    fused, kernels = lazy("evomerge.merge.fused"), lazy("evomerge.merge.kernels")
+    methods, parallel = lazy("evomerge.merge.methods"), lazy("evomerge.merge.parallel")
+    sparsify = lazy("evomerge.merge.sparsify")
 
 
 @dataclass(frozen=True)
@@ -60,11 +71,11 @@ class Param:
         return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
 
 
-MergeFn = Callable[[TensorInputs], torch.Tensor]
+MergeFn = Callable[[TensorInputs], "torch.Tensor"]
 # Writes the merge into `out` (the tensor's shape, any float dtype, contiguous): on a CPU the
 # same bits as `merge(...).to(out.dtype)`, raising kernels.NonFinite where the result is not
 # finite. Returns False for inputs it does not take (the reference `merge` then runs).
-MergeIntoFn = Callable[[TensorInputs, torch.Tensor, Workers], bool]
+MergeIntoFn = Callable[[TensorInputs, "torch.Tensor", "Workers"], bool]
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ def merge_tensor_into(
     depend on the thread count). Raises kernels.NonFinite on NaN or inf."""
     if method.random and inputs.generator is None:
         raise ValueError(f"{method.name} is random and needs a seeded generator")
-    with single_thread():
+    with parallel.single_thread():
         if (
             method.merge_into is not None
             and out.is_contiguous()
@@ -172,6 +183,8 @@ def chunkable(method: Method, inputs: TensorInputs | None = None, masks: str = "
         return not method.random or masks == "counter"
     if inputs.rescale is Rescale.l1:
         return False
+    from evomerge.merge.masks import CounterDraws  # the parameter `masks` hides the module
+
     return not method.random or isinstance(inputs.generator, CounterDraws)
 
 

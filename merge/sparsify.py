@@ -17,19 +17,10 @@ no implementation can promise its choice there; ours is deterministic. Elsewhere
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
 from evomerge.merge import masks, selection
-
-
-class Rescale(str, Enum):
-    """How kept entries are rescaled after dropping."""
-
-    none = "none"
-    inverse_density = "inverse_density"  # x / p: the DARE and DELLA papers
-    l1 = "l1"  # match the L1 norm of the unmasked tensor: mergekit's behaviour
+from evomerge.merge.rescale import Rescale  # defined apart: recipes read it without torch
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) -> torch.Tensor:
