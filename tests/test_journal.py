@@ -468,3 +468,45 @@ def test_status_and_report_parse_the_journal_once(runs, tmp_path, parsed, monkey
         thread.join()
     assert rounds == [start, start + 2, start + 4, start + 6]
     assert live.journal().reads == 1 and len(live.records()) == start + 6
+
+
+_IMPORTS = """
+import json, sys
+if sys.argv[1] == "import":  # the modules alone
+    for name in sys.argv[2:]:
+        __import__(name)
+else:
+    from evomerge.search import cli
+    sys.argv = ["evomerge", *sys.argv[1:]]
+    try:
+        cli.main()
+    except SystemExit as e:
+        assert e.code in (0, None), e.code
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy})))
+"""
+_EVAL = ("torch", "transformers", "lm_eval", "ray", "vllm", "safetensors")
+
+
+def _imported(heavy: tuple[str, ...], *args: str) -> list[str]:
+    import subprocess
+    import sys
+
+    script = _IMPORTS.replace("{heavy}", repr(set(heavy)))
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_readers_import_no_torch(runs, tmp_path):
+    """`evomerge status` on a finished run, in a fresh process, ends without having imported
+    torch (a second of its start-up), the evaluation stack, pandas or matplotlib: run.yaml's
+    schema and the method registry are read without them (merge.lazy). `evomerge report`'s
+    modules import no torch either; the command itself imports none of the evaluation stack
+    (on this run torch comes in only to read the base checkpoint's dtype: space.dtype auto)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "ref", run)
+    assert _imported((*_EVAL, "pandas", "matplotlib"), "status", str(run)) == []
+    modules = ("evomerge.search.report", "evomerge.search.spaces", "evomerge.search.config")
+    assert _imported(_EVAL, "import", *modules) == []
+    assert _imported(_EVAL[1:], "report", str(run)) == []
+    assert (run / "report" / "index.html").is_file() and (run / "report" / "genome.png").is_file()
