@@ -13,6 +13,7 @@ from evomerge.merge.architecture import ModelInfo, layer_indices, network_order
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.safetensors_io import (
     TensorEntry,
+    all_finite,
     map_tensor,
     read_header,
     read_tensor,
@@ -131,12 +132,20 @@ class Checkpoint:
     def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """NaN or inf in a source would be hidden by some merges (TIES drops what it cannot
         compare) and must never reach a merged model silently."""
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise EvomergeError(
-                f"{self.label}: tensor {name!r} in {self.path} holds NaN or inf values; the "
-                "checkpoint is damaged: re-download or re-save it"
-            )
+        if not all_finite(tensor):
+            raise self.not_finite(name)
         return tensor
+
+    def not_finite(self, name: str) -> EvomergeError:
+        return EvomergeError(
+            f"{self.label}: tensor {name!r} in {self.path} holds NaN or inf values; the "
+            "checkpoint is damaged: re-download or re-save it"
+        )
+
+    def entry(self, name: str) -> TensorEntry | None:
+        """Where the tensor's bytes lie on disk (None for a pickle checkpoint, held in memory)."""
+        self._known(name)
+        return self._entries.get(name)
 
     def copy_side_files(
         self,

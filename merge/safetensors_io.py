@@ -193,6 +193,58 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return buf.view(entry.dtype).reshape(entry.shape)
 
 
+def read_range(fd: int, entry: TensorEntry, lo: int, dest: torch.Tensor) -> None:
+    """Bytes [lo, lo + len(dest)) of the tensor into `dest` (a contiguous uint8 CPU tensor, e.g.
+    a slice of the tensor's final home or a pinned staging buffer) with `pread` on an open
+    descriptor: no seek, so threads share one descriptor; the GIL is released while the
+    kernel copies, so threads read in parallel."""
+    view = memoryview(dest.numpy())  # type: ignore[arg-type]
+    pos = entry.begin + lo
+    while len(view):
+        got = os.preadv(fd, [view], pos)  # may return less (Linux caps one call near 2 GiB)
+        if got <= 0:
+            raise EvomergeError(
+                f"{entry.file}: truncated while reading a tensor; re-save the checkpoint"
+            )
+        view = view[got:]
+        pos += got
+
+
+# the exponent field of each float format: a value is NaN or inf exactly when every bit of it
+# is set (IEEE 754, and bfloat16 is float32's upper half)
+_EXPONENT: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+_CHECK_CHUNK = 1 << 20  # entries per NumPy pass: the scratch stays in cache
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or inf: `torch.isfinite(tensor).all()`, exactly.
+
+    On a CPU, torch's isfinite took 17 s per GB of bf16 here (0.06 GB/s, most of a worker's
+    start-up); the same answer read from the exponent bits with NumPy, a cache-sized chunk at a
+    time (`max(bits & exponent) == exponent` iff some entry has them all set), runs at 2-4 GB/s
+    on one core, releasing the GIL so several threads check at once. Other devices and dtypes
+    use torch."""
+    if not tensor.is_floating_point():
+        return True
+    spec = _EXPONENT.get(tensor.dtype)
+    if tensor.device.type != "cpu" or spec is None or not tensor.is_contiguous():
+        return bool(torch.isfinite(tensor).all())
+    int_dtype, exponent = spec
+    bits = tensor.reshape(-1).view(int_dtype).numpy()
+    scratch = np.empty(min(bits.size, _CHECK_CHUNK), dtype=bits.dtype)
+    for lo in range(0, bits.size, _CHECK_CHUNK):
+        part = bits[lo : lo + _CHECK_CHUNK]
+        masked = np.bitwise_and(part, exponent, out=scratch[: part.size])
+        if masked.max() == exponent:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
