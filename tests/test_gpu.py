@@ -142,6 +142,40 @@ def test_host_sources_stream_to_cuda_with_the_same_bits_and_less_memory(
         assert torch.equal(_bits(p), _bits(q)), n
 
 
+def test_sources_load_through_pinned_staging_with_the_files_bits(
+    bf16_family, tmp_path, monkeypatch
+):
+    """Start-up on a GPU (merge.resident.Loader): device sources read on several threads into
+    pinned staging buffers and copied on side streams hold the CPU load's bits; host sources
+    are read straight into pinned memory; a NaN found by the check queued on the GPU is named
+    as on the CPU (the first damaged tensor in network order)."""
+    from evomerge.merge import resident
+    from evomerge.merge.errors import EvomergeError
+    from evomerge.merge.resident import ResidentSources
+    from tests.test_loading import _damage
+
+    monkeypatch.setattr(resident, "PIECE", 64 << 10)  # many pieces: each buffer reused often
+    placement = Placement(("cuda:0",), LAYERS)
+    cpu = ResidentSources(bf16_family, "base", "cpu", load_threads=1)
+    gpu = ResidentSources(bf16_family, "base", placement, "device", load_threads=3)
+    host = ResidentSources(bf16_family, "base", placement, "host", load_threads=3)
+    assert gpu.load_stats.staged and not host.load_stats.staged
+    assert gpu.load_stats.bytes == gpu.nbytes() == cpu.nbytes()
+    for alias in bf16_family:
+        want = cpu.models[alias].tensors
+        for name, t in want.items():
+            g, h = gpu.models[alias].tensors[name], host.models[alias].tensors[name]
+            assert g.device == torch.device("cuda:0") and h.is_pinned(), name
+            assert torch.equal(_bits(g), _bits(t)) and torch.equal(_bits(h), _bits(t)), name
+    expert2 = cpu.models["expert2"].tensors
+    names = [n for n in cpu.models["expert2"].names if expert2[n].numel() * 2 > 3 * (64 << 10)]
+    early, late = names[0], names[-1]  # the NaN in the last piece of the first
+    values = {early: (expert2[early].numel() - 1, float("nan")), late: (0, float("-inf"))}
+    bad = _damage(bf16_family["expert2"], tmp_path / "bad", values)
+    with pytest.raises(EvomergeError, match=rf"models\.expert2: tensor {early!r} in .* NaN or inf"):
+        ResidentSources({**bf16_family, "expert2": bad}, "base", placement, load_threads=3)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_candidate_split_over_two_gpus_matches_one(bf16_family):
     """workers.gpus_per_worker 2: the layers split over two GPUs (accelerate's hooks carry the
