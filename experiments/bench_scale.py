@@ -19,6 +19,13 @@ one merge (steady after merge), and sampled every ~2 ms on a thread for the peak
 is bytes above the baseline, as x one model's bf16 bytes (2 bytes x parameters) and in MB.
 With CUDA, rows for the device's bytes (torch.cuda memory_allocated / max_memory_allocated)
 with workers.sources device and host are added.
+
+Start-up (`startup_figures`): GB/s of loading the family's sources as a worker does
+(`ResidentSources`, and the eval model's build beside it), each in a fresh process: the code of
+commit --startup-before (one tensor at a time on one thread) against the working tree on one
+thread and on --threads, with the checkpoints in the page cache (warm: a worker restarted on its
+node) and evicted from it (cold: posix_fadvise DONTNEED, the disk's speed); with CUDA, device
+and host sources on the GPU too.
 """
 
 from __future__ import annotations
@@ -377,6 +384,118 @@ def mask_throughput(entries: int, threads: int, repeats: int = 3) -> dict:
     return figures
 
 
+# -- worker start-up ------------------------------------------------------------------------
+def startup_child(tree: Path, expect: Path, root: Path, device: str, where: str, threads: int):
+    """One worker's start-up in this process: the sources loaded (threads: 0 = the code's
+    default; the old code has no such setting), then the eval model built on its device."""
+    use_tree(tree)
+    import inspect
+
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before timing
+
+    import evomerge.fitness.models
+    import evomerge.merge.resident
+    from evomerge.fitness.models import empty_model
+    from evomerge.merge.placement import Placement
+    from evomerge.merge.resident import ResidentSources
+
+    for m in (evomerge.merge.resident, evomerge.fitness.models):
+        f = Path(m.__file__ or "").resolve()
+        if not f.is_relative_to(expect.resolve()):
+            raise SystemExit(f"{m.__name__} imported from {f}, not from {expect}")
+    with contextlib.suppress(ImportError):
+        import accelerate  # noqa: F401 - the eval model's builder uses it
+    paths = {a: root / a for a in ("base", *experts())}
+    if device.startswith("cuda"):  # the CUDA context is no part of the load
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
+    kw = {"load_threads": threads} if threads else {}
+    if kw and "load_threads" not in inspect.signature(ResidentSources).parameters:
+        raise SystemExit("this code cannot set the load's threads")
+    placement = Placement((device,), _layers(root))
+    t0 = time.perf_counter()
+    sources = ResidentSources(paths, "base", placement, where, **kw)  # type: ignore[arg-type]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = empty_model(paths["base"], "bfloat16", placement)
+    model_s = time.perf_counter() - t0
+    stats = getattr(sources, "load_stats", None)
+    return {
+        "bytes": sources.nbytes(),
+        "load_s": load_s,
+        "gb_per_s": sources.nbytes() / load_s / 1e9,
+        "model_s": model_s,
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "load_stats": stats.as_dict() if stats is not None else None,
+    }
+
+
+def _layers(root: Path) -> int:
+    return int(json.loads((root / "base" / "config.json").read_text())["num_hidden_layers"])
+
+
+def page_cache(paths: dict[str, Path], warm: bool) -> None:
+    """The family's weight files read into the page cache (warm) or evicted from it (cold:
+    clean pages of files nothing maps go at once)."""
+    for p in paths.values():
+        for f in sorted(p.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                if warm:
+                    while os.read(fd, 64 << 20):
+                        pass
+                else:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def startup_figures(
+    paths: dict[str, Path], root: Path, threads: int, before: str, cuda: bool
+) -> dict:
+    """Start-up GB/s, each row a fresh process: before (commit `before`: a tensor at a time,
+    on one thread), after on one thread and on `threads`; warm and cold page cache."""
+    with tempfile.TemporaryDirectory(prefix="bench_startup-") as tmp:
+        old, new = Path(tmp) / "before", Path(tmp) / "after"
+        full = extract(before, old)
+        link_tree(new)
+        trees = {"before": (old, old / "evomerge"), "after": (new, REPO)}
+        cases = []
+        for cache in ("warm", "cold"):
+            cases += [("before", 0, cache), ("after", 1, cache), ("after", threads, cache)]
+        runs = [(c, t, cache, "cpu", "device") for c, t, cache in cases]
+        if cuda:
+            for where in ("device", "host"):
+                runs += [("before", 0, "warm", "cuda:0", where)]
+                runs += [("after", threads, "warm", "cuda:0", where)]
+        rows = []
+        for code, n, cache, device, where in runs:
+            tree, expect = trees[code]
+            page_cache(paths, warm=cache == "warm")
+            cmd = [sys.executable, __file__, "--startup-child", str(tree), str(expect)]
+            cmd += [str(root), device, where, str(n)]
+            with tempfile.TemporaryFile() as log:
+                res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+                if res.returncode != 0:
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")
+                    raise SystemExit(f"start-up {code} {device}/{where} failed:\n{err[-4000:]}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row.update(code=code, threads=n or 1, cache=cache, device=device, sources=where)
+            rows.append(row)
+            print(
+                f"  start-up {code} {device}/{where} {cache}, {row['threads']} thread(s): "
+                f"{row['gb_per_s']:.2f} GB/s ({row['load_s']:.2f} s), eval model "
+                f"{row['model_s']:.2f} s",
+                flush=True,
+            )
+    return {"before": full, "threads": threads, "rows": rows, "load_average": os.getloadavg()}
+
+
 # -- the journal at 10,000 trials ------------------------------------------------------------
 _JOURNAL_GEN = """
 import hashlib, json, math, os, sys
@@ -541,8 +660,17 @@ def main() -> None:
     ap.add_argument("--models", type=Path, help="the family's folder (written once)")
     ap.add_argument("--threads", type=int, default=2, help="merge threads (EVOMERGE_THREADS)")
     ap.add_argument("--out", type=Path, help="JSON of the figures")
+    ap.add_argument(
+        "--startup-before", default="d46ec38", help="the commit measured as start-up's before"
+    )
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--startup-child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.startup_child:
+        tree, expect, root, device, where, n = args.startup_child
+        out = startup_child(Path(tree), Path(expect), Path(root), device, where, int(n))
+        print(json.dumps(out))
+        return
     if args.child:
         code, method, root, tree, expect, device, src = args.child
         out = child(code, method, Path(root), Path(tree), Path(expect), device, src)
@@ -681,6 +809,27 @@ def main() -> None:
             f"counter draws on the GPU {mask['after_cuda_per_s'] / 1e6:.0f} M/s"
         )
 
+    startup = startup_figures(paths, root, args.threads, args.startup_before, cuda)
+    print(
+        f"\nworker start-up, {params * 2 * (1 + EXPERTS) / 1e9:.2f} GB of bf16 sources "
+        f"(base + {EXPERTS} experts; before: {args.startup_before}; load average "
+        f"{startup['load_average'][0]:.2f}):"
+    )
+    for r in startup["rows"]:
+        print(
+            f"  {r['code']:6} {r['device']:6} {r['sources']:6} {r['cache']:4} "
+            f"{r['threads']} thread(s) {r['gb_per_s']:6.2f} GB/s ({r['load_s']:5.2f} s); "
+            f"eval model built in {r['model_s']:.2f} s"
+        )
+    for cache in ("warm", "cold"):
+        cpu = [r for r in startup["rows"] if r["device"] == "cpu" and r["cache"] == cache]
+        b = next(r for r in cpu if r["code"] == "before")
+        a = max((r for r in cpu if r["code"] == "after"), key=lambda r: r["threads"])
+        print(
+            f"  {cache}: after ({a['threads']} threads) / before: "
+            f"{a['gb_per_s'] / b['gb_per_s']:.1f}x"
+        )
+
     journal = journal_figures(400 if args.quick else 10_000)
     print(
         f"\njournal at {journal['trials']} trials (30-group TIES, 3 models; each command a fresh "
@@ -711,6 +860,7 @@ def main() -> None:
         ],
         "goals": goals,
         "masks": mask,
+        "startup": startup,
         "journal": journal,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """experiments/bench_scale.py --quick runs end to end: every row measured, every figure finite and
-positive (the values themselves are the benchmark's to report, not this test's)."""
+positive (the values themselves are the benchmark's to report, not this test's), the start-up
+rows from the code each was meant to measure."""
 
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def test_bench_scale_quick(tmp_path):
             assert inside == (row["code"] == "after"), (row["code"], f)
     assert {g["method"] for g in report["goals"]} == {"ties", "linear"}
     assert "goal after" in run.stdout
+    # start-up: the old code (no load_stats) and the working tree on one thread and on two, warm
+    # and cold, every row loading the same bytes
+    startup = report["startup"]["rows"]
+    cases = {(r["code"], r["threads"], r["cache"]) for r in startup if r["device"] == "cpu"}
+    assert cases == {
+        (c, n, k) for c, n in (("before", 1), ("after", 1), ("after", 2)) for k in ("warm", "cold")
+    }
+    assert len({r["bytes"] for r in startup}) == 1
+    for row in startup:
+        assert row["gb_per_s"] > 0 and row["model_s"] > 0 and row["model_params"] > 0, row
+        if row["code"] == "before":
+            assert row["load_stats"] is None
+        else:
+            assert row["load_stats"]["bytes"] == row["bytes"]
+            assert row["load_stats"]["threads"] == row["threads"]
+            assert row["load_stats"]["seconds"] <= row["load_s"]
+    assert "worker start-up" in run.stdout
     # the journal's figures: each code's status and report timed, the compact journal smaller
     journal = {r["code"]: r for r in report["journal"]["rows"]}
     assert {"before", "after", "after, journal written before"} <= set(journal)
