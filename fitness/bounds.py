@@ -152,10 +152,13 @@ def chunk_fractions(first: float, chunks: int) -> tuple[float, ...]:
     return tuple(first + step * c for c in range(chunks - 1)) + (1.0,)
 
 
-def chunk_ends(total: int, fractions: Sequence[float]) -> list[int]:
+def chunk_ends(total: int, fractions: Sequence[float], batch: int = 1) -> list[int]:
     """How many of a task's `total` items are scored after each chunk: every chunk takes its
-    share of every task (rounded; at least one item in the first when there is one)."""
-    ends = [min(total, max(1 if total else 0, round(total * q))) for q in fractions[:-1]]
+    share of every task, rounded to whole `batch`es (a partial batch costs a whole one's time;
+    a chunk may then be empty), at least one item (one batch) in the first."""
+    ends = [
+        min(total, max(min(total, batch), batch * round(total * q / batch))) for q in fractions[:-1]
+    ]
     ends.append(total)
     for c in range(1, len(ends)):
         ends[c] = max(ends[c], ends[c - 1])

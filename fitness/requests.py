@@ -261,8 +261,10 @@ def answer(
     out: dict[str, tuple[dict[str, float], int]] = {}
     for t in tasks:
         docs = chosen[t.name]
-        if not docs:  # a shard smaller than the worker count: nothing of this task here
+        if not docs:  # a small shard, or a chunk a whole batch left empty: nothing here
             out[t.name] = ({}, 0)
+            if per_doc is not None:
+                per_doc[t.name] = {}
             continue
         instances = [inst for d in docs for inst in t.by_doc[d]]
         for pipeline in t.filters:

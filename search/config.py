@@ -205,6 +205,9 @@ class RacingConfig(_Strict):
     tolerance: float = Field(5.0, ge=0)
     first_chunk: float = Field(0.1, gt=0, le=1)  # the first chunk's share of every task's items
     chunks: int = Field(10, ge=1)  # chunks in all: the rest of the items in equal parts
+    # chunk boundaries in whole batches (fitness.batch_size): a partial batch costs a whole
+    # one's time (runs started before this setting keep the unrounded chunks)
+    whole_batches: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -228,9 +231,9 @@ class FitnessConfig(_Strict):
     apply_chat_template: bool = False
     # held-out tasks; default: the search tasks with _search -> _heldout
     heldout_tasks: list[TaskSpec] | None = None
-    # split a candidate's examples over idle workers: auto (when workers outnumber candidates
-    # in flight), off, or a fixed number of shards; only mean-aggregated metrics are sharded.
-    # Under racing it splits each chunk into pieces the same way
+    # split a candidate's examples over workers that would idle: auto (a generation's tail,
+    # search/schedule.py's Split), off, or a fixed number of shards; only mean-aggregated
+    # metrics are sharded. Under racing it splits each chunk into pieces the same way
     shards: Literal["auto", "off"] | int = "auto"
     rescore: RescoreConfig = Field(default_factory=RescoreConfig)
     racing: RacingConfig = Field(default_factory=RacingConfig)

@@ -70,6 +70,7 @@ def race_plan(config, opt: Optimizer | RandomSearch) -> racing.Plan:
         opt.mu,
         list(config.fitness.tasks),
         shards=config.fitness.shards,
+        batch=config.fitness.batch_size if rc.whole_batches else 1,
     )
 
 
@@ -85,12 +86,16 @@ def run_search(
 class _Executor:
     """The executor, started on first use (a finished run resumed starts no workers)."""
 
-    def __init__(self, make: Callable[[], Executor]):
+    def __init__(self, make: Callable[[], Executor], log: Callable[[str], None]):
         self.make = make
+        self.log = log
         self.started: Executor | None = None
 
     def start(self) -> Executor:
-        self.started = self.started or self.make()
+        if self.started is None:
+            self.started = self.make()
+            if hasattr(self.started, "log_to"):  # the workers' start-up lines
+                self.started.log_to(self.log)
         return self.started
 
     def run(self, trials: list[Trial], on_result) -> None:
@@ -110,7 +115,8 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
     ranked = run.ranked(state)
     best = ranked[0] if ranked else None
     done = sum(t["status"] in FINISHED for t in state.values())
-    executor = _Executor(make_executor)
+    executor = _Executor(make_executor, run.log)
+    costs = racing.Costs()  # what the races measured: where each chunk is cheapest to score
     try:
         parents = _score_parents(run, space, executor)
         progress.on_start(done, config.cma.budget, best["fitness"] if best else math.nan, parents)
@@ -173,7 +179,9 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
 
             if config.fitness.racing.enabled and pending:
                 known = {i: state[(g, i)] for i in range(len(xs)) if "race" in state[(g, i)]}
-                racing.run_race(executor.start(), race_plan(config, opt), pending, known, finish)
+                racing.run_race(
+                    executor.start(), race_plan(config, opt), pending, known, finish, costs
+                )
             else:
                 executor.run(pending, lambda trial, result: finish(trial.key, result.as_dict()))
             opt.tell(xs, [state[(g, i)]["fitness"] for i in range(len(xs))])

@@ -74,6 +74,7 @@ class Plan:
     specs: list[TaskSpec]  # the objective (weights, directions)
     workers: int = 1
     shards: str | int = "auto"  # fitness.shards: pieces per chunk (auto: to fill the workers)
+    batch: int = 1  # chunk boundaries in whole batches of this many items (1: anywhere)
 
     @property
     def chunks(self) -> int:
@@ -88,6 +89,36 @@ class Plan:
         total = sum(s.weight for s in self.specs) or 1.0
         s = next(s for s in self.specs if s.name == task)
         return (1 if s.direction == "maximize" else -1) * s.weight / total
+
+
+@dataclass
+class Costs:
+    """What a search's races measured so far, for scheduling alone (never for a decision):
+    a merge's seconds, an item's evaluation seconds, and how often a round stops a candidate."""
+
+    merge: float = 0.0  # mean seconds of the merges results reported
+    merges: int = 0
+    item: float = 0.0  # mean evaluation seconds per item
+    items: int = 0
+    stops: int = 0  # candidates stopped (out or settled) at a round before the last
+    exposures: int = 0  # candidates racing at a decided round, summed over the rounds
+
+    def add(self, result: TrialResult) -> None:
+        if result.merge_seconds > MERGED:
+            self.merges += 1
+            self.merge += (result.merge_seconds - self.merge) / self.merges
+        if result.examples:
+            self.items += result.examples
+            self.item += (result.eval_seconds - self.item * result.examples) / self.items
+
+    def hazard(self, chunks: int) -> float:
+        """The chance a round stops a racing candidate (a prior of one per race, until
+        rounds are decided)."""
+        return (self.stops + 1) / (self.exposures + max(2, chunks))
+
+
+# a result whose worker merged its candidate (a worker with the recipe in place reports ~1 us)
+MERGED = 1e-4
 
 
 @dataclass
@@ -133,8 +164,11 @@ class Race:
     the journal fields of every candidate whose outcome became final; `close` returns the
     rest (the out candidates, whose told value needs everyone's) once nothing races."""
 
-    def __init__(self, plan: Plan, trials: list[Trial], known: dict[int, dict]):
+    def __init__(
+        self, plan: Plan, trials: list[Trial], known: dict[int, dict], costs: Costs | None = None
+    ):
         self.plan = plan
+        self.costs = costs or Costs()
         self.entries: dict[int, Entry] = {}
         for index, record in known.items():
             self.entries[index] = _known(plan, index, record)
@@ -156,9 +190,10 @@ class Race:
         """Pieces per chunk opened now (`fitness.shards`): auto, enough that the racing
         candidates' chunks of one round occupy every worker, so freed workers share the round
         that decides instead of scoring rounds that may never be needed; off, none; a count,
-        that many. Never a piece without an item of the largest task."""
+        that many. Never a piece without an item of the largest task. Auto splits nothing
+        while merges are dear (`_merge_dear`)."""
         shards = self.plan.shards
-        if shards == "off":
+        if shards == "off" or (shards == "auto" and self._merge_dear()):
             return 1
         k = shards if isinstance(shards, int) else self.plan.workers // max(1, len(self.racing()))
         return max(1, min(k, self._largest_chunk()) if self.totals else k)
@@ -170,20 +205,36 @@ class Race:
         return max(1, math.ceil(self.plan.workers / max(1, n * self.split())))
 
     def take(self, worker: int) -> Trial | None:
-        """The next piece for `worker`: the lowest round first, the candidate it scored last
-        first among equals (its weights are in place), then by index."""
+        """The next piece for `worker`: the lowest round first, the candidate it holds (scored
+        last: its weights are in place) first among equals, then one no other worker holds,
+        then by index. The candidate it holds comes first even from a later round, beyond the
+        lookahead, when re-merging it later is dearer than the chance of scoring it in vain
+        (`_stays`)."""
         limit = min(self.plan.chunks - 1, self.decided + self.lookahead())
+        held = self.last.get(worker)
+        others = {i for w, i in self.last.items() if w != worker}
         best: tuple | None = None
+        stay: tuple | None = None
         for e in self.racing():
             unit = self._next_piece(e)
-            if unit is None or unit[0] > limit or e.trial is None:
+            if unit is None or e.trial is None:
                 continue
-            key = (unit[0], self.last.get(worker) != e.index, e.index)
+            if e.index == held:
+                stay = (e, unit)
+            if unit[0] > limit:
+                continue
+            if e.index != held and e.index in others and self._merge_dear():
+                continue  # its holder scores it sooner than a merge here would
+            key = (unit[0], e.index != held, e.index in others, e.index)
             if best is None or key < best[0]:
                 best = (key, e, unit)
-        if best is None:
+        if stay is not None and (best is None or best[1] is not stay[0]) and self._stays(*stay):
+            e, unit = stay
+        elif best is None:
             return None
-        _, e, (c, j) = best
+        else:
+            _, e, unit = best
+        c, j = unit
         if c not in e.pieces:
             e.pieces[c], e.handed[c] = self.split(), set()
         e.handed[c].add(j)
@@ -198,6 +249,30 @@ class Race:
             chunk=c,
             items=e.trial.items,
         )
+
+    def _stays(self, e: Entry, unit: tuple[int, int]) -> bool:
+        """Whether a worker holding `e` should score its piece `unit` next rather than merge
+        another candidate: if it leaves, `e` costs a merge later unless the rounds before
+        stop it; if it stays, the piece is wasted if they do. Stay when the merge it saves
+        is worth more than the evaluation it risks."""
+        costs = self.costs
+        if not costs.merges or not self.totals:
+            return False  # nothing measured yet: the lowest round first
+        p = 1 - (1 - costs.hazard(self.plan.chunks)) ** max(0, unit[0] - self.decided)
+        return p * costs.item * self._piece_items(e, unit) < (1 - p) * costs.merge
+
+    def _merge_dear(self) -> bool:
+        """Whether a merge is measured to cost more than half a chunk's evaluation: then a
+        worker that would merge a candidate to score a piece of it ends after the worker
+        holding it could have scored the piece itself (pieces and helpers cost a merge)."""
+        costs = self.costs
+        if not (costs.merges and costs.items and self.totals):
+            return False
+        return costs.merge > costs.item * 0.5 * sum(self.totals.values()) / self.plan.chunks
+
+    def _piece_items(self, e: Entry, unit: tuple[int, int]) -> int:
+        c, j = unit
+        return self._piece_size(c, j, e.pieces.get(c) or self.split()) if self.totals else 0
 
     def _next_piece(self, e: Entry) -> tuple[int, int] | None:
         """(chunk, piece) of `e` not handed out yet, the lowest first."""
@@ -224,6 +299,7 @@ class Race:
             return []  # a chunk scored ahead for a candidate stopped meanwhile: wasted
         e.merge_seconds += result.merge_seconds
         e.eval_seconds += result.eval_seconds
+        self.costs.add(result)
         if result.worker:
             e.workers.add(result.worker)
         if result.error == NOT_RACEABLE:
@@ -252,7 +328,10 @@ class Race:
         while self.decided < last and self.racing():
             if not all(self.decided in e.chunks for e in self.racing()):
                 break
+            before = len(self.racing())
             final += self._decide(self.decided)
+            self.costs.exposures += before
+            self.costs.stops += before - len(self.racing())
             self.decided += 1
         if self.decided >= last:
             for e in self.racing():
@@ -398,7 +477,7 @@ class Race:
 
     def _chunk_sizes(self, c: int) -> list[int]:
         """Each task's items in chunk c."""
-        ends = [chunk_ends(n, self.plan.fractions) for n in self.totals.values()]
+        ends = [chunk_ends(n, self.plan.fractions, self.plan.batch) for n in self.totals.values()]
         return [e[c] - (e[c - 1] if c else 0) for e in ends]
 
     def _piece_size(self, c: int, j: int, k: int) -> int:
@@ -411,7 +490,10 @@ class Race:
 
     def _fields(self, e: Entry, threshold: float | None = None) -> dict:
         assert e.stop is not None and e.told is not None
-        counts = {t: chunk_ends(n, self.plan.fractions)[e.stop] for t, n in self.totals.items()}
+        counts = {
+            t: chunk_ends(n, self.plan.fractions, self.plan.batch)[e.stop]
+            for t, n in self.totals.items()
+        }
         used = sum(counts.values())
         # every piece handed to a worker, as if scored whole: one cancelled mid-way, or
         # dropped when its candidate stopped, cost at most that
@@ -468,7 +550,7 @@ def _known(plan: Plan, index: int, record: dict) -> Entry:
     for c in range(int(race["round"]) + 1):
         scores: dict[str, list[float]] = {}
         for task, values in race["scores"].items():
-            ends = chunk_ends(totals[task], plan.fractions)
+            ends = chunk_ends(totals[task], plan.fractions, plan.batch)
             scores[task] = [float(v) for v in values[(ends[c - 1] if c else 0) : ends[c]]]
         e.chunks[c] = ItemScores(scores, {t: [] for t in scores}, totals)
     for key in record.get("metrics", {}):
@@ -492,11 +574,12 @@ def run_race(
     pending: list[Trial],
     known: dict[int, dict],
     finish: Callable[[tuple[int, int], dict], None],
+    costs: Costs | None = None,
 ) -> None:
     """Race a generation's pending candidates (beside those an earlier session finished) and
     hand each outcome to `finish` (the driver journals it) as soon as it is final."""
     plan = replace(plan, workers=int(getattr(executor, "workers", 1) or 1))
-    race = Race(plan, pending, known)
+    race = Race(plan, pending, known, costs)
     g = pending[0].generation
     for index, fields in race.final:
         finish((g, index), fields)

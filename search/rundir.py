@@ -110,10 +110,20 @@ class RunDir:
         if isinstance(data, dict) and isinstance(data.get("space"), dict):
             # a run started before counter masks drew its masks with torch's generator
             data["space"].setdefault("masks", "torch")
+        racing = data.get("fitness", {}).get("racing") if isinstance(data, dict) else None
+        if isinstance(racing, dict):  # and before whole-batch chunks raced unrounded ones
+            racing.setdefault("whole_batches", False)
         stored = SearchConfig.parse(data, f"{meta_path} (config)")
         if config is not None and "masks" not in config.space.model_fields_set:
             space = config.space.model_copy(update={"masks": stored.space.masks})
             config = config.model_copy(update={"space": space})
+        if config is not None and "whole_batches" not in config.fitness.racing.model_fields_set:
+            rc = config.fitness.racing.model_copy(
+                update={"whole_batches": stored.fitness.racing.whole_batches}
+            )
+            config = config.model_copy(
+                update={"fitness": config.fitness.model_copy(update={"racing": rc})}
+            )
         if config is not None and config.digest() != stored.digest():
             fields = changed_fields(stored.decisions(), config.decisions())
             raise EvomergeError(

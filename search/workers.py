@@ -11,7 +11,6 @@ replacement would read every source again to fail the same way.
 
 from __future__ import annotations
 
-import collections
 import gc
 import math
 import os
@@ -20,7 +19,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
@@ -29,6 +28,7 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig, WorkerConfig
 from evomerge.search.env import QUIET_ENV, passed_on
 from evomerge.search.racing import NOT_RACEABLE
+from evomerge.search.schedule import Cancelled, Died, Done, Ready, Scheduler
 from evomerge.search.trial import (
     Executor,
     Feed,
@@ -70,6 +70,7 @@ class TrialWorker:
         threads: int | None = None,
         faults: dict[str, str] | None = None,
     ):
+        began = time.perf_counter()
         os.environ.update(QUIET_ENV)  # the user's own HF settings arrive through the runtime env
         if threads:
             torch.set_num_threads(threads)
@@ -104,10 +105,12 @@ class TrialWorker:
         self.scorer.lm.cancelled = _ray_cancelled
         self.seed = config.cma.seed
         self.fractions = chunk_fractions(fc.racing.first_chunk, fc.racing.chunks)
+        self.batch = fc.batch_size if fc.racing.whole_batches else 1  # as racing.Plan's
         self.materialized: dict | None = None  # the recipe now in the model (racing chunks)
         # The sources, the model and the built requests live as long as the worker: keep the
         # cyclic GC from rescanning them (full collections took ~0.2 s each, mid-search)
         gc.freeze()
+        self.startup = startup_line(self.name, time.perf_counter() - began, self.candidate)
 
     def _start_fault(self) -> str | None:
         """This start-up's injected fault. With an "attempts" file, every start-up appends a line
@@ -123,7 +126,8 @@ class TrialWorker:
         return self.faults.get(f"start:{attempt}") or self.faults.get("start")
 
     def ping(self) -> str:
-        return self.name
+        """The start-up line (the executor logs it once the worker is ready)."""
+        return self.startup
 
     def shardable(self) -> bool:
         return self.scorer.shardable
@@ -187,7 +191,7 @@ class TrialWorker:
         c = int(trial.chunk or 0)
         out = {}
         for name, docs in order.items():
-            ends = chunk_ends(len(docs), self.fractions)
+            ends = chunk_ends(len(docs), self.fractions, self.batch)
             chunk = docs[(ends[c - 1] if c else 0) : ends[c]]
             a, b = piece(len(chunk), *trial.shard) if trial.shard else (0, len(chunk))
             out[name] = chunk[a:b]
@@ -196,6 +200,19 @@ class TrialWorker:
     def _recover(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()  # after an OOM the next candidate needs the memory back
+
+
+def startup_line(name: str, seconds: float, candidate) -> str:
+    """What a worker's start-up took, for the run's log: a slow one says where its time went."""
+    line = f"worker {name} started in {seconds:.1f} s"
+    stats = getattr(getattr(candidate, "sources", None), "load_stats", None)
+    if stats is not None:
+        staged = ", through pinned staging" if stats.staged else ""
+        line += (
+            f": sources {stats.bytes / 1e9:.2f} GB read in {stats.seconds:.1f} s "
+            f"({stats.gb_per_s:.2f} GB/s, {stats.threads} threads{staged})"
+        )
+    return line
 
 
 def _inject_start_fault(kind: str) -> None:
@@ -230,6 +247,9 @@ class SerialExecutor:
             who = f"the worker ({device})"
             raise EvomergeError(start_failure(who, text, device, config)) from e
         self.workers = 1
+
+    def log_to(self, log: Callable[[str], None]) -> None:
+        log(self.worker.startup)
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
         self.stream(Queue(trials), on_result)
@@ -332,16 +352,20 @@ def worker_count(wc: WorkerConfig, resources: dict) -> tuple[int, bool]:
     return gpus // wc.gpus_per_worker, True
 
 
-class RayExecutor:
-    """One Ray actor per `workers.gpus_per_worker` GPUs (or per CPU slot); keeps them all busy
-    and replaces one that dies; a worker whose start-up raises stops the search."""
+class RayExecutor(Scheduler):
+    """One Ray actor per `workers.gpus_per_worker` GPUs (or per CPU slot): the Scheduler's
+    mechanics on Ray (launch a trial on an actor, cancel it, wait for results and start-ups,
+    replace an actor that died); a worker whose start-up raises stops the search."""
 
     def __init__(self, config: SearchConfig, faults: dict[str, str] | None = None):
         import ray
 
+        super().__init__(combine=lambda parts: combine_trial(config, parts))
         self.ray = ray
         self.config = config
         wc = config.workers
+        self.trial_timeout = wc.trial_timeout
+        self.shards = config.fitness.shards
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             env = passed_on()
@@ -374,16 +398,14 @@ class RayExecutor:
         # never counts a (replacement) worker's start-up, which a busy machine can make slow.
         self.starting: dict = {}  # ping ref -> (actor, started)
         self.slot: dict = {}  # actor -> its number (1..workers), which its replacement keeps
-        self.ready: list = []  # started and idle
-        # ref -> what a worker runs; it outlives a `stream` call that no longer waits for it
-        self.running: dict = {}
+        self.joined: list = []  # started since the last `wait`: Ready events
         for slot in range(1, self.workers + 1):
             self._new_actor(slot)
 
     @property
     def actors(self) -> list:
-        running = [r.actor for r in self.running.values()]
-        return self.ready + running + [a for a, _ in self.starting.values()]
+        running = [r.worker for r in self.running.values()]
+        return self.idle + running + [a for a, _ in self.starting.values()]
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its models and tasks (replacements included)."""
@@ -392,6 +414,8 @@ class RayExecutor:
             for ref in done:
                 self._started(ref)
             self._start_timeouts()
+        self.idle += self.joined
+        self.joined = []
 
     def _new_actor(self, slot: int) -> None:
         wc = self.config.workers
@@ -407,9 +431,9 @@ class RayExecutor:
         self.slot[actor] = slot
         self.starting[actor.ping.remote()] = (actor, time.monotonic())  # type: ignore[attr-defined]
 
-    def _replace(self, actor, why: str) -> None:
-        self.ray.kill(actor, no_restart=True)
-        slot = self.slot.pop(actor)
+    def replace(self, worker, why: str) -> None:
+        self.ray.kill(worker, no_restart=True)
+        slot = self.slot.pop(worker)
         self.replacements += 1
         if self.replacements > 3 * self.workers + 3:
             raise EvomergeError(f"workers keep dying ({self.replacements} replaced); last: {why}")
@@ -420,18 +444,19 @@ class RayExecutor:
         search stops."""
         actor, _ = self.starting.pop(ref)
         try:
-            self.ray.get(ref)
+            line = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as e:
             if not e.actor_init_failed:  # killed while loading (SIGKILL, a node lost)
-                self._replace(actor, f"died while starting: {cause_line(str(e))}")
+                self.replace(actor, f"died while starting: {cause_line(str(e))}")
                 return
             # TrialWorker.__init__ raised (CUDA out of memory loading the sources, a broken
             # install): every other attempt would read all the sources again to fail alike
             raise EvomergeError(self._start_failure(actor, str(e))) from e
         except Exception as e:  # noqa: BLE001 - e.g. its node unreachable: another may start
-            self._replace(actor, f"failed to start: {cause_line(str(e))}")
+            self.replace(actor, f"failed to start: {cause_line(str(e))}")
             return
-        self.ready.append(actor)
+        self.say(f"{line} (slot {self.slot.get(actor, '?')} of {self.workers})")
+        self.joined.append(actor)
 
     def _start_failure(self, actor, text: str) -> str:
         gpus = self.config.workers.gpus_per_worker
@@ -447,139 +472,55 @@ class RayExecutor:
         for ref, (actor, started) in list(self.starting.items()):
             if now - started > limit:
                 del self.starting[ref]
-                self._replace(actor, f"no start within {limit:.0f} s")
+                self.replace(actor, f"no start within {limit:.0f} s")
 
-    def shards_per_trial(self, pending: int) -> int:
-        """How many example shards each candidate is split into (1: no sharding)."""
-        mode = self.config.fitness.shards
-        if mode == "off" or pending == 0:
-            return 1
-        k = mode if isinstance(mode, int) else self.workers // pending
-        if k <= 1:
-            return 1
-        if self._shardable is None:  # asked once: the tasks' aggregations decide
+    def shardable(self) -> bool:
+        """Asked of a worker once: the tasks' aggregations decide."""
+        if self._shardable is None:
             self.wait_ready()
             # a started worker: idle, or still running a trial nobody wants (it answers next)
-            started = self.ready + [r.actor for r in self.running.values()]
+            started = self.idle + [r.worker for r in self.running.values()]
             try:
                 self._shardable = bool(self.ray.get(started[0].shardable.remote()))
             except (IndexError, self.ray.exceptions.RayActorError):
                 # none answers now (it died: the stream replaces it): whole candidates this
                 # time; shards change only which worker scores an item, never a score
-                return 1
-        return k if self._shardable else 1
+                return False
+        return self._shardable
 
-    def run(self, trials: list[Trial], on_result: OnResult) -> None:
-        k = self.shards_per_trial(len(trials))
-        if k == 1:
-            return self._run(trials, on_result)
-        parts: dict[tuple[int, int], list[TrialResult]] = collections.defaultdict(list)
-        by_key = {t.key: t for t in trials}
+    def launch(self, worker, trial: Trial):
+        return worker.run.remote(trial)
 
-        def on_part(part: Trial, result: TrialResult) -> None:
-            parts[part.key].append(result)
-            if len(parts[part.key]) == k:
-                on_result(by_key[part.key], combine_trial(self.config, parts.pop(part.key)))
+    def cancel(self, job) -> None:
+        self.ray.cancel(job)
 
-        shards = [
-            Trial(t.generation, t.index, t.recipe, (j, k), t.items)
-            for t in trials
-            for j in range(k)
-        ]
-        self._run(shards, on_part)
-
-    def _run(self, trials: list[Trial], on_result: OnResult) -> None:
-        self.stream(Queue(trials), on_result)
-
-    def stream(self, feed: Feed, on_result: OnResult) -> None:
-        """Keep every worker busy with what `feed` hands out, until it is done and none of its
-        wanted trials is running. A trial the feed stops wanting (a chunk of a candidate whose
-        race was decided meanwhile) is cancelled and not waited for: its worker rejoins as soon
-        as it is free, while the others start on what comes next (the next generation), and
-        its result is dropped."""
+    def wait(self) -> list:
         ray = self.ray
-        wc = self.config.workers
-        retry: collections.deque[Trial] = collections.deque()  # after a worker died
-        attempts: dict[tuple, int] = collections.Counter()
-        idle = self.ready  # ready workers not running a trial
-        while True:
-            while idle:
-                trial = retry.popleft() if retry else feed.take(id(idle[-1]))
-                if trial is None:
-                    break
-                actor = idle.pop()
-                ref = actor.run.remote(trial)
-                self.running[ref] = _Running(actor, trial, time.monotonic(), feed)
-            for ref, run in self.running.items():
-                if not run.cancelled and not run.feed.wanted(run.trial):
-                    ray.cancel(ref)  # the worker stops at its next batch
-                    run.cancelled = True
-            # done; or stuck: idle workers offered nothing and nothing running (the caller
-            # finds its feed unfinished)
-            settled = not retry and not self._waits_on(feed)
-            if settled and (feed.done() or (idle and not self.running)):
-                return
-            done, _ = ray.wait([*self.running, *self.starting], num_returns=1, timeout=0.5)
-            for ref in done:
-                if ref in self.starting:
-                    self._started(ref)
-                    continue
-                run = self.running.pop(ref)
-                trial = run.trial
-                try:
-                    result = ray.get(ref)
-                    idle.append(run.actor)
-                except ray.exceptions.TaskCancelledError:
-                    idle.append(run.actor)  # only trials nobody wants are cancelled
-                    ran = time.monotonic() - run.started
-                    self.arrived(trial, TrialResult.failed("cancelled", eval_seconds=ran), False)
-                    continue
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    self._replace(run.actor, cause_line(str(e)))
-                    if run.feed is not feed or not feed.wanted(trial):
-                        continue
-                    attempts[trial.key, trial.shard, trial.chunk] += 1
-                    if attempts[trial.key, trial.shard, trial.chunk] == 1:  # retried once
-                        retry.appendleft(trial)
-                        continue
-                    result = TrialResult.failed("worker died twice running this trial")
-                except ray.exceptions.RayTaskError as e:
-                    idle.append(run.actor)
-                    result = TrialResult.failed(cause_line(str(e)))
-                wanted = run.feed is feed and feed.wanted(trial)
-                self.arrived(trial, result, wanted)
-                if wanted:
-                    on_result(trial, result)
-            now = time.monotonic()
-            for ref, run in list(self.running.items()):
-                if now - run.started > wc.trial_timeout:
-                    del self.running[ref]
-                    self._replace(run.actor, "timeout")
-                    if run.feed is feed and feed.wanted(run.trial):
-                        failed = TrialResult.failed(f"timeout after {wc.trial_timeout:.0f} s")
-                        on_result(run.trial, failed)
-            self._start_timeouts()
-
-    def _waits_on(self, feed: Feed) -> bool:
-        return any(r.feed is feed and feed.wanted(r.trial) for r in self.running.values())
-
-    def arrived(self, trial: Trial, result: TrialResult, wanted: bool) -> None:
-        """Every result that comes back, `wanted` or dropped (benchmarks count busy time)."""
+        done, _ = ray.wait([*self.running, *self.starting], num_returns=1, timeout=0.5)
+        for ref in done:
+            if ref in self.starting:
+                self._started(ref)
+        events: list = [Ready(a) for a in self.joined]
+        self.joined = []
+        for ref in done:
+            if ref not in self.running:
+                continue
+            try:
+                events.append(Done(ref, ray.get(ref)))
+            except ray.exceptions.TaskCancelledError:
+                events.append(Cancelled(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                events.append(Died(ref, cause_line(str(e))))
+            except ray.exceptions.RayTaskError as e:
+                events.append(Done(ref, TrialResult.failed(cause_line(str(e)))))
+        self._start_timeouts()
+        return events
 
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         if self.started_ray:
             self.ray.shutdown()
-
-
-@dataclass
-class _Running:
-    actor: object
-    trial: Trial
-    started: float
-    feed: Feed  # the feed that handed it out: its result goes back only there
-    cancelled: bool = False
 
 
 def make_executor(config: SearchConfig, faults: dict[str, str] | None = None) -> Executor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from evomerge.search.driver import Progress, run_search
 from evomerge.search.racing import NOT_RACEABLE
 from evomerge.search.report import summarize, trials_frame
 from evomerge.search.rundir import RunDir
-from evomerge.search.trial import ItemScores, Queue, Status, Trial, TrialResult
+from evomerge.search.schedule import Cancelled, Done, Scheduler
+from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
+from evomerge.search.workers import combine_trial
 from tests.conftest import search_config
 
 ITEMS = 60
@@ -71,21 +74,24 @@ class Scripted:
     def score(self, trial: Trial) -> TrialResult:
         self.seen.append(trial)
         rc = self.config.fitness.racing
-        if trial.chunk is None:
-            docs = {t: list(range(ITEMS)) for t in METRIC}
+        if trial.chunk is None:  # a shard: a contiguous piece of every task, as Scorer.shard
+            a, b = piece(ITEMS, *trial.shard) if trial.shard else (0, ITEMS)
+            docs = {t: list(range(a, b)) for t in METRIC}
         else:
             docs = {}
             for task in METRIC:
                 order = list(range(ITEMS))
                 random.Random(f"{self.config.cma.seed}/{trial.generation}/{task}").shuffle(order)
-                ends = chunk_ends(ITEMS, chunk_fractions(rc.first_chunk, rc.chunks))
+                batch = self.config.fitness.batch_size if rc.whole_batches else 1
+                ends = chunk_ends(ITEMS, chunk_fractions(rc.first_chunk, rc.chunks), batch)
                 c = trial.chunk
                 chunk = order[(ends[c - 1] if c else 0) : ends[c]]
                 a, b = piece(len(chunk), *trial.shard) if trial.shard else (0, len(chunk))
                 docs[task] = chunk[a:b]
         scores = {t: [item_score(trial.recipe, t, d) for d in ds] for t, ds in docs.items()}
-        metrics = {
-            f"{t}/{METRIC[t]}": sum(v for _, v in sorted(zip(docs[t], s, strict=True))) / len(s)
+        metrics = {  # an empty chunk's metric 0, as the Scorer's
+            f"{t}/{METRIC[t]}": sum(v for _, v in sorted(zip(docs[t], s, strict=True)))
+            / max(1, len(s))
             for t, s in scores.items()
         }
         counts = {t: len(s) for t, s in scores.items()}
@@ -128,54 +134,95 @@ class Scripted:
         pass
 
 
-class Clocked(Scripted):
-    """Scripted workers on a virtual clock, run as RayExecutor runs them: a trial takes one
-    time unit per item, plus `merge` units when its worker holds another recipe; a trial its
-    feed stops wanting is cancelled and ends at its next batch of `batch` items, and a stream
-    returns once its feed is done and no trial it wants runs. `busy` and `used` (busy on
-    results that were used) and `span` count the search's generations only."""
+class Clocked(Scheduler):
+    """The production scheduler (search/schedule.py) on a virtual clock, its workers Scripted:
+    a trial takes `item` time units per item it scores, times the candidate's own pace (1 +-
+    `spread`, seeded by its key: some candidates answer at more length), plus `merge` units
+    when its worker holds another recipe; a cancelled trial ends at its next batch. Counts, over
+    the search's generations alone: `busy` and `used` (busy on results that were used), `span`,
+    the merges, the candidates, and the item-batches scored (a partial batch a whole one)."""
 
-    def __init__(self, config, workers: int, merge: float = 5.0, batch: int = 8):
-        super().__init__(config, workers)
-        self.merge, self.batch = merge, batch
-        self.now = self.busy = self.used = self.span = 0.0
+    def __init__(self, config, workers: int, merge=5.0, spread=0.0, seed=0):
+        super().__init__(combine=lambda parts: combine_trial(config, parts))
+        self.seed = seed
+        self.scripted = Scripted(config, workers)
+        self.workers, self.shards = workers, config.fitness.shards
+        self.merge, self.spread, self.batch = merge, spread, config.fitness.batch_size
+        self.clock = self.busy = self.used = self.span = 0.0
+        self.merges = self.batches = 0
+        self.candidates: set = set()
         self.held: dict[int, dict] = {}  # worker -> the recipe in its model
-        self.running: list[list] = []  # [end, worker, trial, feed, started, cancelled, result]
+        self.jobs: dict[int, list] = {}  # job -> [end, started, result, cancelled, timed]
         self.idle = list(range(workers))
+        self.timed = self.inside = False
+        self.launched = 0
+        self.log: list = []
+
+    def shardable(self) -> bool:
+        return True
+
+    def now(self) -> float:
+        return self.clock
+
+    def launch(self, worker, trial):
+        result = self.scripted.score(trial)
+        merge = self.merge if self.held.get(worker) != trial.recipe else 0.0
+        self.held[worker] = trial.recipe
+        pace = 1 + self.spread * (2 * _uniform(trial.key, "pace", self.seed) - 1)
+        seconds = pace * result.examples
+        result = replace(result, merge_seconds=merge, eval_seconds=seconds)
+        timed = self.timed and trial.generation > 0 and trial.items == "search"
+        if timed:
+            self.log.append(
+                (self.clock, worker, trial.key, trial.shard, trial.chunk, merge, seconds)
+            )
+            self.merges += merge > 0
+            self.candidates.add(trial.key)
+            self.batches += sum(-(-n // self.batch) for n in result.counts.values())
+        job = self.launched = self.launched + 1
+        self.jobs[job] = [self.clock + merge + seconds, self.clock, result, False, timed]
+        return job
+
+    def cancel(self, job) -> None:
+        run = self.jobs[job]
+        ran = self.clock - run[1]
+        batch = self.batch * run[2].eval_seconds / max(1, run[2].examples)  # its duration
+        if batch > 0:
+            run[0] = min(run[0], run[1] + (ran // batch + 1) * batch)
+        run[3] = True
+
+    def wait(self):
+        job = min(self.jobs, key=lambda j: self.jobs[j][0])
+        end, started, result, cancelled, timed = self.jobs.pop(job)
+        self.clock = end
+        self.busy += (end - started) * timed
+        return [Cancelled(job) if cancelled else Done(job, result)]
+
+    def arrived(self, trial, result, wanted) -> None:
+        if wanted and trial.generation > 0 and trial.items == "search":
+            self.used += result.merge_seconds + result.eval_seconds
+
+    def replace(self, worker, why: str) -> None:
+        raise AssertionError(f"a virtual worker never dies ({why})")
 
     def run(self, trials, on_result) -> None:
         timed = bool(trials) and trials[0].generation > 0 and trials[0].items == "search"
-        self.stream(Queue(trials), on_result, timed)
+        self._within(timed, lambda: Scheduler.run(self, trials, on_result))
 
-    def stream(self, feed, on_result, timed: bool = True) -> None:
-        start, busy, used = self.now, self.busy, self.used
-        while True:
-            while self.idle and (trial := feed.take(self.idle[-1])) is not None:
-                worker = self.idle.pop()
-                result = self.score(trial)
-                merge = self.merge if self.held.get(worker) != trial.recipe else 0.0
-                self.held[worker] = trial.recipe
-                end = self.now + merge + result.examples
-                self.running.append([end, worker, trial, feed, self.now, False, result])
-            for r in self.running:
-                if not r[5] and not r[3].wanted(r[2]):
-                    ran = self.now - r[4]
-                    r[0], r[5] = min(r[0], r[4] + (ran // self.batch + 1) * self.batch), True
-            wanted = any(r[3] is feed and feed.wanted(r[2]) for r in self.running)
-            if not wanted and (feed.done() or (self.idle and not self.running)):
-                if timed:
-                    self.span += self.now - start
-                else:
-                    self.busy, self.used = busy, used
-                return
-            self.running.sort(key=lambda r: r[0])
-            end, worker, trial, owner, started, _, result = self.running.pop(0)
-            self.now = end
-            self.busy += end - started
-            self.idle.append(worker)
-            if owner is feed and feed.wanted(trial):
-                self.used += end - started
-                on_result(trial, result)
+    def stream(self, feed, on_result) -> None:
+        if self.inside:  # run's own stream
+            return Scheduler.stream(self, feed, on_result)
+        self._within(True, lambda: Scheduler.stream(self, feed, on_result))  # a race
+
+    def _within(self, timed: bool, go) -> None:
+        """Run `go`, counting its time and work when it runs a generation's candidates (not
+        the parents or the rescoring)."""
+        start, self.inside, self.timed = self.clock, True, timed
+        try:
+            go()
+        finally:
+            self.inside = self.timed = False
+        self.span += (self.clock - start) * timed
 
 
 class Stop(Exception):
@@ -187,6 +234,7 @@ def _config(zoo, racing: dict | None, popsize: int = 8, budget: int = 48, active
         "tasks": [{"name": t, "metric": m} for t, m in METRIC.items()],
         "include": [str(zoo / "tasks")],
         "limit": ITEMS,
+        "batch_size": 6,  # a chunk of the 5 below is 12 items: whole batches
     }
     if racing is not None:
         fitness["racing"] = {"enabled": True, "chunks": 5, "first_chunk": 0.2, **racing}
@@ -419,17 +467,83 @@ def test_racing_true_is_racing_with_its_defaults(tiny_zoo):
 
 @pytest.mark.parametrize("workers,popsize", [(4, 2), (16, 8), (32, 12)])
 def test_workers_stay_busy_when_they_outnumber_the_candidates(tiny_zoo, tmp_path, workers, popsize):
-    """The schedule alone, on a virtual clock (a chunk's time its items, a merge 5 items' time,
-    cancellation at the next batch): with more workers than candidates, racing keeps them >= 90 %
-    busy over the generations (pieces of the deciding round, then the next rounds' pieces), and
-    the search ends sooner than full evaluation without sharding (half the workers idle)."""
-    spans = {}
-    for racing in ({}, None):
+    """The production schedule on a virtual clock (a chunk's time its items, a merge 5 items'
+    time, cancellation at the next batch): with more workers than candidates, racing keeps them
+    >= 90 % busy over the generations (pieces of the deciding round, then the next rounds'
+    pieces); full evaluation shards its candidates to fill them, racing ends sooner still
+    (fewer items scored), and without sharding full evaluation leaves workers idle."""
+    spans, busy = {}, {}
+    for mode, racing, shards in (
+        ("race", {}, "auto"),
+        ("full", None, "auto"),
+        ("off", None, "off"),
+    ):
         cfg = _config(tiny_zoo, racing, popsize=popsize, budget=8 * popsize)
+        cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"shards": shards})})
         executor = Clocked(cfg, workers)
-        run_search(RunDir.create(tmp_path / f"{racing is None}", cfg), lambda e=executor: e)
-        spans[racing is None] = executor.span
-        if racing is not None:
-            assert executor.busy / (workers * executor.span) >= 0.9
+        run_search(RunDir.create(tmp_path / mode, cfg), lambda e=executor: e)
+        spans[mode], busy[mode] = executor.span, executor.busy / (workers * executor.span)
+        if mode == "race":
             assert executor.used / executor.busy >= 0.7  # scoring ahead wastes some of it
-    assert spans[False] < 0.5 * spans[True]
+    assert busy["race"] >= 0.9
+    # whole shards: 12 candidates on 32 workers are 8 in 3 shards and 4 in 2 (1/3 longer)
+    assert busy["full"] >= 0.75 and busy["off"] <= popsize / workers + 0.05
+    assert spans["race"] < spans["full"] < spans["off"]
+
+
+def test_a_generation_keeps_every_worker_busy_to_its_end(tiny_zoo, tmp_path):
+    """8 workers, popsize 18 (the default 7B TIES genome's), full evaluation, candidates whose
+    answers take +-50 % of the mean time: the generation's tail (18 mod 8 = 2 candidates) is
+    sharded over the workers that would idle beside it, so the workers stay >= 90 % busy, where
+    whole candidates run in waves of 8, 8, 2 (about 75 %); every candidate's score is its
+    unsharded one, so the search is the same search."""
+    out = {}
+    for shards in ("auto", "off"):
+        cfg = _config(tiny_zoo, None, popsize=18, budget=18 * 6)
+        cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"shards": shards})})
+        executor = Clocked(cfg, 8, spread=0.5)
+        run_search(RunDir.create(tmp_path / shards, cfg), lambda e=executor: e)
+        out[shards] = executor.busy / (8 * executor.span), RunDir.reopen(tmp_path / shards)
+    (auto, auto_run), (off, off_run) = out["auto"], out["off"]
+    assert auto >= 0.9 > 0.8 > off
+    a, b = auto_run.trials(), off_run.trials()
+    assert a.keys() == b.keys() and len(a) == 108
+    for key in a:
+        assert a[key]["x"] == b[key]["x"]
+        assert a[key]["fitness"] == pytest.approx(b[key]["fitness"], abs=1e-12)
+
+
+@pytest.mark.parametrize("merge,most", [(30.0, 1.2), (1.0, None)])
+def test_racing_keeps_a_candidate_on_the_worker_that_holds_it(tiny_zoo, tmp_path, merge, most):
+    """8 workers, popsize 18, racing at its defaults (10 chunks), whole batches of 8: when a
+    merge costs more than the evaluation it risks (30 units: ~2.5 chunks, a 7B merge beside a
+    vLLM chunk), a worker scores the next chunks of the candidate it holds: <= 1.2 merges per
+    candidate, where lowest-round-first moves every candidate on every round. When merges are
+    cheap (1 unit) the race goes round by round again. Either way racing scores fewer item
+    batches than full evaluation (a partial batch costs a whole one), and decides as it would
+    on any schedule (the same candidates told the same values as a serial race)."""
+    figures = {}
+    for mode in ("race", "full"):
+        cfg = _config(tiny_zoo, {"chunks": 10, "first_chunk": 0.1} if mode == "race" else None)
+        data = cfg.dump()
+        data["cma"] |= {"popsize": 18, "budget": 18 * 4}
+        data["fitness"]["batch_size"] = 8
+        cfg = SearchConfig.parse(data)
+        executor = Clocked(cfg, 8, merge=merge)
+        run_search(RunDir.create(tmp_path / mode, cfg), lambda e=executor: e)
+        figures[mode] = executor.merges / len(executor.candidates), executor.batches
+    (merges, batches), (_, full_batches) = figures["race"], figures["full"]
+    assert batches < full_batches
+    if most is not None:
+        assert merges <= most
+    else:
+        assert merges > 1.5  # cheap merges: the lowest round first, whoever holds what
+    serial = _config(tiny_zoo, {"chunks": 10, "first_chunk": 0.1})
+    data = serial.dump()
+    data["cma"] |= {"popsize": 18, "budget": 18 * 4}
+    data["fitness"]["batch_size"] = 8
+    _, reference = _search(tmp_path / "serial", SearchConfig.parse(data))
+    raced = RunDir.reopen(tmp_path / "race").trials()
+    assert {k: t["fitness"] for k, t in raced.items()} == {
+        k: t["fitness"] for k, t in reference.items()
+    }

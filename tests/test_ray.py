@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -48,6 +49,14 @@ def test_two_local_workers_survive_dead_and_hung_workers(tiny_zoo, tmp_path, ray
     assert len(complete) == 5
     # the worker that died (twice: its trial was retried once) and the hung one were replaced
     assert len(executors) == 1 and executors[0].replacements == 3
+    # every start-up (the 2 workers, and the replacements that were ready in time) is logged
+    # with its seconds and its sources' read speed
+    started = re.findall(
+        r"worker \S+ started in [\d.]+ s: sources [\d.]+ GB read in [\d.]+ s \([\d.]+ GB/s, "
+        r"\d+ threads\) \(slot [12] of 2\)",
+        (tmp_path / "r" / "search.log").read_text(),
+    )
+    assert 2 <= len(started) <= 5
 
 
 @pytest.mark.slow

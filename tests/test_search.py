@@ -208,6 +208,8 @@ def test_injected_failures_are_recorded_and_the_search_finishes(tiny_zoo, tmp_pa
     assert trials[1, 0]["fitness"] == -5.0
     assert sum(t["status"] == "COMPLETE" for t in trials.values()) == 10
     assert best is not None and best["status"] == "COMPLETE"
+    log = (tmp_path / "r" / "search.log").read_text()
+    assert log.count(" started in ") == 1 and " GB/s, " in log  # the worker's start-up
 
 
 def test_an_undecodable_vector_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
