@@ -7,7 +7,7 @@ Generates a Llama-shaped base plus two experts (~300M parameters each; or reuses
 where they are written the first time), then for each method, in turn and never concurrently:
   evomerge:  `evomerge merge RECIPE OUT`, a fresh process, its own default options;
   mergekit:  `mergekit-yaml CONFIG OUT`, the same recipe exported by
-             evomerge.search.mergekit_yaml.to_mergekit, its own default options;
+             evomerge.search.spaces.mergekit_yaml.to_mergekit, its own default options;
 each timed as a whole process (start-up included) with its peak RSS (wait4), the two tools
 alternating `--repeats` times; the fastest of each is reported. Also:
   ceiling:   the same input bytes read, summed in fp32, and the output written with plain
@@ -96,8 +96,8 @@ def make_checkpoints(root: Path, params: float, dtype: torch.dtype) -> dict[str,
 def recipe_for(method: str, paths: dict[str, Path], dtype: str, layers: int):
     """The benchmark's recipe: two experts at weights 0.6 / 0.4 and density 0.5 (for the
     methods that declare those parameters), slerp at t 0.4, linear over all three models."""
+    from evomerge.merge.ops.registry import get_method
     from evomerge.merge.recipe import Recipe
-    from evomerge.merge.registry import get_method
 
     declared = {p.name for p in get_method(method).model_params}
     if method == "slerp":
@@ -153,8 +153,8 @@ def child(mode: str, method: str, root: Path, dtype: str) -> dict:
     """One measurement in this (fresh) process."""
     from safetensors.torch import save_file
 
-    from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import iter_merged, open_sources
+    from evomerge.merge.io.checkpoint import Checkpoint
 
     paths = {a: root / a for a in ("base", "expert1", "expert2")}
     layers = Checkpoint(paths["base"]).info.num_layers
@@ -243,13 +243,15 @@ def main() -> None:
         return
     import yaml
 
-    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.io.checkpoint import Checkpoint
     from evomerge.merge.parallel import available_cpus, merge_threads
-    from evomerge.search.mergekit_yaml import to_mergekit
+    from evomerge.search.spaces.mergekit_yaml import to_mergekit
 
     mergekit = mergekit_command(args.mergekit)
     script = Path(sys.executable).with_name("evomerge")
-    evomerge = [str(script)] if script.exists() else [sys.executable, "-m", "evomerge.search.cli"]
+    evomerge = (
+        [str(script)] if script.exists() else [sys.executable, "-m", "evomerge.search.cli.main"]
+    )
     evomerge.append("merge")
     methods = METHODS if args.methods == "all" else args.methods.split(",")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from evomerge.search.optimizer import Optimizer  # noqa: E402
+from evomerge.search.loop.optimizer import Optimizer  # noqa: E402
 
 
 def per_generation(dim: int, diagonal: bool, generations: int) -> float:

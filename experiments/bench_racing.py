@@ -32,8 +32,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def config_for(seed: int, mode: str, racing: dict | None = None, budget: int | None = None):
+    from evomerge.search.cli.demo import DEMO_CONFIG
     from evomerge.search.config import SearchConfig
-    from evomerge.search.demo import DEMO_CONFIG
 
     data = SearchConfig.load(DEMO_CONFIG).dump()
     data["cma"]["seed"] = seed
@@ -78,10 +78,10 @@ def heldout_mean(run, best: dict) -> float:
 
 
 def one(seed: int, mode: str, out: Path, racing: dict, budget: int | None) -> dict:
-    from evomerge.search.console import ensure_zoo
-    from evomerge.search.driver import run_search
-    from evomerge.search.rundir import RunDir
-    from evomerge.search.workers import make_executor
+    from evomerge.search.cli.console import ensure_zoo
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import make_executor
+    from evomerge.search.run.rundir import RunDir
 
     cfg = config_for(seed, mode, racing, budget)
     ensure_zoo(cfg)

@@ -148,6 +148,16 @@ def use_tree(tree: Path) -> None:
     sys.path_importer_cache.clear()
 
 
+def module(new: str, old: str):
+    """`new`, or in a tree from before search/ and merge/ had subpackages, `old`."""
+    import importlib
+
+    try:
+        return importlib.import_module(new)
+    except ModuleNotFoundError:
+        return importlib.import_module(old)
+
+
 def config_for(code: str, method: str, root: Path, device: str, sources: str | None):
     from evomerge.search.config import SearchConfig
 
@@ -178,13 +188,16 @@ def child(code: str, method: str, root: Path, tree: Path, expect: Path, device: 
 
     import evomerge.fitness.models
     import evomerge.merge.resident
-    import evomerge.search.parameter_space
     from evomerge.search.spaces import space_for
+
+    parameter_space = module(
+        "evomerge.search.spaces.parameter_space", "evomerge.search.parameter_space"
+    )
 
     # the old code from the extracted tree, the new from the working tree's own files
     files = {
         m.__name__: str(Path(m.__file__ or "").resolve())
-        for m in (evomerge.merge.resident, evomerge.search.parameter_space, evomerge.fitness.models)
+        for m in (evomerge.merge.resident, parameter_space, evomerge.fitness.models)
     }
     for name, f in files.items():
         if not Path(f).is_relative_to(expect.resolve()):
@@ -254,7 +267,7 @@ def family(root: Path, quick: bool) -> tuple[dict[str, Path], int]:
     import torch
 
     from evomerge.fitness.zoo.tokenizer import build_tokenizer
-    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.io.checkpoint import Checkpoint
     from evomerge.merge.synthetic import make_family
 
     shape = {**(QUICK if quick else FULL), "experts": EXPERTS, "dtype": "bfloat16"}
@@ -334,7 +347,7 @@ def mask_throughput(entries: int, threads: int, repeats: int = 3) -> dict:
     import numpy as np
     import torch
 
-    from evomerge.merge import kernels, masks
+    from evomerge.merge.ops import kernels, masks
     from evomerge.merge.parallel import Workers
 
     density = np.float32(0.3)
@@ -500,12 +513,12 @@ def startup_figures(
 _JOURNAL_GEN = """
 import hashlib, json, math, os, sys
 sys.path.insert(0, sys.argv[1])
-from bench_scale import use_tree
+from bench_scale import module, use_tree
 use_tree(sys.argv[2])
 os.fsync = lambda fd: None  # generation only: what is measured is the readers
 from evomerge.search.config import SearchConfig
-from evomerge.search.driver import run_search
-from evomerge.search.rundir import RunDir
+run_search = module("evomerge.search.loop.driver", "evomerge.search.driver").run_search
+RunDir = module("evomerge.search.run.rundir", "evomerge.search.rundir").RunDir
 from evomerge.search.trial import Status, TrialResult
 
 WORKER = "gpu-node-17.cluster.example.org:81623:cuda:0"
@@ -548,11 +561,11 @@ _JOURNAL_CLI = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from bench_scale import use_tree
+from bench_scale import module, use_tree
 use_tree(sys.argv[2])
-from evomerge.search import cli
+cli = module("evomerge.search.cli.main", "evomerge.search.cli")
 if not Path(cli.__file__).resolve().is_relative_to(Path(sys.argv[3]).resolve()):
-    raise SystemExit(f"evomerge.search.cli imported from {cli.__file__}, not {sys.argv[3]}")
+    raise SystemExit(f"{cli.__name__} imported from {cli.__file__}, not {sys.argv[3]}")
 sys.argv = ["evomerge", *sys.argv[4:]]
 cli.main()
 """

@@ -33,11 +33,11 @@ import torch  # noqa: E402
 
 def search_split(budget: int) -> None:
     from evomerge.fitness.zoo.build import build_zoo
+    from evomerge.search.cli.demo import DEMO_CONFIG
     from evomerge.search.config import SearchConfig
-    from evomerge.search.demo import DEMO_CONFIG
-    from evomerge.search.driver import run_search
-    from evomerge.search.rundir import RunDir
-    from evomerge.search.workers import SerialExecutor
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import SerialExecutor
+    from evomerge.search.run.rundir import RunDir
 
     build_zoo(size="demo")
     data = SearchConfig.load(DEMO_CONFIG).dump()
@@ -78,8 +78,8 @@ def search_split(budget: int) -> None:
 
 def two_expert_recipe(method: str, paths: dict[str, Path], layers: int):
     """One group over every layer, each expert given only the parameters `method` declares."""
+    from evomerge.merge.ops.registry import get_method
     from evomerge.merge.recipe import Recipe
-    from evomerge.merge.registry import get_method
 
     declared = {p.name for p in get_method(method).model_params}
     given = {"expert1": {"weight": 0.6, "density": 0.5}, "expert2": {"weight": 0.4, "density": 0.5}}
@@ -168,11 +168,11 @@ def utilization(workers: int, popsize: int, generations: int) -> None:
     over workers x that span. Also the share of that busy time whose results were used."""
     import ray
 
+    from evomerge.search.cli.demo import DEMO_CONFIG
     from evomerge.search.config import SearchConfig
-    from evomerge.search.demo import DEMO_CONFIG
-    from evomerge.search.driver import run_search
-    from evomerge.search.rundir import RunDir
-    from evomerge.search.workers import RayExecutor
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import RayExecutor
+    from evomerge.search.run.rundir import RunDir
 
     class Timed(RayExecutor):
         """Remembers when each result came back, how long its worker was busy on it, and
@@ -236,8 +236,8 @@ def from_recipe(methods: list[str], models: Path, repeats: int) -> None:
     (fitness.models.model_from_recipe) beside the merged checkpoint loaded
     (fitness.models.load_model), on the --models family (written by --only materialize)."""
     from evomerge.fitness import models as fm
-    from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.io.checkpoint import Checkpoint
 
     fm.load_tokenizer = lambda path: None  # the generated family has no tokenizer
     paths = {a: models / a for a in ("base", "expert1", "expert2")}

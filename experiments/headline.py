@@ -32,13 +32,13 @@ def main() -> None:
     from evomerge.fitness.zoo.build import build_zoo
     from evomerge.fitness.zoo.skills import DISTRACTOR
     from evomerge.merge.recipe import Recipe
+    from evomerge.search.cli.demo import DEMO_CONFIG
     from evomerge.search.config import SearchConfig
-    from evomerge.search.demo import DEMO_CONFIG
-    from evomerge.search.driver import run_search
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import make_executor
     from evomerge.search.plots import pyplot, save
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
     from evomerge.search.spaces import space_for
-    from evomerge.search.workers import make_executor
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")

@@ -51,7 +51,7 @@ def config_data(zoo: Path, budget: int) -> dict:
 
 def cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "evomerge.search.cli", *args],
+        [sys.executable, "-m", "evomerge.search.cli.main", *args],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -63,7 +63,7 @@ def lines(path: Path) -> int:
 
 
 def outcome(run_dir: Path) -> dict:
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     return {
         k: (t["status"], t["fitness"], tuple(t["x"]))
@@ -72,7 +72,7 @@ def outcome(run_dir: Path) -> dict:
 
 
 def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     cfg = tmp / "soak.yaml"
     cfg.write_text(yaml.safe_dump(config_data(zoo, budget=4 * (kills + 10))))
@@ -122,9 +122,9 @@ def kill_soak(zoo: Path, tmp: Path, kills: int, rng: random.Random) -> None:
 
 def fault_soak(zoo: Path, tmp: Path, rate: float, rng: random.Random) -> None:
     from evomerge.search.config import SearchConfig
-    from evomerge.search.driver import run_search
-    from evomerge.search.rundir import RunDir
-    from evomerge.search.workers import RayExecutor
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import RayExecutor
+    from evomerge.search.run.rundir import RunDir
 
     data = config_data(zoo, budget=32)
     data["workers"] = {"count": 2, "cpus_per_worker": 1, "trial_timeout": 15}

@@ -26,7 +26,7 @@ def check_loadable(path: Path | str, label: str = "--model") -> None:
     model_type must be one transformers ships."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.io.checkpoint import Checkpoint
 
     info = Checkpoint(path, label=label).info
     if info.model_type not in CONFIG_MAPPING:

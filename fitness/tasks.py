@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.merge.errors import EvomergeError, schema_problems
-from evomerge.merge.files import write_atomic
+from evomerge.merge.io.files import write_atomic
 
 
 def shipped_configs() -> Path:

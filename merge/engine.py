@@ -15,17 +15,17 @@ from typing import cast
 import torch
 
 from evomerge.merge.architecture import classify
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.files import guard_output, staged_dir, write_marker
-from evomerge.merge.kernels import NonFinite
-from evomerge.merge.masks import CounterDraws, Generator
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.io.files import guard_output, staged_dir, write_marker
+from evomerge.merge.io.pipeline import ReadAhead, WriteBehind
+from evomerge.merge.io.safetensors_io import BufferPool, ShardWriter, TensorSpec, plan_shards
+from evomerge.merge.io.sources import TensorSource
+from evomerge.merge.ops.kernels import NonFinite
+from evomerge.merge.ops.masks import CounterDraws, Generator
+from evomerge.merge.ops.registry import TensorInputs, merge_tensor_into
 from evomerge.merge.parallel import Workers, merge_threads, single_thread
-from evomerge.merge.pipeline import ReadAhead, WriteBehind
 from evomerge.merge.recipe import Group, ParameterSpace, Recipe
-from evomerge.merge.registry import TensorInputs, merge_tensor_into
-from evomerge.merge.safetensors_io import BufferPool, ShardWriter, TensorSpec, plan_shards
-from evomerge.merge.sources import TensorSource
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 

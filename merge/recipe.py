@@ -24,12 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from evomerge.merge import hub
 from evomerge.merge.architecture import KINDS, Slot
 from evomerge.merge.errors import EvomergeError, schema_problems
-from evomerge.merge.files import read_yaml, write_atomic
-from evomerge.merge.registry import Method, get_method, values
-from evomerge.merge.rescale import Rescale
+from evomerge.merge.io import hub
+from evomerge.merge.io.files import read_yaml, write_atomic
+from evomerge.merge.ops.registry import Method, get_method, values
+from evomerge.merge.ops.rescale import Rescale
 
 FORMAT: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
 DType = Literal["float32", "bfloat16", "float16"]

@@ -32,14 +32,14 @@ from typing import Literal
 import torch
 
 from evomerge.merge.architecture import ModelInfo
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import TensorJob, check_compatible, merge_stream
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.io.safetensors_io import all_finite, read_range
+from evomerge.merge.io.sources import TensorSource
 from evomerge.merge.parallel import Workers, merge_threads
 from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.safetensors_io import all_finite, read_range
-from evomerge.merge.sources import TensorSource
 
 Where = Literal["device", "host"]
 

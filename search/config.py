@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.fitness.tasks import TaskSpec
 from evomerge.merge.errors import EvomergeError, schema_problems
-from evomerge.merge.files import read_yaml
+from evomerge.merge.io.files import read_yaml
+from evomerge.merge.ops.registry import METHODS, get_method
 from evomerge.merge.recipe import DType, MethodName, ModelRef
-from evomerge.merge.registry import METHODS, get_method
 
 
 class _Strict(BaseModel):
@@ -183,7 +183,7 @@ def _check_limit(v: int | float | None) -> int | float | None:
 
 
 class RacingConfig(_Strict):
-    """Racing (search/racing.py): each candidate's items are scored in seeded chunks, and a
+    """Racing (search/loop/racing.py): each candidate's items are scored in seeded chunks, and a
     candidate stops once its rank among the generation's best (the ranks CMA-ES uses) is
     decided. Off, every candidate is scored on every item.
 
@@ -232,7 +232,7 @@ class FitnessConfig(_Strict):
     # held-out tasks; default: the search tasks with _search -> _heldout
     heldout_tasks: list[TaskSpec] | None = None
     # split a candidate's examples over workers that would idle: auto (a generation's tail,
-    # search/schedule.py's Split), off, or a fixed number of shards; only mean-aggregated
+    # search/loop/schedule.py's Split), off, or a fixed number of shards; only mean-aggregated
     # metrics are sharded. Under racing it splits each chunk into pieces the same way
     shards: Literal["auto", "off"] | int = "auto"
     rescore: RescoreConfig = Field(default_factory=RescoreConfig)
@@ -312,7 +312,7 @@ class SearchConfig(_Strict):
     # cluster, shared storage every node reads
     cache_dir: str | None = None
     # experiment trackers, as Hugging Face Trainer's report_to: none, tensorboard, mlflow,
-    # wandb, or a list (search/trackers.py); where a search is watched, not what it decides
+    # wandb, or a list (search/watch/trackers.py); where a search is watched, not what it decides
     report_to: list[str] = Field(default_factory=list)
 
     @field_validator("report_to", mode="before")
@@ -370,7 +370,7 @@ class SearchConfig(_Strict):
         (the one most of its bytes are stored in), read from its header."""
         if self.space.dtype != "auto":
             return self.space.dtype
-        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.io.checkpoint import Checkpoint
 
         return stored_dtype(Checkpoint(self.model_path(self.base), label=f"models.{self.base}"))
 
@@ -404,7 +404,7 @@ class SearchConfig(_Strict):
         return self.model_copy(update={"models": models})
 
     def _resolved(self, alias: str):
-        from evomerge.merge import hub
+        from evomerge.merge.io import hub
 
         ref = self.models[alias].path
         zoo = self.zoo_dir()

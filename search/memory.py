@@ -181,9 +181,9 @@ class Layout:
     @classmethod
     def read(cls, config: SearchConfig) -> Layout:
         from evomerge.merge.architecture import classify
-        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.io.checkpoint import Checkpoint
+        from evomerge.merge.ops.registry import chunkable, get_method
         from evomerge.merge.placement import tied_head
-        from evomerge.merge.registry import chunkable, get_method
 
         ckpts = {a: Checkpoint(p, label=f"models.{a}") for a, p in config.model_paths().items()}
         base = ckpts[config.base]
@@ -313,7 +313,7 @@ class Row:
 def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
     """Every part on every device of one worker (`aliases`: the models merged, base first)."""
     from evomerge.merge.engine import READ_AHEAD
-    from evomerge.merge.fused import GPU_CHUNK
+    from evomerge.merge.ops.fused import GPU_CHUNK
     from evomerge.merge.placement import Placement
 
     if s.backend == "vllm" and layout.kind == "parameter space":
@@ -397,7 +397,7 @@ def _engine_rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[R
     - vLLM CUDA graphs, and the reserve (CUDA context, fragmentation) on each GPU."""
     from evomerge.fitness.vllm_backend import kv_cache_bytes
     from evomerge.merge.engine import READ_AHEAD
-    from evomerge.merge.fused import GPU_CHUNK
+    from evomerge.merge.ops.fused import GPU_CHUNK
 
     gpu = s.gpus > 0
     devices = _devices(s)

@@ -42,7 +42,7 @@ def gpt2_family(tmp_path_factory):
 
 def recipe_dict(paths, method="ties", layers=2, **ps):
     """A recipe over a family with one group covering all layers."""
-    from evomerge.merge.registry import get_method
+    from evomerge.merge.ops.registry import get_method
 
     experts = [a for a in paths if a != "base"]
     declared = {p.name for p in get_method(method).model_params}

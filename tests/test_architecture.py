@@ -59,6 +59,6 @@ def test_tied_checkpoint_has_no_head_tensor(tmp_path):
     paths = make_family(tmp_path, "llama", experts=0, tie_word_embeddings=True)
     info = ModelInfo.from_dir(paths["base"])
     assert info.tie_word_embeddings and info.num_layers == 2
-    from evomerge.merge.checkpoint import Checkpoint
+    from evomerge.merge.io.checkpoint import Checkpoint
 
     assert "lm_head.weight" not in Checkpoint(paths["base"]).names

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from evomerge.search.cli import app
+from evomerge.search.cli.main import app
 from tests.conftest import recipe_dict, search_config
 
 runner = CliRunner()
@@ -172,7 +172,7 @@ def _search_check(edit):
 
 def _run_dir(tmp: Path, zoo: Path) -> Path:
     """A run directory with a config and no trials (as `evomerge search` leaves one at start)."""
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     return RunDir.create(tmp / "run", search_config(zoo)).path
 

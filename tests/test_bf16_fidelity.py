@@ -20,13 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from evomerge.merge import selection, sparsify
 from evomerge.merge.architecture import classify
 from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.ops import selection, sparsify
+from evomerge.merge.ops.sparsify import Rescale
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.sparsify import Rescale
 from evomerge.merge.synthetic import make_family
-from evomerge.search.mergekit_yaml import to_mergekit
+from evomerge.search.spaces.mergekit_yaml import to_mergekit
 
 SPARSIFYING = ("ties", "breadcrumbs", "breadcrumbs_ties")
 # every method mergekit reproduces deterministically (passthrough: one model throughout)

@@ -8,10 +8,10 @@ import pytest
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
-from evomerge.search.data_flow_space import DataFlowSearch
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.run.rundir import RunDir
+from evomerge.search.spaces.data_flow_space import DataFlowSearch
 from tests.conftest import search_config
 
 
@@ -56,7 +56,7 @@ def test_dfs_search_runs_and_its_best_rebuilds(tiny_zoo, tmp_path):
 
     model, _ = load_model(tmp_path / "m")
     assert model.config.num_hidden_layers == len(recipe.data_flow.path)
-    from evomerge.search.report import write_report
+    from evomerge.search.outputs.report import write_report
 
     assert (write_report(tmp_path / "r") / "path.png").is_file()
 
@@ -98,8 +98,8 @@ def test_ps_recipe_missing_is_one_clear_error(tiny_zoo, tmp_path):
 def test_single_model_data_flow_search_runs_checks_and_exports(tiny_zoo, tmp_path):
     """One model: a path that drops, repeats or rescales its layers. It passes --check, searches,
     and exports as a plain checkpoint without a mergekit config (mergekit cannot scale hops)."""
-    from evomerge.search.check import check_search
-    from evomerge.search.export import export
+    from evomerge.search.cli.check import check_search
+    from evomerge.search.outputs.export import export
 
     cfg = search_config(
         tiny_zoo,

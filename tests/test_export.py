@@ -10,15 +10,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import merge_to_dir
+from evomerge.merge.io.checkpoint import Checkpoint
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.synthetic import make_family
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.export import export
-from evomerge.search.mergekit_yaml import to_mergekit
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.outputs.export import export
+from evomerge.search.run.rundir import RunDir
+from evomerge.search.spaces.mergekit_yaml import to_mergekit
 from tests.conftest import search_config
 
 
@@ -130,7 +130,7 @@ def test_export_of_a_search(tiny_zoo, tmp_path):
 
 
 def test_report_of_a_run_in_progress(tiny_zoo, tmp_path):
-    from evomerge.search.report import summarize, trials_frame, write_report
+    from evomerge.search.outputs.report import summarize, trials_frame, write_report
 
     cfg = search_config(tiny_zoo, cma={"popsize": 4, "budget": 12, "seed": 1, "sigma0": 0.3})
     run = RunDir.create(tmp_path / "run", cfg)
@@ -156,7 +156,7 @@ def test_report_of_a_run_in_progress(tiny_zoo, tmp_path):
 
 
 def test_demo_summary_line_names_the_best_of_each_kind():
-    from evomerge.search.demo import heldout_summary
+    from evomerge.search.cli.demo import heldout_summary
 
     rows = [
         {"model": "evomerge best", "kind": "searched", "mean": 0.55},

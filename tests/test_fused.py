@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import fused
-from evomerge.merge.registry import METHODS, TensorInputs, merge_tensor, values
-from evomerge.merge.sparsify import Rescale
+from evomerge.merge.ops import fused
+from evomerge.merge.ops.registry import METHODS, TensorInputs, merge_tensor, values
+from evomerge.merge.ops.sparsify import Rescale
 
 CASES = [  # shape, density, normalize, lambda, task vectors of few values (ties at the cut)
     ((300, 200), 0.5, True, 1.0, False),
@@ -63,7 +63,7 @@ def test_fused_ties_compiled_is_the_reference():
 
 def test_device_cut_keeps_exactly_k_lowest_index_first():
     """The cut the fused path selects on a torch tensor, applied as its compiled code applies it."""
-    from evomerge.merge import selection
+    from evomerge.merge.ops import selection
 
     a = (torch.arange(1000) % 7).float()  # heavy ties
     for k in (1, 100, 571, 999):
@@ -93,8 +93,8 @@ def test_chunked_off_cpu_path_is_the_reference_bit_for_bit(name):
     """What a GPU runs for the elementwise methods (the reference a chunk at a time, counter
     draws from each chunk's first entry), run here on CPU tensors: the reference's bits, on
     bf16 sources, for chunk sizes that do and do not divide the tensor."""
-    from evomerge.merge.masks import CounterDraws
-    from evomerge.merge.registry import chunkable
+    from evomerge.merge.ops.masks import CounterDraws
+    from evomerge.merge.ops.registry import chunkable
 
     m = METHODS[name]
     g = torch.Generator().manual_seed(4)

@@ -89,7 +89,7 @@ def test_bf16_resident_candidate_on_cuda_matches_cpu(bf16_family, method, monkey
     at a time there) give the CPU's bits exactly, DARE's masks drawn on the CPU (torch's
     generator) or on the GPU (counter draws); TIES, compiled into one fused kernel, within a
     bf16 unit."""
-    from evomerge.merge import fused
+    from evomerge.merge.ops import fused
 
     monkeypatch.setattr(fused, "GPU_CHUNK", 100_000)  # several chunks per tensor
     recipe = _recipe(bf16_family, method)
@@ -204,9 +204,9 @@ def test_candidate_split_over_two_gpus_matches_one(bf16_family):
 def test_worker_scores_on_cuda_as_on_cpu(tiny_zoo):
     """A whole worker on the GPU (the eval model built there, lm-eval's requests answered
     there, TF32 on) scores a candidate as the CPU worker does."""
+    from evomerge.search.loop.workers import TrialWorker
     from evomerge.search.spaces import space_for
     from evomerge.search.trial import Trial
-    from evomerge.search.workers import TrialWorker
     from tests.conftest import search_config
 
     config = search_config(tiny_zoo)
@@ -246,7 +246,7 @@ def test_memory_plan_matches_what_a_cuda_worker_allocates(bf16_family, tmp_path)
 def test_counter_masks_on_cuda_are_the_cpus():
     """DARE's counter draws made on the GPU (integer torch ops) are the CPU's NumPy draws, bit
     for bit, so a dare_ties candidate merged on a GPU is the one rebuilt on a CPU."""
-    from evomerge.merge.masks import CounterDraws, uniform_np, uniform_torch
+    from evomerge.merge.ops.masks import CounterDraws, uniform_np, uniform_torch
 
     for key, lo, n in [(0, 0, 1 << 20), (0xDEADBEEF, (1 << 32) - (1 << 20), 1 << 20)]:
         gpu = uniform_torch(key, lo, lo + n, "cuda").cpu().numpy()

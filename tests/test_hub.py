@@ -13,13 +13,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from evomerge.merge import hub
+from evomerge.merge.io import hub
 from evomerge.merge.recipe import Recipe
-from evomerge.search.cli import app
+from evomerge.search.cli.main import app
 from evomerge.search.config import SearchConfig
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.run.rundir import RunDir
 from tests.conftest import search_config
 
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_search_pins_revisions_in_run_yaml_journal_and_export(hub_cache, tiny_zo
         for t in trials
         if "recipe" in t
     )
-    from evomerge.search.export import export
+    from evomerge.search.outputs.export import export
 
     out = export(tmp_path / "r", tmp_path / "exp")
     assert Recipe.load(out / "recipe.yaml").models["add"].path == pinned["add"]

@@ -55,7 +55,7 @@ def test_wheel_installs_only_evomerge_and_the_cli_runs_outside_the_checkout(tmp_
         [
             sys.executable,
             "-c",
-            "import evomerge.merge, evomerge.search.demo as d; "
+            "import evomerge.merge, evomerge.search.cli.demo as d; "
             "print(evomerge.merge.__file__); print(d.DEMO_CONFIG)",
         ],
         cwd=outside,
@@ -66,7 +66,7 @@ def test_wheel_installs_only_evomerge_and_the_cli_runs_outside_the_checkout(tmp_
     ).stdout.split()
     assert all(p.startswith(str(target)) for p in where), where  # not the checkout
     run = subprocess.run(
-        [sys.executable, "-m", "evomerge.search.cli", "search", where[1], "--help"],
+        [sys.executable, "-m", "evomerge.search.cli.main", "search", where[1], "--help"],
         cwd=outside,
         env=env,
         capture_output=True,

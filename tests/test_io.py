@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.files import staged_dir
-from evomerge.merge.safetensors_io import (
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.io.files import staged_dir
+from evomerge.merge.io.safetensors_io import (
     ShardWriter,
     TensorSpec,
     plan_shards,
@@ -117,7 +117,7 @@ def test_staged_dir_leaves_nothing_on_failure(tmp_path):
 @pytest.mark.parametrize("direct", [True, False])
 def test_direct_and_buffered_shards_are_the_same_bytes(tmp_path, monkeypatch, direct):
     """O_DIRECT writes (staged, last block padded, file truncated) give the buffered file."""
-    from evomerge.merge import safetensors_io
+    from evomerge.merge.io import safetensors_io
 
     monkeypatch.setattr(safetensors_io, "DIRECT_IO", direct)
     monkeypatch.setattr(safetensors_io._StreamFile, "STAGE", 8192)  # tensors span stages
@@ -137,7 +137,7 @@ def test_direct_and_buffered_shards_are_the_same_bytes(tmp_path, monkeypatch, di
 
 
 def test_mapped_tensor_matches_read_and_truncation_is_named(tmp_path):
-    from evomerge.merge.safetensors_io import map_tensor
+    from evomerge.merge.io.safetensors_io import map_tensor
 
     ts = _tensors()
     save_file(ts, tmp_path / "x.safetensors")
@@ -153,7 +153,7 @@ def test_mapped_tensor_matches_read_and_truncation_is_named(tmp_path):
 
 
 def test_buffer_pool_reuses_buffers_and_keeps_a_bounded_amount():
-    from evomerge.merge.safetensors_io import BufferPool
+    from evomerge.merge.io.safetensors_io import BufferPool
 
     pool = BufferPool(keep=3000)
     a = pool.take(1000)

@@ -19,15 +19,15 @@ from safetensors.torch import load_file
 
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.recipe import Recipe
-from evomerge.search import journal as journal_module
-from evomerge.search.driver import Progress, run_search, trial_seed
-from evomerge.search.export import pick_trials
-from evomerge.search.journal import MAX_TEMPLATES, PINNED, Journal, full, line
-from evomerge.search.report import summarize, trials_frame, watch_report, write_report
-from evomerge.search.rundir import RunDir
+from evomerge.search.loop.driver import Progress, run_search, trial_seed
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.outputs.export import pick_trials
+from evomerge.search.outputs.report import summarize, trials_frame, watch_report, write_report
+from evomerge.search.run import journal as journal_module
+from evomerge.search.run.journal import MAX_TEMPLATES, PINNED, Journal, full, line
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
-from evomerge.search.status import run_status
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.watch.status import run_status
 from tests.conftest import search_config
 
 
@@ -476,7 +476,7 @@ if sys.argv[1] == "import":  # the modules alone
     for name in sys.argv[2:]:
         __import__(name)
 else:
-    from evomerge.search import cli
+    from evomerge.search.cli import main as cli
     sys.argv = ["evomerge", *sys.argv[1:]]
     try:
         cli.main()
@@ -506,7 +506,7 @@ def test_readers_import_no_torch(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "ref", run)
     assert _imported((*_EVAL, "pandas", "matplotlib"), "status", str(run)) == []
-    modules = ("evomerge.search.report", "evomerge.search.spaces", "evomerge.search.config")
+    modules = ("evomerge.search.outputs.report", "evomerge.search.spaces", "evomerge.search.config")
     assert _imported(_EVAL, "import", *modules) == []
     assert _imported(_EVAL[1:], "report", str(run)) == []
     assert (run / "report" / "index.html").is_file() and (run / "report" / "genome.png").is_file()

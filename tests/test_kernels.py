@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge import kernels, parallel, selection
+from evomerge.merge import parallel
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.masks import CounterDraws
-from evomerge.merge.parallel import Workers, merge_threads
-from evomerge.merge.pipeline import ReadAhead, WriteBehind
-from evomerge.merge.registry import (
+from evomerge.merge.io.pipeline import ReadAhead, WriteBehind
+from evomerge.merge.ops import kernels, selection
+from evomerge.merge.ops.masks import CounterDraws
+from evomerge.merge.ops.registry import (
     METHODS,
     Method,
     TensorInputs,
@@ -24,7 +24,8 @@ from evomerge.merge.registry import (
     merge_tensor_into,
     values,
 )
-from evomerge.merge.sparsify import Rescale
+from evomerge.merge.ops.sparsify import Rescale
+from evomerge.merge.parallel import Workers, merge_threads
 
 
 @pytest.fixture

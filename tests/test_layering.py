@@ -91,3 +91,57 @@ def test_the_checks_would_fail(tmp_path, monkeypatch):
         test_layers_depend_one_way()
     with pytest.raises(AssertionError, match="import cycle"):
         test_no_import_cycles()
+
+
+# Inside the layers, their folders in order: each may import its own layer's top-level modules
+# (merge's: only those named), the folders before it, and itself.
+SUB_LAYERS = {
+    "merge": ("ops", "io"),
+    "search": ("spaces", "run", "loop", "watch", "outputs", "cli"),
+}
+# what merge's folders may read at merge's top: the leaves, not the recipe or the engine
+MERGE_BASE = {"errors", "lazy", "parallel", "architecture"}
+
+
+def _folder(module: str) -> tuple[str, str | None, str]:
+    """(layer, folder or None for the layer's top-level modules, module name)."""
+    parts = module.split(".")[1:]
+    layer = parts[0]
+    if len(parts) > 2 and parts[1] in SUB_LAYERS.get(layer, ()):
+        return layer, parts[1], parts[2]
+    if len(parts) == 2 and parts[1] in SUB_LAYERS.get(layer, ()):
+        return layer, parts[1], "__init__"
+    return layer, None, parts[-1]
+
+
+def test_folders_depend_in_their_order():
+    """search/spaces < run < loop < watch < outputs < cli, and merge/ops and merge/io beside
+    each other on merge's leaves only; the layers' top-level modules (the shared vocabulary)
+    never import a folder, except merge's recipe and engine, which join ops and io."""
+    for module, imported in _graph().items():
+        layer, folder, _ = _folder(module)
+        order = SUB_LAYERS.get(layer)
+        if order is None:
+            continue
+        for target in imported:
+            t_layer, t_folder, t_name = _folder(target)
+            if t_layer != layer or t_folder == folder or target.count(".") == 1:
+                continue  # `from evomerge.merge import x` counts as its module x
+            where = f"{module} imports {target}"
+            if folder is None:  # a top-level module
+                assert layer == "merge", where  # search's shared modules import no folder
+                continue
+            if t_folder is None:
+                assert layer == "search" or t_name in MERGE_BASE, where
+                continue
+            assert layer == "search", where  # merge's ops and io never import each other
+            assert order.index(t_folder) < order.index(folder), where
+
+
+def test_the_map_in_architecture_names_every_folder():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    for layer, folders in SUB_LAYERS.items():
+        on_disk = {p.name for p in (ROOT / layer).iterdir() if (p / "__init__.py").is_file()}
+        assert on_disk - {"zoo"} == set(folders), layer
+        for folder in folders:
+            assert f"{layer}/{folder}/" in text, f"{layer}/{folder}/ missing from the map"

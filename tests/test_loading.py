@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.merge import resident, safetensors_io
-from evomerge.merge.checkpoint import Checkpoint
+from evomerge.merge import resident
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.io import safetensors_io
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.io.safetensors_io import all_finite
 from evomerge.merge.placement import Placement
 from evomerge.merge.resident import ResidentSources
-from evomerge.merge.safetensors_io import all_finite
 from evomerge.merge.synthetic import make_family
 
 PIECE = 1000  # bytes (a multiple of every element size): most tensors span several pieces,

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from evomerge.merge import kernels, masks
 from evomerge.merge.engine import merge_to_dir, tensor_seed
-from evomerge.merge.masks import CounterDraws, stream_key, uniform_np, uniform_torch
+from evomerge.merge.ops import kernels, masks
+from evomerge.merge.ops.masks import CounterDraws, stream_key, uniform_np, uniform_torch
+from evomerge.merge.ops.registry import METHODS, TensorInputs, merge_tensor, merge_tensor_into
+from evomerge.merge.ops.sparsify import Rescale
 from evomerge.merge.parallel import Workers
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import METHODS, TensorInputs, merge_tensor, merge_tensor_into
-from evomerge.merge.sparsify import Rescale
 from tests.conftest import recipe_dict
 
 
@@ -100,7 +100,7 @@ def test_a_recipe_without_masks_rebuilds_its_old_bits(tmp_path, llama_family):
             d = experts[alias][name].float() - b
             keep = torch.rand(d.shape, generator=g) < p["density"]  # the sequential draws
             thinned.append(torch.where(keep, d / p["density"], 0.0))
-        from evomerge.merge.methods import combine_deltas
+        from evomerge.merge.ops.methods import combine_deltas
 
         weights = [p["weight"] for p in params.values()]
         want = combine_deltas(
@@ -118,7 +118,7 @@ def test_a_recipe_without_masks_rebuilds_its_old_bits(tmp_path, llama_family):
 def test_searches_write_counter_masks_and_old_runs_keep_theirs(tmp_path, tiny_zoo):
     """A new search's DARE recipes say `masks: counter`; a run directory from before the field
     existed resumes drawing as it started (torch), also under a config that leaves it unset."""
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
     from evomerge.search.spaces import space_for
     from tests.conftest import search_config
 

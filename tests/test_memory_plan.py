@@ -18,11 +18,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import READ_AHEAD
+from evomerge.merge.io.checkpoint import Checkpoint
 from evomerge.merge.synthetic import make_family
-from evomerge.search.check import _check_workers, check_search_plan
-from evomerge.search.cli import app
+from evomerge.search.cli.check import _check_workers, check_search_plan
+from evomerge.search.cli.main import app
 from evomerge.search.config import SearchConfig
 from evomerge.search.memory import GPU_RESERVE, SequenceLength, choose_sources, plan_memory
 from tests.conftest import search_config
@@ -125,8 +125,8 @@ def _no_gpu_no_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the memory plan read a tensor's data")
 
-    monkeypatch.setattr("evomerge.merge.checkpoint.read_tensor", refuse)
-    monkeypatch.setattr("evomerge.merge.checkpoint.map_tensor", refuse)
+    monkeypatch.setattr("evomerge.merge.io.checkpoint.read_tensor", refuse)
+    monkeypatch.setattr("evomerge.merge.io.checkpoint.map_tensor", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +448,7 @@ def test_elementwise_methods_plan_one_chunks_temporaries(fams, tiny_zoo):
     """Task arithmetic (and linear, DARE with counter masks) merge a chunk at a time on a GPU:
     their fp32 temporaries are a chunk's, where TIES needs its largest tensor's whole (on a 70B
     embedding, 25 GB)."""
-    from evomerge.merge.fused import GPU_CHUNK
+    from evomerge.merge.ops.fused import GPU_CHUNK
 
     def plan(method: str, masks: str = "counter"):
         data = _config(

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import iter_merged, merge_to_dir, open_sources
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.ops.registry import TensorInputs, get_method, merge_tensor
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import TensorInputs, get_method, merge_tensor
-from evomerge.search.cli import app
+from evomerge.search.cli.main import app
 from tests.conftest import recipe_dict
 
 runner = CliRunner()
@@ -340,7 +340,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fail_
     the output and the fix, no output and no staging directory left behind."""
     import errno
 
-    from evomerge.merge import safetensors_io
+    from evomerge.merge.io import safetensors_io
     from evomerge.merge.synthetic import make_family
 
     paths = make_family(tmp_path / "fam", "llama", hidden_size=256, vocab_size=4096)

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge import methods, sparsify
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.registry import (
+from evomerge.merge.ops import methods, sparsify
+from evomerge.merge.ops.registry import (
     MAGNITUDE,
     METHODS,
     TensorInputs,
@@ -17,7 +17,7 @@ from evomerge.merge.registry import (
     merge_tensor,
     task_vector_method,
 )
-from evomerge.merge.sparsify import Rescale
+from evomerge.merge.ops.sparsify import Rescale
 
 DETERMINISTIC_TA = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
 
@@ -277,7 +277,7 @@ def test_agrees_with_mergekit(name, out_dtype, normalize):
     st.data(),
 )
 def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
-    from evomerge.merge.selection import kth_smallest
+    from evomerge.merge.ops.selection import kth_smallest
 
     v = torch.tensor(values) * torch.rand(len(values)).round()  # more zeros and ties
     k = data.draw(st.integers(1, len(values)))
@@ -287,7 +287,7 @@ def test_kth_smallest_is_exact_with_ties_and_zeros(values, data):
 @pytest.mark.parametrize("k", [1, 12345, (1 << 20) + 7])
 def test_kth_smallest_radix_path_is_exact(k):
     """Above the size where the radix select takes over (2^20 entries, any device)."""
-    from evomerge.merge.selection import _RADIX_FROM, kth_smallest
+    from evomerge.merge.ops.selection import _RADIX_FROM, kth_smallest
 
     g = torch.Generator().manual_seed(k)
     v = (torch.randn(_RADIX_FROM + 7, generator=g).abs() * 4).round() / 4  # many ties

@@ -1,4 +1,4 @@
-"""Racing (search/racing.py) through the real driver and CMA-ES, with a model-free executor.
+"""Racing (search/loop/racing.py) through the real driver and CMA-ES, with a model-free executor.
 
 `Scripted` scores a candidate from its recipe alone (each task's skill a seeded function of the
 recipe, each item a seeded draw with that chance), so a search takes seconds, candidates differ
@@ -19,13 +19,13 @@ from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_boun
 from evomerge.fitness.scorer import objective
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import RacingConfig, SearchConfig
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.racing import NOT_RACEABLE
-from evomerge.search.report import summarize, trials_frame
-from evomerge.search.rundir import RunDir
-from evomerge.search.schedule import Cancelled, Done, Scheduler
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.racing import NOT_RACEABLE
+from evomerge.search.loop.schedule import Cancelled, Done, Scheduler
+from evomerge.search.loop.workers import combine_trial
+from evomerge.search.outputs.report import summarize, trials_frame
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
-from evomerge.search.workers import combine_trial
 from tests.conftest import search_config
 
 ITEMS = 60
@@ -135,7 +135,7 @@ class Scripted:
 
 
 class Clocked(Scheduler):
-    """The production scheduler (search/schedule.py) on a virtual clock, its workers Scripted:
+    """The production scheduler (search/loop/schedule.py) on a virtual clock, its workers Scripted:
     a trial takes `item` time units per item it scores, times the candidate's own pace (1 +-
     `spread`, seeded by its key: some candidates answer at more length), plus `merge` units
     when its worker holds another recipe; a cancelled trial ends at its next batch. Counts, over

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import RayExecutor
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.trial import Queue
-from evomerge.search.workers import RayExecutor
 from tests.conftest import search_config
 
 pytestmark = pytest.mark.ray

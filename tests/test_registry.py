@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.errors import EvomergeError
+from evomerge.merge.io.checkpoint import Checkpoint
+from evomerge.merge.ops.registry import METHODS, get_method
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import METHODS, get_method
-from evomerge.search.mergekit_yaml import to_mergekit
-from evomerge.search.parameter_space import ParameterSearch
+from evomerge.search.spaces.mergekit_yaml import to_mergekit
+from evomerge.search.spaces.parameter_space import ParameterSearch
 from tests.conftest import search_config
 from tests.test_export import _mergekit
 

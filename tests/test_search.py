@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.optimizer import Optimizer
-from evomerge.search.parameter_space import ParameterSearch
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.optimizer import Optimizer
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.run.rundir import RunDir
+from evomerge.search.spaces.parameter_space import ParameterSearch
 from tests.conftest import search_config
 
 
@@ -249,7 +249,7 @@ def test_a_bad_recipe_value_fails_the_trial_not_the_search(tiny_zoo, tmp_path):
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "evomerge.search.cli", *args],
+        [sys.executable, "-m", "evomerge.search.cli.main", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -304,7 +304,7 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
         [
             sys.executable,
             "-m",
-            "evomerge.search.cli",
+            "evomerge.search.cli.main",
             "search",
             str(cfg_file),
             "--check",
@@ -325,7 +325,7 @@ def test_check_reports_every_problem_at_once(tiny_zoo, tmp_path):
         [
             sys.executable,
             "-m",
-            "evomerge.search.cli",
+            "evomerge.search.cli.main",
             "search",
             str(good),
             "--check",

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evomerge.merge import fused, selection
 from evomerge.merge.engine import output_dtype
+from evomerge.merge.ops import fused, selection
+from evomerge.merge.ops.registry import METHODS, TensorInputs, merge_tensor, merge_tensor_into
 from evomerge.merge.parallel import Workers
-from evomerge.merge.registry import METHODS, TensorInputs, merge_tensor, merge_tensor_into
 from tests import test_kernels
 
 SHAPE = (96, 70)  # 6720 entries: several chunks, and the sampled cut, under `small_chunks`

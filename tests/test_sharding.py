@@ -7,9 +7,9 @@ import pytest
 from evomerge.fitness.models import load_model
 from evomerge.fitness.scorer import Scorer, combine_shards
 from evomerge.fitness.tasks import TaskSpec
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import RayExecutor, SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import RayExecutor, SerialExecutor
+from evomerge.search.run.rundir import RunDir
 from tests.conftest import search_config
 
 SPECS = [TaskSpec(name="zoo_add_gen_search"), TaskSpec(name="zoo_caps_mc_search", weight=2.0)]

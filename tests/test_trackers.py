@@ -18,10 +18,10 @@ import yaml
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
-from evomerge.search.trackers import LEDGER, OLD_LEDGER, Reporter, read_ledger, write_ledger
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.run.rundir import RunDir
+from evomerge.search.watch.trackers import LEDGER, OLD_LEDGER, Reporter, read_ledger, write_ledger
 from tests.conftest import search_config
 
 
@@ -157,7 +157,15 @@ def test_report_to_wrong_name_is_one_line_exit_2(tiny_zoo, tmp_path, command):
     RunDir.create(tmp_path / "r", search_config(tiny_zoo))
     target = str(config) if command == "search" else str(tmp_path / "r")
     res = subprocess.run(
-        [sys.executable, "-m", "evomerge.search.cli", command, target, "--report-to", "neptune"],
+        [
+            sys.executable,
+            "-m",
+            "evomerge.search.cli.main",
+            command,
+            target,
+            "--report-to",
+            "neptune",
+        ],
         capture_output=True,
         text=True,
     )
@@ -341,7 +349,7 @@ class Flaky:
 def test_failing_trackers_are_one_warning_each_and_the_search_goes_on(
     tiny_zoo, tmp_path, monkeypatch
 ):
-    from evomerge.search.trackers import BACKENDS
+    from evomerge.search.watch.trackers import BACKENDS
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -382,7 +390,7 @@ def test_search_with_report_to_tensorboard_from_the_command_line(tiny_zoo, tmp_p
         [
             sys.executable,
             "-m",
-            "evomerge.search.cli",
+            "evomerge.search.cli.main",
             "search",
             str(config),
             "--run-dir",

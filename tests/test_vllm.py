@@ -108,7 +108,7 @@ def _demo_config(zoo: Path, **fitness):
 @pytest.fixture(scope="module")
 def candidate(demo_zoo):
     """The vLLM backend's worker side over the demo's five models: one engine for the module."""
-    from evomerge.search.parameter_space import EngineCandidate
+    from evomerge.search.spaces.parameter_space import EngineCandidate
 
     torch.set_num_threads(2)
     return EngineCandidate(_demo_config(demo_zoo), "cpu")
@@ -292,7 +292,7 @@ def test_two_ranks_write_and_answer_alike(demo_zoo):
 def _cli(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "evomerge.search.cli", *args],
+        [sys.executable, "-m", "evomerge.search.cli.main", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -300,7 +300,7 @@ def _cli(*args):
 
 
 def _fitness(run: Path) -> dict:
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     return {
         (r["generation"], r["index"]): r["fitness"]
@@ -317,8 +317,8 @@ def test_search_with_vllm_resumes_and_matches_hf(demo_zoo, tmp_path):
     workers through `evomerge search`, SIGKILLed mid-run and resumed, asks and scores exactly
     what the HF backend's uninterrupted run does: the same fitness for every trial, the same
     best recipe, the same held-out table."""
-    from evomerge.search.demo import heldout_scores
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.cli.demo import heldout_scores
+    from evomerge.search.run.rundir import RunDir
 
     def config(backend: str, workers: int) -> Path:
         cfg = _demo_config(demo_zoo, backend=backend)
@@ -369,7 +369,7 @@ def test_engine_that_cannot_start_stops_the_search(tiny_zoo, tmp_path):
         [
             sys.executable,
             "-m",
-            "evomerge.search.cli",
+            "evomerge.search.cli.main",
             "search",
             str(path),
             "--run-dir",
@@ -391,10 +391,10 @@ def test_a_dead_engine_fails_one_trial_and_the_search_goes_on(demo_zoo, tmp_path
     dead and replaces it (in the driver's process a new engine; a Ray worker exits and the
     executor starts another), and every later candidate scores, to the end of the budget.
     A request that fails on a healthy engine only fails its trial: the engine is kept."""
-    from evomerge.search.driver import Progress, run_search
-    from evomerge.search.parameter_space import EngineCandidate
-    from evomerge.search.rundir import RunDir
-    from evomerge.search.workers import SerialExecutor
+    from evomerge.search.loop.driver import Progress, run_search
+    from evomerge.search.loop.workers import SerialExecutor
+    from evomerge.search.run.rundir import RunDir
+    from evomerge.search.spaces.parameter_space import EngineCandidate
 
     data = _demo_config(demo_zoo, limit=20).dump()
     data["workers"] = {"count": 0}

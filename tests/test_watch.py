@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.report import watch_report, write_report
-from evomerge.search.rundir import RunDir
-from evomerge.search.status import run_status
-from evomerge.search.workers import SerialExecutor
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import SerialExecutor
+from evomerge.search.outputs.report import watch_report, write_report
+from evomerge.search.run.rundir import RunDir
+from evomerge.search.watch.status import run_status
 from tests.conftest import search_config
 
 CHROMIUM = "/usr/bin/chromium"
@@ -66,7 +66,7 @@ def _copy(runs: Path, name: str, to: Path) -> Path:
 
 def _cli(*args, cwd=None, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "evomerge.search.cli", *args],
+        [sys.executable, "-m", "evomerge.search.cli.main", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -209,7 +209,7 @@ def test_report_watch_ctrl_c_exits_130(runs, tmp_path, inherited):
     path = _copy(runs, "cut", tmp_path / "r")
     with RunDir.reopen(path).lock():
         proc = subprocess.Popen(
-            [sys.executable, "-m", "evomerge.search.cli", "report", "--watch", str(path)]
+            [sys.executable, "-m", "evomerge.search.cli.main", "report", "--watch", str(path)]
             + ["--every", "1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

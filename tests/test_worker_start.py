@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import WorkerConfig
-from evomerge.search.driver import Progress, run_search
-from evomerge.search.rundir import RunDir
-from evomerge.search.workers import RayExecutor, SerialExecutor, worker_count
+from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.workers import RayExecutor, SerialExecutor, worker_count
+from evomerge.search.run.rundir import RunDir
 from tests.conftest import search_config
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
@@ -70,8 +70,8 @@ def test_cli_search_whose_workers_run_out_of_memory_stops_in_one_line(
     """Both GPU workers raise CUDA out of memory where the sources load: `evomerge search`
     prints one line (the OOM text, the memory hint) and exits 2 without reloading anything;
     the run resumes once the config is fixed."""
-    from evomerge.search import workers
-    from evomerge.search.cli import app
+    from evomerge.search.cli.main import app
+    from evomerge.search.loop import workers
 
     fake_gpus(2)
     attempts = tmp_path / "attempts"

@@ -44,7 +44,7 @@ def heldout_scores(run, best: dict) -> tuple[list[dict], str, str]:
     from evomerge.fitness.tables import markdown_table
     from evomerge.fitness.zoo.skills import DISTRACTOR
     from evomerge.merge.recipe import Recipe
-    from evomerge.search.export import heldout_rows
+    from evomerge.search.outputs.export import heldout_rows
     from evomerge.search.spaces import space_for
 
     cfg = run.config
@@ -69,8 +69,8 @@ def heldout_scores(run, best: dict) -> tuple[list[dict], str, str]:
 
 
 def run_demo(out: Path, config: Path = DEMO_CONFIG, report_to: list[str] | None = None) -> None:
-    from evomerge.search.console import ensure_zoo, run_and_report
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.cli.console import ensure_zoo, run_and_report
+    from evomerge.search.run.rundir import RunDir
 
     cfg = SearchConfig.load(config)
     ensure_zoo(cfg)

@@ -27,8 +27,8 @@ from evomerge.fitness.bounds import chunk_ends, chunk_fractions, piece
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig, WorkerConfig
 from evomerge.search.env import QUIET_ENV, passed_on
-from evomerge.search.racing import NOT_RACEABLE
-from evomerge.search.schedule import Cancelled, Died, Done, Ready, Scheduler
+from evomerge.search.loop.racing import NOT_RACEABLE
+from evomerge.search.loop.schedule import Cancelled, Died, Done, Ready, Scheduler
 from evomerge.search.trial import (
     Executor,
     Feed,
@@ -77,7 +77,7 @@ class TrialWorker:
         from evomerge.search.spaces import space_for
 
         config = SearchConfig.parse(config_data)
-        from evomerge.merge import hub
+        from evomerge.merge.io import hub
 
         hub.use_cache(config.cache_dir)
         hub.forbid_downloads()  # the driver resolved every model; a worker only reads the cache
@@ -96,7 +96,7 @@ class TrialWorker:
         fc = config.fitness
         self.scorer = config.scorer()
         if fc.backend == "vllm":  # the engine holds the candidate and answers the requests
-            from evomerge.search.parameter_space import EngineCandidate
+            from evomerge.search.spaces.parameter_space import EngineCandidate
 
             assert isinstance(self.candidate, EngineCandidate)
             self.scorer.bind_lm(self.candidate.lm(fc.batch_size))

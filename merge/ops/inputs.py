@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from evomerge.merge.rescale import Rescale
+from evomerge.merge.ops.rescale import Rescale
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.merge.masks import Generator
+    from evomerge.merge.ops.masks import Generator
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evomerge.merge.files import write_atomic
+from evomerge.merge.io.files import write_atomic
 from evomerge.search.config import TRACKERS
-from evomerge.search.driver import Progress
-from evomerge.search.rundir import RunDir
-from evomerge.search.tracker_backends import BACKENDS
+from evomerge.search.loop.driver import Progress
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.trial import FINISHED, Status
+from evomerge.search.watch.tracker_backends import BACKENDS
 
 LEDGER = "trackers.jsonl"
 OLD_LEDGER = "trackers.json"  # the ledger of runs started before: read, then replaced

@@ -15,9 +15,9 @@ import numpy as np
 from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.recipe import PS, Recipe
 from evomerge.search.config import SearchConfig
-from evomerge.search.data_flow_space import DataFlowSearch
-from evomerge.search.parameter_space import ParameterSearch
-from evomerge.search.space import Candidate, SearchSpace
+from evomerge.search.spaces.data_flow_space import DataFlowSearch
+from evomerge.search.spaces.parameter_space import ParameterSearch
+from evomerge.search.spaces.space import Candidate, SearchSpace
 
 
 class FixedStage(SearchSpace):

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from evomerge.merge import selection
-from evomerge.merge.inputs import TensorInputs
-from evomerge.merge.kernels import NonFinite
-from evomerge.merge.masks import CounterDraws
+from evomerge.merge.ops import selection
+from evomerge.merge.ops.inputs import TensorInputs
+from evomerge.merge.ops.kernels import NonFinite
+from evomerge.merge.ops.masks import CounterDraws
 
 F32 = torch.float32
 

@@ -11,7 +11,7 @@ import torch
 
 from evomerge.merge.architecture import ModelInfo, layer_indices, network_order
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.safetensors_io import (
+from evomerge.merge.io.safetensors_io import (
     TensorEntry,
     all_finite,
     map_tensor,

@@ -28,10 +28,10 @@ from pathlib import Path
 import yaml
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.files import read_yaml, write_atomic
+from evomerge.merge.io.files import read_yaml, write_atomic
 from evomerge.merge.recipe import ModelRef, Recipe
 from evomerge.search.config import SearchConfig, changed_fields
-from evomerge.search.journal import Journal, full, line, no_gc, parse_record
+from evomerge.search.run.journal import Journal, full, line, no_gc, parse_record
 from evomerge.search.trial import Status
 
 __all__ = ["FORMATS", "JOURNAL", "LOCK", "RUN_FORMAT", "RunDir", "is_run_dir", "parse_record"]

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from evomerge.merge import masks, selection
-from evomerge.merge.inputs import TensorInputs
-from evomerge.merge.masks import Generator
+from evomerge.merge.ops import masks, selection
+from evomerge.merge.ops.inputs import TensorInputs
+from evomerge.merge.ops.masks import Generator
+from evomerge.merge.ops.selection import Cut
+from evomerge.merge.ops.sparsify import Rescale
 from evomerge.merge.parallel import Workers
-from evomerge.merge.selection import Cut
-from evomerge.merge.sparsify import Rescale
 
 CHUNK = 1 << 17  # entries per chunk: 512 KiB in fp32; a chunk's temporaries stay in cache
 

@@ -35,8 +35,8 @@ def check_search(cfg: SearchConfig, run_dir: Path | None) -> list[str]:
 
 def check_search_plan(cfg: SearchConfig, run_dir: Path | None) -> Checked:
     from evomerge.fitness.models import check_loadable
-    from evomerge.merge.checkpoint import Checkpoint
     from evomerge.merge.engine import check_compatible
+    from evomerge.merge.io.checkpoint import Checkpoint
 
     problems: list[str] = []
     ckpts = {}

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge import masks, selection
-from evomerge.merge.rescale import Rescale  # defined apart: recipes read it without torch
+from evomerge.merge.ops import masks, selection
+from evomerge.merge.ops.rescale import Rescale  # defined apart: recipes read it without torch
 
 
 def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) -> torch.Tensor:

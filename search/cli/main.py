@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.console import console, ensure_zoo, refuse, run_and_report, warn
+from evomerge.search.cli.console import console, ensure_zoo, refuse, run_and_report, warn
 
 app = typer.Typer(
     add_completion=False,
@@ -290,10 +290,10 @@ def search(
     (tasks, include, limit, num_fewshot, batch_size), cma (sigma0, popsize, budget, seed,
     diagonal_above), workers (count, device, cpus_per_worker, address, trial_timeout), penalty."""
     set_env(offline)
-    from evomerge.search.check import check_search_plan, task_code
+    from evomerge.search.cli.check import check_search_plan, task_code
     from evomerge.search.config import SearchConfig
     from evomerge.search.memory import with_planned_sources
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     trackers = _report_to(report_to)
     cfg = _with_workers(SearchConfig.load(config), workers, address)
@@ -331,10 +331,10 @@ def resume(
 ):
     """Resume a search from its journal; finished trials are never run again."""
     set_env(offline)
-    from evomerge.search.check import check_search_plan
+    from evomerge.search.cli.check import check_search_plan
     from evomerge.search.config import SearchConfig
     from evomerge.search.memory import with_planned_sources
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.run.rundir import RunDir
 
     trackers = _report_to(report_to)
     run = RunDir.reopen(run_dir, SearchConfig.load(config) if config else None)
@@ -360,8 +360,8 @@ def export(
 ):
     """Export a trial: recipe.yaml, mergekit.yaml, the model with its card, held-out table."""
     set_env(offline)
-    from evomerge.search.export import export as do_export
-    from evomerge.search.rundir import RunDir
+    from evomerge.search.outputs.export import export as do_export
+    from evomerge.search.run.rundir import RunDir
 
     run = RunDir.reopen(run_dir)
     ensure_zoo(run.config)
@@ -385,9 +385,14 @@ def report(
 ):
     """Summaries, plots and an HTML page from the run's journal, into RUN_DIR/report/."""
     with heavy_imports():  # pandas and matplotlib
+        from evomerge.search.outputs.report import (
+            summarize,
+            trials_frame,
+            watch_report,
+            write_report,
+        )
         from evomerge.search.plots import pyplot
-        from evomerge.search.report import summarize, trials_frame, watch_report, write_report
-        from evomerge.search.rundir import RunDir
+        from evomerge.search.run.rundir import RunDir
 
         pyplot()
 
@@ -427,7 +432,7 @@ def status(
     """One row per run: state, evaluations, best, last generation's mean, failures, time, ETA."""
     from rich.console import Console
 
-    from evomerge.search.status import run_status, table
+    from evomerge.search.watch.status import run_status, table
 
     if not run_dirs:
         root = Path("runs")
@@ -461,8 +466,8 @@ def demo(
     """The main job on the embedded default: a search over the tiny zoo, on this machine, then
     held-out scores beside the parents'. Re-running resumes (or just reports) the same run."""
     set_env(True)
+    from evomerge.search.cli.demo import DEMO_CONFIG, run_demo
     from evomerge.search.config import SearchConfig
-    from evomerge.search.demo import DEMO_CONFIG, run_demo
 
     trackers = _report_to(report_to)
     config = config or DEMO_CONFIG

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.rundir import LOCK, RunDir, is_run_dir
+from evomerge.search.run.rundir import LOCK, RunDir, is_run_dir
 from evomerge.search.trial import FINISHED, Status
 
 

@@ -21,7 +21,7 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import PS, Recipe
 from evomerge.search.config import SearchConfig
 from evomerge.search.plots import pyplot, save
-from evomerge.search.space import Candidate, SearchSpace
+from evomerge.search.spaces.space import Candidate, SearchSpace
 
 INDICATOR = 1.0  # initial |gene| of the indicators; bounds are +-1
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.merge import sparsify
+from evomerge.merge.ops import sparsify
 
 
 def linear(

@@ -21,7 +21,7 @@ def _search_progress(run):
         TimeRemainingColumn,
     )
 
-    from evomerge.search.driver import Progress as Hooks
+    from evomerge.search.loop.driver import Progress as Hooks
 
     bar = Progress(
         TextColumn("[bold]gen {task.fields[gen]}"),
@@ -74,9 +74,9 @@ def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict 
     """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run.
     `report_to` overrides the trackers (search.trackers.session_trackers); `after(best,
     reporter)` runs once the search is done, while the trackers' runs are still open."""
-    from evomerge.search.driver import run_search
-    from evomerge.search.trackers import Reporter, session_trackers
-    from evomerge.search.workers import make_executor
+    from evomerge.search.loop.driver import run_search
+    from evomerge.search.loop.workers import make_executor
+    from evomerge.search.watch.trackers import Reporter, session_trackers
 
     bar, hooks = _search_progress(run)
     names = session_trackers(run, report_to)

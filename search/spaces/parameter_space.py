@@ -19,12 +19,12 @@ import numpy as np
 from evomerge.merge.architecture import ModelInfo
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.lazy import lazy
+from evomerge.merge.ops.registry import get_method
 from evomerge.merge.placement import Placement
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import get_method
 from evomerge.search.config import GeneRange, SearchConfig
 from evomerge.search.plots import pyplot, save
-from evomerge.search.space import Candidate, SearchSpace
+from evomerge.search.spaces.space import Candidate, SearchSpace
 
 if TYPE_CHECKING:
     import torch
@@ -238,8 +238,8 @@ class ParameterSearch(SearchSpace):
         }
 
     def mergekit(self, recipe: Recipe) -> dict | None:
-        from evomerge.merge.checkpoint import Checkpoint
-        from evomerge.search.mergekit_yaml import to_mergekit
+        from evomerge.merge.io.checkpoint import Checkpoint
+        from evomerge.search.spaces.mergekit_yaml import to_mergekit
 
         if not self.method.mergekit:
             return None
@@ -276,7 +276,7 @@ class ResidentCandidate:
 
     def __init__(self, config: SearchConfig, device: str):
         from evomerge.fitness.models import empty_model, load_tokenizer
-        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.io.checkpoint import Checkpoint
         from evomerge.merge.placement import tied_head
         from evomerge.merge.resident import ResidentSources
 
@@ -317,7 +317,7 @@ class EngineCandidate:
     def __init__(self, config: SearchConfig, device: str):
         from evomerge.fitness.models import load_tokenizer
         from evomerge.fitness.vllm_backend import Engine
-        from evomerge.merge.checkpoint import Checkpoint
+        from evomerge.merge.io.checkpoint import Checkpoint
         from evomerge.merge.placement import tied_head
         from evomerge.merge.resident import ResidentSources, Where
 

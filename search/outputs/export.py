@@ -14,11 +14,11 @@ import yaml
 from evomerge.fitness.tables import markdown_table
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.files import guard_output, staged_dir, write_atomic
+from evomerge.merge.io.files import guard_output, staged_dir, write_atomic
 from evomerge.merge.recipe import Recipe
-from evomerge.search.rundir import RunDir
-from evomerge.search.space import SearchSpace
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
+from evomerge.search.spaces.space import SearchSpace
 from evomerge.search.trial import Status
 
 EXPORT_MARKER = "export"
@@ -164,7 +164,7 @@ def export(
         ]
         write_atomic(tmp / "trials.json", json.dumps(summary, indent=2) + "\n")
         write_atomic(tmp / ".evomerge", json.dumps({"written_by": EXPORT_MARKER}) + "\n")
-    from evomerge.search.trackers import log_table
+    from evomerge.search.watch.trackers import log_table
 
     log_table(run, "heldout", rows, markdown_table(rows))  # the search's tracker runs, if any
     return out

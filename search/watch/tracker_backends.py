@@ -2,7 +2,7 @@
 
 Each backend's package is an optional extra, imported in `open` only when chosen. The
 fan-out that calls them (a background thread, the ledger that makes resumes log nothing twice)
-is `search/trackers.py`.
+is `search/watch/trackers.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol
 
 import yaml
 
-from evomerge.search.rundir import RunDir
+from evomerge.search.run.rundir import RunDir
 
 
 class Tracker(Protocol):

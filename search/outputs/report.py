@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.files import staged_dir, write_atomic
+from evomerge.merge.io.files import staged_dir, write_atomic
 from evomerge.merge.recipe import Recipe
 from evomerge.search.plots import pyplot, save
-from evomerge.search.rundir import RunDir, is_run_dir
+from evomerge.search.run.rundir import RunDir, is_run_dir
 from evomerge.search.spaces import space_for
 from evomerge.search.trial import Status
 
@@ -197,7 +197,7 @@ def watch_report(run_dir: Path | RunDir, every: float, log=print, sleep=time.sle
     itself); once it is not, write it a last time, without the reload, and return. The run
     directory is opened once and its journal followed: each round parses only the lines
     appended since the last."""
-    from evomerge.search.status import row, run_status
+    from evomerge.search.watch.status import row, run_status
 
     run = run_dir if isinstance(run_dir, RunDir) else None
     where = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
@@ -233,7 +233,7 @@ def watch_report(run_dir: Path | RunDir, every: float, log=print, sleep=time.sle
 
 
 def _write(run: RunDir, df: pd.DataFrame, out: Path, refresh: float | None = None) -> None:
-    from evomerge.search.status import row, run_status
+    from evomerge.search.watch.status import row, run_status
 
     now = run_status(run)
     status = row(now)

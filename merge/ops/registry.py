@@ -20,23 +20,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from evomerge.merge.errors import EvomergeError
-from evomerge.merge.inputs import TensorInputs
 from evomerge.merge.lazy import lazy
-from evomerge.merge.rescale import Rescale
+from evomerge.merge.ops.inputs import TensorInputs
+from evomerge.merge.ops.rescale import Rescale
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.merge import fused, kernels, methods, parallel, sparsify
-    from evomerge.merge.masks import Generator
+    from evomerge.merge import parallel
+    from evomerge.merge.ops import fused, kernels, methods, sparsify
+    from evomerge.merge.ops.masks import Generator
     from evomerge.merge.parallel import Workers
 else:
     # the declarations (the recipe schema, `evomerge status` and `report`) need no torch: the
     # tensor modules are imported where a merge first runs (merge.lazy)
     torch = lazy("torch")
-    fused, kernels = lazy("evomerge.merge.fused"), lazy("evomerge.merge.kernels")
-    methods, parallel = lazy("evomerge.merge.methods"), lazy("evomerge.merge.parallel")
-    sparsify = lazy("evomerge.merge.sparsify")
+    fused, kernels = lazy("evomerge.merge.ops.fused"), lazy("evomerge.merge.ops.kernels")
+    methods, parallel = lazy("evomerge.merge.ops.methods"), lazy("evomerge.merge.parallel")
+    sparsify = lazy("evomerge.merge.ops.sparsify")
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def chunkable(method: Method, inputs: TensorInputs | None = None, masks: str = "
         return not method.random or masks == "counter"
     if inputs.rescale is Rescale.l1:
         return False
-    from evomerge.merge.masks import CounterDraws  # the parameter `masks` hides the module
+    from evomerge.merge.ops.masks import CounterDraws  # the parameter `masks` hides the module
 
     return not method.random or isinstance(inputs.generator, CounterDraws)
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from evomerge.fitness.bounds import chunk_fractions
 from evomerge.merge.errors import EvomergeError
-from evomerge.search import racing
-from evomerge.search.optimizer import Optimizer, RandomSearch
-from evomerge.search.rundir import RunDir
-from evomerge.search.space import SearchSpace
+from evomerge.search.loop import racing
+from evomerge.search.loop.optimizer import Optimizer, RandomSearch
+from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
+from evomerge.search.spaces.space import SearchSpace
 from evomerge.search.trial import FINISHED, Executor, Status, Trial, TrialResult
 
 

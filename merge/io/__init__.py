@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors reading and writing, model files, the hub, the sources."""

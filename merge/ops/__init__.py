@@ -1,0 +1,1 @@
+"""The method math: the registry of methods, sparsifiers, masks, selection and kernels."""

@@ -1,0 +1,1 @@
+"""What a run yields: the exported recipe and model, the report."""

@@ -1,0 +1,1 @@
+"""The run directory and its journal: what a search writes, and how it is read back."""

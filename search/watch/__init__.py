@@ -1,0 +1,1 @@
+"""Watching a run: its status, and the trackers it reports to."""
