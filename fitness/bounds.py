@@ -1,22 +1,11 @@
 """Confidence bounds on a full evaluation's mean from a prefix of its items (racing).
 
-A candidate's items are scored in a seeded random order, so after n of a task's N items the
-scored ones are a uniform sample WITHOUT replacement from a finite population, and the quantity
-of interest, the mean over all N items (what full evaluation would report), is a population
-mean. Every bound here is for that population mean and is the intersection of:
-
-- the HARD bound: the N - n unscored items lie in [lo, hi], whatever the order. It always holds,
-  and at `delta = 0` it is the only one: then racing decides exactly as full evaluation would.
-- a probabilistic bound, failing with probability at most `delta` (one-sided):
-  - binary scores (exact match, accuracy: each item 0 or 1): the exact hypergeometric bound on
-    the number of ones (Clopper-Pearson for sampling without replacement); a paired difference
-    of two binary candidates is bounded through its two discordance counts (items only the first
-    gets right, items only the second gets right), each at `delta / 2`;
-  - otherwise (scores in [lo, hi]): the better of Hoeffding-Serfling and empirical
-    Bernstein-Serfling (Bardenet & Maillard 2015, Bernoulli 21(3), Cor. 2.5 and Thm. 3.5), each
-    at `delta / 2`.
-
-Pure functions of counts and sums: no model, no lm-eval.
+A prefix of a seeded order is a sample WITHOUT replacement of the N items, so each bound is on a
+finite population's mean: the hard bound (the unscored items lie in [lo, hi]; alone at
+`delta = 0`) intersected with one failing w.p. at most `delta`, one-sided. For 0/1 scores, the
+exact hypergeometric bound (a paired difference through its two discordance counts, each at
+`delta / 2`); otherwise the better of Hoeffding-Serfling and empirical Bernstein-Serfling
+(Bardenet & Maillard 2015, Bernoulli 21(3), Cor. 2.5 and Thm. 3.5), each at `delta / 2`.
 """
 
 from __future__ import annotations

@@ -52,12 +52,9 @@ def load_model(
 
 
 def empty_model(path: Path | str, dtype: str, placement):
-    """The model of a checkpoint directory, its weights uninitialized memory in `dtype`, each
-    parameter allocated straight on the device `placement` (merge.placement) gives it: nothing
-    is drawn at random (~1.6 s per 100M parameters on a CPU), nothing is built on one device to
-    move to another. Buffers (rotary frequencies, embedding scales) are computed as usual. A
-    model split over several devices is dispatched with accelerate's hooks, which move the
-    hidden state from one device to the next. Every parameter must then be written."""
+    """The model of a checkpoint directory, its parameters uninitialized memory in `dtype` on
+    the devices `placement` gives them (random init cost ~1.6 s per 100M parameters on a CPU);
+    buffers computed as usual. Every parameter must then be written."""
     import dataclasses
 
     from accelerate import dispatch_model, init_empty_weights
@@ -86,12 +83,9 @@ def empty_model(path: Path | str, dtype: str, placement):
 
 
 def model_from_recipe(recipe, device: str = "cpu"):
-    """(model, tokenizer) of a recipe's merge, built in memory without writing a checkpoint.
-
-    The model is built without initializing its weights (every one is then written), and the
-    merge is computed straight into its parameters, reading the sources ahead, on the CPU (the
-    bits `evomerge merge` writes, and a search's candidate holds), then moved to `device`.
-    A data-flow recipe gives a path model over the loaded source models' layers (shared)."""
+    """(model, tokenizer) of a recipe's merge, built in memory without writing a checkpoint:
+    merged on the CPU (the bits `evomerge merge` writes), then moved to `device`. A data-flow
+    recipe gives a path model over the loaded source models' layers (shared)."""
     if recipe.data_flow is not None:
         return _path_model(recipe, device)
     from evomerge.merge.engine import open_sources

@@ -1,18 +1,12 @@
 """A task's requests, built once and answered again for every candidate.
 
-`lm_eval.evaluator.evaluate` rebuilds every request on each call: it iterates the dataset and
-renders each document's prompt (Jinja templates compiled anew per document, few-shot contexts),
-then runs the model, filters, scores and aggregates. A search scores the same documents on
-hundreds of candidates, and on a small model that rebuilding cost more than the model itself. So
-the Scorer builds each task's requests once, and per candidate only resets the responses, runs
-the model on them (`lm.generate_until`, `lm.loglikelihood`, ...), applies the task's filters and
-`process_results`, and aggregates: `evaluate`'s loop for one rank, through the Task's public
-methods. The tests hold the result equal to `lm_eval.simple_evaluate`.
-
-Building once for the whole (limited) document set, with the few-shot sampler seeded just before,
-also fixes each document's few-shot context: lm-eval's sampler draws from one generator across
-builds, so rebuilt requests got new few-shot examples on every call, and a shard got different
-ones from the full set. Here every call and every shard sees the same prompts.
+`lm_eval.evaluator.evaluate` renders every prompt again on each call (Jinja compiled per
+document, few-shot contexts), which on a small model cost more than the model. Here, per
+candidate, the responses are reset and the model, the task's filters, `process_results` and
+the aggregation run: `evaluate`'s loop for one rank, through the Task's public methods (the
+tests hold it equal to `lm_eval.simple_evaluate`). Building once, the few-shot sampler seeded
+just before, also gives every call and shard the same prompts: lm-eval's sampler draws from one
+generator across builds.
 """
 
 from __future__ import annotations
@@ -93,13 +87,8 @@ class Cancelled(Exception):
 
 class ReusableHFLM(HFLM):
     """lm-eval's HF wrapper with tokenization, decoding (its outputs' and the stop rule's) and the
-    context length memoized.
-
-    HFLM tokenizes every request on every call (to sort requests by length, then per batch). The
-    prompts of a search never change between candidates, and tokenization is a pure function of
-    the string and the (fixed) tokenizer, so it is done once. Generation is HFLM's own
-    (`_model_generate`'s greedy/temperature handling, autocast, KV cache) with `_StopSequences`
-    as its stopping criterion."""
+    context length memoized: HFLM tokenizes every request on every call, and a search's prompts
+    and tokenizer never change. Generation is HFLM's own, with `_StopSequences` as its stop."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,10 +1,5 @@
-"""Score an in-memory model with lm-eval, as often as its weights change, building tasks once.
-
-A Scorer loads its tasks once (TaskManager.load), wraps the resident model once (lm-eval's HFLM)
-and builds every request once (fitness/requests.py); each `score()` then runs the model on the
-built requests and computes the tasks' metrics: no task rebuilding, no prompt rendering, no model
-reloading. Only lm-eval's public API is used.
-"""
+"""Score an in-memory model with lm-eval as often as its weights change: tasks loaded, the model
+wrapped and requests built once (fitness/requests.py); only lm-eval's public API is used."""
 
 from __future__ import annotations
 

@@ -9,11 +9,7 @@ if TYPE_CHECKING:
 
 
 class EvomergeError(Exception):
-    """Wrong input or an unusable environment. The CLI prints the message alone and exits 2.
-
-    Messages name the file, field or tensor at fault and say what to do about it; a message
-    with several problems has one line each.
-    """
+    """Wrong input or an unusable environment: the CLI prints the message alone and exits 2."""
 
 
 def schema_problems(err: ValidationError, source: str) -> str:

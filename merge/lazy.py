@@ -1,13 +1,8 @@
-"""A module imported on its first use, for modules whose readers mostly never need it.
+"""A module imported on its first attribute read.
 
-`evomerge status` and `evomerge report` read a run directory: they build the search config and
-recipes (the method registry's declarations) but never a tensor, and importing torch was most
-of their time. A module that names torch through `lazy("torch")` keeps its function bodies as
-they were (`torch.isfinite(...)`) and pays for the import where a body first runs.
-
-Each user imports the real modules under `if TYPE_CHECKING:` too, so type checkers and the
-layering test (tests/test_layering.py, which reads import statements) still see the
-dependency.
+`evomerge status` and `report` build configs and recipes but never a tensor, and importing torch
+was most of their time. Users also import the real module under `if TYPE_CHECKING:`, so type
+checkers and tests/test_layering.py (which reads import statements) still see the dependency.
 """
 
 from __future__ import annotations

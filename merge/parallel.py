@@ -1,21 +1,11 @@
-"""Threads for merging: how many, and a pool that splits one tensor's work between them.
+"""Threads for merging: how many, and a pool that splits one tensor's chunks between them.
 
-Every merge computation runs with one intra-op torch thread per Python thread. Parallelism comes
-from several Python threads working on different chunks of a tensor (torch and NumPy release the
-GIL while they compute). Two reasons:
-
-- A busy machine. torch's OpenMP threads busy-wait at every parallel region: with two intra-op
-  threads on two cores under a load average of 6, each elementwise op waits for a descheduled
-  partner, and a merge slowed ~8x where a single thread slowed ~4x (measured, experiments/README).
-  Threads that take chunks from a shared counter never wait for one another: a descheduled one
-  just takes fewer chunks.
-- Reproducibility. torch's reductions (`sum`, `vector_norm`) split their input by the number of
-  intra-op threads, so the last bit of a sum depends on it (measured: an 11.5M-entry `sum()`
-  differs between 1 and 2 threads). Merges that reduce (slerp's norms, the L1 rescale) always
-  run single-threaded, so a recipe rebuilds bit-identically whatever the machine's load.
-
-The thread count is the CPUs this process may use (affinity mask, cgroup quota) less the
-current load, at least 1; `EVOMERGE_THREADS` (or a caller's explicit count) overrides it.
+Each Python thread runs one intra-op torch thread, for two reasons. torch's OpenMP threads
+busy-wait for descheduled partners (a loaded machine slowed merges ~8x, experiments/README),
+where threads taking chunks from a counter never wait for one another. And torch splits its
+reductions by the intra-op thread count (an 11.5M-entry `sum()` differs between 1 and 2
+threads), so merges that reduce (slerp's norms, the L1 rescale) run on one thread and rebuild
+bit-identically under any load.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Which device each tensor of a model lives on, for a worker that spans several GPUs.
 
-Layers are split into contiguous, equal runs, one per device, as accelerate's device maps
-split a model for pipeline-style inference: the hidden state crosses a device boundary only
-between two runs. Embeddings go with the first run, the final norm and an untied head with the
-last; a tied head is the embedding, so it stays on the first device. A worker's sources for a
-tensor sit on the device that tensor's parameter is on (or in host memory), so each GPU merges
-only the tensors it serves. The memory plan (search/memory.py) uses the same split.
+Contiguous equal runs of layers, so the hidden state crosses a device only between runs; the
+sources, the eval model and the memory plan share the split (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""The recipe: the product's contract between search and merge (docs/ARCHITECTURE.md).
+"""The recipe schema: the contract between search and merge (docs/ARCHITECTURE.md).
 
-A recipe knows nothing of the search. It names source models by alias, and says per layer group
-(and optionally per kind of tensor: attention / mlp / other) how each model contributes.
 Layer ranges are half-open, `[start, end)`, as mergekit's `layer_range`. Tensors outside the
-decoder layers use the group named `embed` (embeddings) or `head` (head and final norm) when
-the recipe has one, and otherwise the group of the first or the last layer.
+decoder layers use the group `embed` (embeddings) or `head` (head and final norm) when the
+recipe has one, else the first or the last layer's.
 """
 
 from __future__ import annotations
@@ -110,8 +108,8 @@ class ParameterSpace(BaseModel):
     normalize: bool | None = None  # None: the method's default
     rescale: Rescale | None = None  # None: the method's default
     seed: int = 0
-    # which generator draws random methods' masks (merge.masks): counter, what searches write;
-    # torch, the sequential generator of recipes written before it, which they rebuild
+    # random masks' generator (ops.masks): counter, what searches write; torch, that of
+    # recipes written before, which they rebuild
     masks: Literal["torch", "counter"] = "torch"
     groups: list[Group] = Field(min_length=1)
 

@@ -1,22 +1,7 @@
-"""Source models kept resident in a worker, and candidates materialized in place from them.
+"""Source models kept resident in a worker, and candidates merged into the eval model in place.
 
-The search sends a worker recipes, not weights: the worker holds every source tensor once, in
-the dtype it is stored in (a bf16 checkpoint stays bf16: the merge converts a chunk at a time to
-fp32, which is exact, so the bits are those of a merge from disk), and writes each candidate's
-merge straight into one eval model's parameters. Same math as `evomerge merge`
-(`engine.merge_stream`), so a scored candidate is exactly the model its recipe rebuilds.
-
-Where the sources live (`workers.sources`): `device`, each tensor on the device of the parameter
-it serves (one GPU, or the GPU of its layer when a worker spans several: merge.placement);
-`host`, in pinned host memory, streamed to the parameter's device tensor by tensor on a copy
-stream while the previous tensor merges, so the GPU holds the candidate and a window of inputs.
-
-Start-up reads the sources at disk or PCIe speed (`Loader`): threads read pieces of every tensor
-with `pread` (the GIL released), straight into the tensor's home when that is host memory
-(pinned when a GPU will read it), else into pinned staging buffers copied to the GPU
-asynchronously; every piece is checked for NaN and inf where it lands (on the GPU, checks queued
-on the copy streams and read once at the end). The bytes are the file's: a tensor's bits do not
-depend on the threads or the device.
+Why and where: docs/ARCHITECTURE.md, "Where a worker keeps its weights". The merge is
+`engine.merge_stream`'s, so a scored candidate is exactly the model its recipe rebuilds.
 """
 
 from __future__ import annotations
@@ -87,17 +72,15 @@ class LoadStats:
 
 
 class Loader:
-    """Reads checkpoints' tensors to where they stay, on `threads` threads.
+    """Reads checkpoints' tensors to where they stay, at disk or PCIe speed, on `threads` threads.
 
-    A tensor is split into pieces of PIECE bytes taken by the threads from a shared counter.
-    A piece bound for host memory is read straight into its final place and checked there (the
-    exponent bits, merge.safetensors_io.all_finite). A piece bound for a GPU is read into one of
-    its thread's pinned staging buffers (pageable memory would make the copy synchronous and go
-    through the driver's own bounce buffer), copied with `non_blocking` on the thread's stream
-    for that GPU, and checked there by `isfinite(...).all()` queued behind the copy: the flags
-    are read once, after the streams are synchronized. A staging buffer is reused only once its
-    last copy's event has completed, so the host holds threads x STAGING x PIECE bytes of
-    staging whatever the model's size."""
+    Threads take PIECE-byte pieces from a shared counter and `pread` them (the GIL released).
+    A piece for host memory lands in its final place and is checked there (`all_finite`). A
+    piece for a GPU goes through one of its thread's pinned staging buffers (pageable memory
+    would make the copy synchronous, through the driver's bounce buffer), copied `non_blocking`
+    on the thread's stream and checked behind the copy; the flags are read once at the end. A
+    buffer is reused once its last copy ended: threads x STAGING x PIECE bytes whatever the
+    model's size. The bytes are the file's, whatever the threads or device."""
 
     def __init__(self, threads: int | None = None):
         self.threads = load_threads(threads)
@@ -280,9 +263,8 @@ class ResidentModel:
 class ResidentSources:
     """Every model of a search, resident in the worker (`where`), placed as `placement` says.
 
-    `threads`: the merge's threads (a CPU worker's); `load_threads`: the threads that read the
-    sources at start-up (load_threads()). `load_stats` says what the load took (LoadStats:
-    bytes, seconds, gb_per_s, threads, staged), for the worker's log."""
+    `threads`: the merge's (a CPU worker's); `load_threads`: those reading the sources at
+    start-up. `load_stats`: what the load took, for the worker's log."""
 
     def __init__(
         self,

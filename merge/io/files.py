@@ -1,9 +1,4 @@
-"""Files that readers never see half-written, and YAML that says what is wrong with it.
-
-Every file evomerge writes goes through `write_atomic` (a single file) or `staged_dir` (a
-directory): a temporary sibling, fsync'd, renamed into place. A crash or a full disk leaves the
-old content or none, never a mix.
-"""
+"""Files that readers never see half-written (every file evomerge writes), and strict YAML."""
 
 from __future__ import annotations
 
@@ -38,9 +33,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 def staged_dir(out: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`, renamed into place only if the block completes.
 
-    A failure or an interrupt leaves any previous `out` untouched and no half-written directory.
-    `replace` lets an existing `out` be replaced; the caller decides whether it may be (see
-    `search.guard`): this function only refuses to replace what is not a directory.
+    `replace` lets an existing `out` be replaced; whether it may be is the caller's decision
+    (`guard_output`): this function only refuses to replace what is not a directory.
     """
     out = Path(out)
     if out.exists() and not replace:

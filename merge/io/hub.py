@@ -4,11 +4,7 @@
     org/name                  the hub's default branch, pinned to its commit when resolved
     org/name@revision         a branch, a tag or a commit (mergekit's convention)
 
-`resolve` turns a reference into a local snapshot (downloading it through huggingface_hub into
-the normal HF cache, or `cache_dir`, unless downloads are off) and the reference pinned to the
-snapshot's commit: `org/name@<40 hex>`. Recipes carry pinned references, so a recipe rebuilds
-the same bytes a year later. The search's driver resolves every reference once, before any
-worker starts; workers call `forbid_downloads()` and only ever read the cache.
+Pinning and who downloads: docs/ARCHITECTURE.md, "Models and tasks from the hub".
 """
 
 from __future__ import annotations

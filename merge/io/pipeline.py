@@ -1,12 +1,5 @@
-"""Reading ahead and writing behind: a merge's disk I/O overlapped with its arithmetic.
-
-A merge streams tensors: read a tensor of every model, merge, write. Done in turn, the CPU idles
-while a tensor is read and while one is written. Here a reader thread loads the next tensors while
-one merges, and a writer thread writes the last merged ones; file reads and writes release the
-GIL, so they overlap the merge's torch and NumPy work. Both queues are bounded in bytes, so a
-merge holds a few tensors at a time whatever the model's size: peak memory stays that of the
-largest tensor's inputs and output, plus the window.
-"""
+"""Reading ahead and writing behind on two threads: a merge's disk I/O (which releases the GIL)
+overlapped with its arithmetic, in windows bounded in bytes so peak memory is a few tensors."""
 
 from __future__ import annotations
 

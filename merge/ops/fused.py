@@ -1,13 +1,9 @@
-"""TIES on a GPU as one fused pass: the magnitude masks, the sign election and the combination
-compiled together with torch.compile, behind the same `merge_into` interface as merge.kernels.
+"""TIES on CUDA as one torch.compile'd pass (masks, sign election, combination), and chunked
+references for other elementwise methods off the CPU.
 
-On a CPU the chunked kernels (merge.kernels) keep a tensor's temporaries in cache; on a GPU the
-reference's dozen whole-tensor passes, each a kernel launch reading and writing the tensor, are
-what costs. Compiled, the combination reads the base and the task vectors once and writes the
-result once. The magnitude cuts (a value v and a flat index c per model, `merge.selection`'s)
-are selected before, on the device. Used only on CUDA; eager
-where compilation fails. `combine` is also the eager definition the compiled one is checked
-against (tests/test_fused.py runs both on a CPU)."""
+On a GPU the reference's dozen whole-tensor passes are what cost; compiled, the base and the
+task vectors are read once. Eager where compilation fails; `combine` is also the eager
+definition the compiled one is checked against (tests/test_fused.py)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
-"""Merges written straight into their destination, a chunk at a time, by several threads.
+"""CPU merges written into their destination a chunk at a time, by several threads.
 
-The methods of `merge.methods` and `merge.sparsify` are the reference: whole-tensor torch ops,
-each pass over memory allocating a full-size temporary. Here the same operations, in the same
-order and on the same fp32 values, run on chunks of `CHUNK` entries whose dozen temporaries are
-per-thread scratch buffers that stay in cache and live across tensors and candidates; the last
-op writes into the destination (a model parameter, or an output buffer in the recipe's dtype).
-Every op is elementwise, so the result is bit-identical to the reference (`tests/test_kernels.py`
-checks it on every method and option this module takes).
-
-What is not elementwise is the magnitude cut of TIES and breadcrumbs (keep the k entries of
-largest |delta|, ties by lowest flat index): `merge.selection` counts and finds it, here from a
-strided sample and one chunked pass (`selection.rank_cut`); each chunk then applies it.
-
-Not here (the reference runs): DELLA (per-row ranks), the L1 rescale (whole-tensor sums), slerp,
-and methods registered without a `merge_into`.
+The reference's ops (`methods`, `sparsify`) in the same order on the same fp32 values, on chunks
+whose temporaries are per-thread scratch: every op is elementwise, so the bits are the
+reference's (tests/test_kernels.py). The magnitude cut is not: `selection.rank_cut` finds it
+first. Not here (the reference runs): DELLA (per-row ranks), the L1 rescale, slerp.
 """
 
 from __future__ import annotations
@@ -49,7 +39,7 @@ def _blocks(n: int) -> int:
 
 @dataclass
 class Thin:
-    """How one model's task vector is thinned, chunk by chunk (`merge.sparsify`'s semantics)."""
+    """How one model's task vector is thinned, chunk by chunk (`sparsify`'s semantics)."""
 
     # "all": unchanged; "zero": all dropped; "rank": cut(s); "mask": a given mask; "counter":
     # kept where the counter draw of the entry is below `density` (masks.uniform_np)
@@ -110,9 +100,8 @@ def _plan_thin(
     generator: Generator | None,
     cut: Callable[[int], Cut],
 ) -> Thin:
-    """The reference's decisions for one model (merge.sparsify), without touching the data
-    except through `cut(k)` (the rank cut keeping k) and the random draws, in the reference's
-    order."""
+    """The reference's decisions for one model, touching the data only through `cut(k)` (the
+    rank cut keeping k) and the random draws, taken in the reference's order."""
     if sparsifier is None:
         return Thin("all")
     density = x_params["density"]

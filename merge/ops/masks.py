@@ -1,21 +1,10 @@
 """Random masks from a counter-based generator: each entry's draw is a hash of its position.
 
-DARE and DELLA keep entries at random. A sequential generator (torch's CPU Mersenne Twister)
-must run on one thread over the whole tensor on the CPU, in order, and its mask be copied to
-the device: measured at ~90 M entries/s, minutes per candidate at 7B. Here the draw of entry i
-of a tensor's s-th random stream is a 32-bit hash of (i, key(tensor seed, s)): any chunk, on
-any thread or device, computes its own draws, and the bits are the same for every chunk size,
-thread count and device (integer arithmetic is exact everywhere; the uniform is the hash's top
-24 bits times 2^-24, exact in fp32).
-
-A tensor's streams are taken in the order a sequential generator's draws would be: one per
-merged model, in model order (`CounterDraws.next_key`), so the reference methods and the
-chunked kernels agree. The hash is Wellons' lowbias32 (two multiply-xorshift rounds), applied
-to the position spread by an odd multiplier and xored with the stream's key.
-
-Recipes say which generator made their masks (`parameter_space.masks`): `counter`, what
-searches write now, or `torch`, the sequential generator of every recipe written before, which
-they still rebuild bit for bit.
+A sequential generator (torch's CPU Mersenne Twister) runs on one thread, in order, and its mask
+is copied to the device: ~90 M entries/s, minutes per candidate at 7B. Wellons' lowbias32 of the
+position (times an odd multiplier) xored with the stream's key gives the same bits for every
+chunk, thread and device: integer arithmetic, and the uniform is the top 24 bits times 2^-24,
+exact in fp32. Streams and the `masks: torch` recipes: docs/ARCHITECTURE.md, "The recipe".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Merge methods: pure functions of tensors and their parameters, in fp32.
+"""The reference merge methods, pure fp32 functions: they define the bits every path writes.
 
-Every method of the task-arithmetic family is one `combine_deltas` call on task vectors that a
-sparsifier (`merge.sparsify`) may have thinned first; the family differs only in which sparsifier
-and whether TIES sign consensus runs. For the deterministic methods the math and the order of
-operations follow mergekit 0.1.5, so results agree with it to one unit in the last place.
+The math and the order of operations follow mergekit 0.1.5 (agreement to one unit in the last
+place), so reordering an op here changes results.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Merge methods that describe themselves, and the registry that holds them.
+"""Merge methods that declare themselves, and the registry that holds them.
 
-A method is its tensor math (a function of one tensor's sources and parameters) plus a
-declaration: its per-model and per-group parameters (defaults, valid ranges, default search
-ranges), whether it needs a base, how many models it merges, and whether it is random. The
-recipe schema (which parameters a recipe may set, and their checks), the search's default genes
-and the mergekit export are all derived from the declarations, so adding a method is one
-`register(Method(...))` call (README, "Adding a merge method").
-
-TIES, DARE, breadcrumbs and DELLA are compositions of two primitives, a sparsifier and TIES
-sign consensus, over task vectors (`task_vector_method`).
+The recipe's checks, the search's genes and the mergekit export read the declarations, so a new
+method is one `register(Method(...))` (docs/ARCHITECTURE.md, "The recipe").
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""How a sparsifier rescales the entries it keeps: a recipe option, read without torch.
-
-It lives apart from merge.sparsify (which re-exports it, and whose functions read it) so that
-the recipe schema and the method registry's declarations import no tensor library.
-"""
+"""How a sparsifier rescales the entries it keeps: apart from `sparsify` so that the recipe and
+the registry's declarations import no torch."""
 
 from __future__ import annotations
 

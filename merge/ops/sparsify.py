@@ -1,18 +1,8 @@
-"""Sparsification primitives for task vectors (deltas from the base).
+"""Sparsifiers of task vectors, fp32 in and out: the reference the chunked and fused paths match.
 
-TIES, DARE, breadcrumbs and DELLA are compositions of one of these with an optional sign
-consensus (see `merge.methods`). All functions take and return fp32 tensors.
-
-Randomness comes from a CPU `torch.Generator` on purpose: the same recipe seed then gives the
-same masks on any device, so a merge scored on a GPU during search is the merge rebuilt on a CPU.
-
-Magnitude rankings (TIES, breadcrumbs, DELLA) follow one total order, the same on any device:
-larger magnitude first and, among equal magnitudes, the lower flat (row-major) index first. A
-density then keeps exactly its count of entries (`merge.selection`, which every path calls),
-even where many entries tie at the cut, which bf16 checkpoints make common (few distinct values).
-mergekit also keeps exactly k, but picks among the tied entries through torch's unstable sort,
-an order that is neither the index order nor reproducible across devices or torch versions, so
-no implementation can promise its choice there; ours is deterministic. Elsewhere the two agree.
+Magnitude rankings put the larger |d| first and, among equal ones, the lower flat index
+(`selection`: the same on every device, where mergekit's unstable sort cannot be reproduced);
+random masks come from the recipe's generator (`masks`).
 """
 
 from __future__ import annotations
@@ -36,12 +26,7 @@ def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, p) ->
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.none) -> torch.Tensor:
-    """Keep the k = max(1, int(density * n)) entries largest in magnitude over the tensor (TIES).
-
-    Exactly k, as mergekit: among entries tied in magnitude at the cut, the lowest flat indices
-    are kept (mergekit's choice there comes from an unstable sort and cannot be reproduced; this
-    rule gives the same mask on any device).
-    """
+    """Keep the k = max(1, int(density * n)) entries largest in magnitude over the tensor (TIES)."""
     ranks = selection.magnitude_ranks(density, delta.numel())
     if ranks is None:
         return delta
@@ -54,14 +39,11 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = Rescale.no
 def magnitude_outliers(
     delta: torch.Tensor, density: float, gamma: float, rescale: Rescale = Rescale.none
 ) -> torch.Tensor:
-    """Drop the `gamma` fraction of largest entries, then the smallest, keeping `density` (breadcrumbs).
+    """Drop the int(gamma * n) largest entries, keep the next int(density * n) (breadcrumbs).
 
-    Keeps exactly int(density * n) entries (none when that is 0, as mergekit): in the ranking
-    larger-magnitude-first, the int(gamma * n) first are dropped as outliers, the next ones kept.
-    Outlier removal shrinks when it would leave fewer than `density` entries (as in mergekit).
-    Ties at either cut follow the ranking: the lower flat index ranks first, so at the outlier cut
-    it is dropped, at the bottom cut kept (mergekit's choice among ties comes from an unstable
-    sort and cannot be reproduced; this rule gives the same mask on any device).
+    As mergekit: none kept when int(density * n) is 0, and the outlier cut moves up where it
+    would leave fewer. Of tied entries the lower flat index ranks first: at the outlier cut it
+    is dropped, at the bottom cut kept.
     """
     ranks = selection.outlier_ranks(density, gamma, delta.numel())
     if ranks is None:
@@ -94,11 +76,9 @@ def della_magprune(
 ) -> torch.Tensor:
     """Keep entries with probabilities rising with their magnitude rank in each row (DELLA).
 
-    Deep et al. 2024: p ranges linearly from density - epsilon (smallest) to density + epsilon
-    (largest) within each row; kept entries are divided by their own p under inverse_density.
-    Ranks come from a stable sort: among equal magnitudes the lower index ranks as the larger
-    (the order TIES and breadcrumbs use), the same on any device, where mergekit's unstable
-    argsort leaves ties in an unspecified order.
+    p runs linearly from density - epsilon (smallest) to density + epsilon (largest) per row
+    (Deep et al. 2024); under inverse_density a kept entry is divided by its own p. Ranks come
+    from a stable sort: ties by lower index, as TIES and breadcrumbs rank them.
     """
     if density >= 1:
         return delta
