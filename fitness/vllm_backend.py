@@ -81,9 +81,14 @@ class WeightWriter:
         return count[0]
 
 
-def engine_length(config: dict) -> int:
-    """The engine's max_model_len: the model's context (vLLM's own default), 2048 without one."""
-    return int(config.get("max_position_embeddings") or 2048)
+def engine_length(config: dict, longest: int | None = None) -> int:
+    """The engine's max_model_len: the tasks' longest request (input + generation, measured by
+    `Scorer.longest_request`) in whole 32-token blocks, capped at the model's context (2048
+    without one). No request then reaches the limit, so none is truncated (as with the HF
+    backend, at the model's context), and the KV cache holds batch x what is asked instead of
+    batch x the whole context (32k tokens for a 7B Mistral: 344 GB at batch 64)."""
+    context = int(config.get("max_position_embeddings") or 2048)
+    return context if longest is None else min(context, 32 * math.ceil(max(1, longest) / 32))
 
 
 def kv_bytes_per_token(config: dict, dtype: str) -> int:

@@ -422,6 +422,11 @@ class SearchConfig(_Strict):
 
         return self.fitness.heldout_tasks or to_split(self.fitness.tasks, "heldout")
 
+    def scored_items(self) -> str:
+        """The widest item set a worker scores (Scorer's `which`): the rescoring items, a
+        superset of the search's, when the best are rescored."""
+        return "rescore" if self.fitness.rescore.top > 0 else "search"
+
     def scorer(self, specs: list[TaskSpec] | None = None, part: str = "search"):
         """The Scorer of these tasks (default: the search's) as a worker builds it: the driver's
         checks and memory plan measure the very requests the workers will answer."""

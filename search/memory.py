@@ -238,6 +238,13 @@ def _kv_width(text: dict) -> int:
     return 2 * int(kv_heads) * int(head_dim)
 
 
+def _engine_tokens(layout: Layout, s: Setting) -> int:
+    """The engine's max_model_len for the measured sequence, as the worker computes it."""
+    from evomerge.fitness.vllm_backend import engine_length  # imports no vLLM
+
+    return engine_length({"max_position_embeddings": layout.engine_length}, s.tokens)
+
+
 def _engine_length(text: dict) -> int:
     from evomerge.fitness.vllm_backend import engine_length  # imports no vLLM
 
@@ -428,9 +435,10 @@ def _engine_rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[R
     if not on_gpu and gpu:
         layer = max(sum(size(n) for n in names) for names in _layers(layout.names).values())
         out["vLLM write batches", HOST] += (2 + ranks) * layer
-    kv = kv_cache_bytes(layout.num_layers * layout.kv_width * item, layout.engine_length, s.batch)
+    length = _engine_tokens(layout, s)
+    kv = kv_cache_bytes(layout.num_layers * layout.kv_width * item, length, s.batch)
     steps = s.batched_tokens
-    prompt = min(steps, layout.engine_length)
+    prompt = min(steps, s.batch * length)  # the most prompt tokens one step holds
     activations = (
         steps * (3 * layout.intermediate // ranks + 4 * layout.hidden) * item
         + prompt * layout.vocab * (item + 8)
@@ -710,8 +718,10 @@ class MemoryPlan:
         ]
         if engine:
             notes[0] = (
-                f"vLLM engine: max_model_len {self.layout.engine_length} (the model's context), "
-                f"its KV cache sized for fitness.batch_size {s.batch} sequences of that length "
+                f"vLLM engine: max_model_len {_engine_tokens(self.layout, s)} (the tasks' "
+                f"longest request in 32-token blocks, at most the model's context "
+                f"{self.layout.engine_length}), its KV cache sized for fitness.batch_size "
+                f"{s.batch} sequences of that length "
                 f"on each GPU; {s.batched_tokens} tokens prefilled a step (vLLM's default); "
                 f"the tasks' sequences: {self.sequence.note}"
             )

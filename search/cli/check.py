@@ -81,10 +81,10 @@ def _memory_plan(cfg: SearchConfig, scorer: Scorer | None) -> MemoryPlan:
 
     sequence = SequenceLength.default("the tasks did not load")
     if scorer is not None:
-        which = "rescore" if cfg.fitness.rescore.top > 0 else "search"
         try:
             tokenizer = load_tokenizer(cfg.model_path(cfg.base))
-            sequence = SequenceLength.of_tasks(*scorer.longest_request(tokenizer, which))
+            longest = scorer.longest_request(tokenizer, cfg.scored_items())
+            sequence = SequenceLength.of_tasks(*longest)
         except Exception as e:  # noqa: BLE001 - the plan still prints, at the stated default
             first = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
             sequence = SequenceLength.default(f"the requests could not be measured: {first}")

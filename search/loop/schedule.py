@@ -169,22 +169,32 @@ class Scheduler:
     def shutdown(self) -> None:
         """Stop the workers (an Executor's last call)."""
 
+    @staticmethod
+    def _gone(run: Running) -> None:
+        """Tell the feed that handed out `run` its worker holds nothing any more (racing keeps
+        a candidate for the worker that holds it)."""
+        forget = getattr(run.feed, "forget", None)
+        if forget is not None:
+            forget(id(run.worker))
+
     # -- the loop -------------------------------------------------------------------------
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
         """Score whole candidates; a generation's tail in shards (see `Split`)."""
         if self.shards == "off" or self.combine is None:
             return self.stream(Queue(trials), on_result)
         split = Split(trials, self.workers, self.shards, self.shardable)
-        parts: dict[tuple[int, int], list[TrialResult]] = collections.defaultdict(list)
+        parts: dict[tuple[int, int], dict[int, TrialResult]] = collections.defaultdict(dict)
         by_key = {t.key: t for t in trials}
         combine = self.combine
 
         def on_part(part: Trial, result: TrialResult) -> None:
-            parts[part.key].append(result)
             if part.shard is None:
-                on_result(by_key[part.key], parts.pop(part.key)[0])
-            elif len(parts[part.key]) == split.pieces[part.key]:
-                on_result(by_key[part.key], combine(parts.pop(part.key)))
+                return on_result(by_key[part.key], result)
+            parts[part.key][part.shard[0]] = result
+            if len(parts[part.key]) == split.pieces[part.key]:
+                # in shard order: a sum in arrival order would differ in its last bits
+                done = parts.pop(part.key)
+                on_result(by_key[part.key], combine([done[j] for j in sorted(done)]))
 
         self.stream(split, on_part)
 
@@ -197,11 +207,13 @@ class Scheduler:
         retry: collections.deque[Trial] = collections.deque()
         attempts: collections.Counter = collections.Counter()
         while True:
-            while self.idle:
-                trial = retry.popleft() if retry else feed.take(id(self.idle[-1]))
+            # every idle worker is asked: what one is not offered (a candidate another holds)
+            # may be another's to take
+            for worker in reversed(list(self.idle)):
+                trial = retry.popleft() if retry else feed.take(id(worker))
                 if trial is None:
-                    break
-                worker = self.idle.pop()
+                    continue
+                self.idle.remove(worker)
                 job = self.launch(worker, trial)
                 self.running[job] = Running(worker, trial, self.now(), feed)
             for job, run in self.running.items():
@@ -226,6 +238,7 @@ class Scheduler:
                     self.arrived(trial, TrialResult.failed("cancelled", eval_seconds=ran), False)
                     continue
                 if isinstance(event, Died):
+                    self._gone(run)
                     self.replace(run.worker, event.why)
                     if not wanted:
                         continue
@@ -244,6 +257,7 @@ class Scheduler:
             for job, run in list(self.running.items()):
                 if now - run.started > self.trial_timeout:
                     del self.running[job]
+                    self._gone(run)
                     self.replace(run.worker, "timeout")
                     if run.feed is feed and feed.wanted(run.trial):
                         failed = TrialResult.failed(f"timeout after {self.trial_timeout:.0f} s")

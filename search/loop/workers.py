@@ -198,6 +198,7 @@ class TrialWorker:
         return out
 
     def _recover(self) -> None:
+        self.materialized = None  # a failure may have left the model (or engine) unusable
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()  # after an OOM the next candidate needs the memory back
 

@@ -315,8 +315,10 @@ class EngineCandidate:
     model: Any = None  # the engine holds the candidate's weights
 
     def __init__(self, config: SearchConfig, device: str):
+        from transformers import AutoConfig
+
         from evomerge.fitness.models import load_tokenizer
-        from evomerge.fitness.vllm_backend import Engine
+        from evomerge.fitness.vllm_backend import Engine, engine_length
         from evomerge.merge.io.checkpoint import Checkpoint
         from evomerge.merge.placement import tied_head
         from evomerge.merge.resident import ResidentSources, Where
@@ -332,15 +334,19 @@ class EngineCandidate:
         tied = tied_head(base.info, base.names)
         placement = Placement((self.device,), base.info.num_layers, tied=tied)
         self.sources = ResidentSources(paths, config.base, placement, where)
+        self.tokenizer = load_tokenizer(paths[config.base])
         self.engine = Engine(
             paths[config.base],
             config.merge_dtype,
             "cuda" if device == "cuda" else "cpu",
             tensor_parallel=ranks,
             max_num_seqs=config.fitness.batch_size,
+            max_model_len=engine_length(
+                AutoConfig.from_pretrained(paths[config.base], trust_remote_code=False).to_dict(),
+                sum(config.scorer().longest_request(self.tokenizer, config.scored_items())),
+            ),
             seed=config.cma.seed,
         )
-        self.tokenizer = load_tokenizer(paths[config.base])
 
     def lm(self, batch_size: int):
         """The lm-eval LM answering the Scorer's requests with this engine."""
