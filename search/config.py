@@ -46,7 +46,7 @@ class GeneRange(_Strict):
 
 class MergeSpace(_Strict):
     """The parameter space being searched. Which parameters exist, their valid values and their
-    default gene ranges come from the merge method's declaration (merge.registry)."""
+    default gene ranges come from the merge method's declaration (merge.ops.registry)."""
 
     method: MethodName = "ties"
     layers_per_group: int = Field(1, ge=1)  # genes per group of N consecutive layers
@@ -62,7 +62,7 @@ class MergeSpace(_Strict):
     # the candidate's dtype; auto: the checkpoints' own (the base's floating dtype), so bf16
     # sources give a bf16 candidate (SearchConfig.merge_dtype resolves it)
     dtype: Literal["auto"] | DType = "auto"
-    # random methods' masks (merge.masks): counter draws, computed per chunk where the tensor
+    # random methods' masks (merge.ops.masks): counter draws, computed per chunk where the tensor
     # is; torch, the sequential CPU generator (runs started before counter masks keep it)
     masks: Literal["torch", "counter"] = "counter"
 

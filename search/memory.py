@@ -1,29 +1,11 @@
 """The memory plan: what a worker holds on each of its GPUs and in host memory, from the
-checkpoints' headers and the tasks' longest request, computed before any worker starts.
+checkpoints' headers and the tasks' longest request, computed before any worker starts
+(docs/ARCHITECTURE.md, "Memory plan").
 
 A worker that runs out of memory at start-up dies with a bare CUDA error after reading tens of
-GB; the plan refuses such a config at once, in one line naming the largest part and the setting
-that fixes it (`evomerge search --check` prints the whole plan). What it counts, per worker:
-
-- sources: every model of the search in its stored dtype (no task vectors), each tensor on the
-  GPU of the parameter it serves (`workers.sources: device`, layers split over the worker's GPUs
-  as merge.placement splits them) or in pinned host memory (`host`: the GPU then holds a
-  streaming window, `engine.READ_AHEAD` bytes read ahead plus the inputs of the tensor being
-  merged);
-- the candidate: every tensor of the base in the merge dtype (integer tensors as stored);
-- merge temporaries: the GPU merge path computes in fp32, (models read + 2) x the largest
-  tensor on the device x 4 bytes, or x one chunk (fused.GPU_CHUNK entries) for the methods that
-  merge a chunk at a time (linear, task arithmetic, DARE with counter masks);
-- the KV cache and the logits (fp32, and lm-eval's log_softmax of them) of one scoring batch at
-  the tasks' longest request;
-- a fixed reserve per GPU for the CUDA context and the allocator's fragmentation.
-
-The parts are summed: merge temporaries and scoring buffers are not alive at once, but the
-caching allocator keeps what the merge freed, so the sum is what a worker may be seen to hold.
-
-A data-flow search loads its path's models whole, as HF models in the merge dtype, on the
-worker's first GPU; its plan counts them plainly (plus a searched parameter-space stage, placed
-as above). CPU workers hold everything in host memory.
+GB; the plan refuses such a config at once. The parts are summed, a bound: merge temporaries
+and scoring buffers are not alive at once, but the caching allocator keeps what the merge
+freed. CPU workers hold everything in host memory.
 """
 
 from __future__ import annotations
@@ -262,8 +244,8 @@ def _max_length(text: dict) -> int:
 
 def _data_flow(config: SearchConfig) -> dict:
     """What a data-flow search loads: its path's models (whole), its stage, its longest path.
-    Read from the config and config.json files, as search.data_flow_space lays the path out
-    (that module is not imported: it imports this one's users)."""
+    Read from the config and config.json files, as spaces/data_flow_space.py lays the path out
+    (not imported: the spaces are a layer above)."""
     from evomerge.merge.architecture import ModelInfo
     from evomerge.merge.recipe import PS
 
@@ -383,25 +365,17 @@ def _rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
 
 
 def _engine_rows(layout: Layout, s: Setting, aliases: tuple[str, ...]) -> list[Row]:
-    """What a vLLM worker holds (parameter_space.EngineCandidate, fitness/vllm_backend.py): the
-    resident sources, no eval model, and one engine, tensor parallel over the worker's GPUs.
+    """What a vLLM worker holds (parameter_space.EngineCandidate): resident sources, no eval
+    model, one engine tensor parallel over the worker's GPUs (matrices sharded, vectors not).
 
-    - sources: on its GPU with one GPU and `workers.sources: device`; else in host memory
-      (auto and host stream from there; over several GPUs the merge runs on the CPU);
-    - merge temporaries: where the merge runs (the GPU with one, else the host);
-    - vLLM weights: the candidate in the merge dtype, on each rank its shard (matrices split
-      over the ranks, vectors replicated);
-    - vLLM reload buffer: in-place reload gathers a whole (fused) module, q/k/v or gate/up,
-      then materializes it on the rank before copying it in: the largest module's shard, plus,
-      with one GPU, the merged tensors it holds until then;
-    - vLLM write batches (several GPUs): a decoder layer of merged tensors at a time on the
-      host, its pickle, and each rank's unpickled copy;
-    - vLLM KV cache: vllm_backend.kv_cache_bytes, per rank;
-    - vLLM activations: one step's prefill (vLLM's max_num_batched_tokens tokens: the MLP's
-      widths and a few hidden states), the prompt logits and log-probabilities of those tokens
-      in fp32 (lm-eval's loglikelihood asks for prompt log-probabilities), and the sampler's
-      logits for every sequence;
-    - vLLM CUDA graphs, and the reserve (CUDA context, fragmentation) on each GPU."""
+    - reload buffer: in-place reload gathers a whole (fused: q/k/v, gate/up) module and
+      materializes it on the rank before copying it in; with one GPU, plus the merged tensors
+      held until then;
+    - write batches (several GPUs): a decoder layer on the host, its pickle, and each rank's
+      unpickled copy;
+    - activations: one step's prefill (max_num_batched_tokens tokens: MLP widths, a few hidden
+      states), those tokens' prompt logits and log-probabilities in fp32 (lm-eval's
+      loglikelihood asks for them), and the sampler's logits per sequence."""
     from evomerge.fitness.vllm_backend import kv_cache_bytes
     from evomerge.merge.engine import READ_AHEAD
     from evomerge.merge.ops.fused import GPU_CHUNK

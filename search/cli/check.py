@@ -1,7 +1,5 @@
-"""Refuse a search early: everything that could fail hours in, checked before any compute,
-the workers' memory included (search/memory.py).
-
-Every problem is reported, one line each, instead of the first only.
+"""Refuse a search early: everything that could fail hours in, the workers' memory included,
+checked before any compute; every problem reported, one line each, not the first only.
 """
 
 from __future__ import annotations

@@ -81,11 +81,9 @@ OFFLINE = typer.Option(
 
 @contextlib.contextmanager
 def heavy_imports():
-    """Import torch and friends (or read a run's journal: many objects kept to the end of the
-    command) with the cyclic GC off, then freeze what they made: the GC
-    otherwise rescans the ~180k objects they create again and again (~0.25 s of a 2.5 s start-up,
-    measured), and again at every later full collection. Nothing collectable is lost: import
-    creates no garbage cycles worth collecting."""
+    """Import torch and friends (or read a run's journal) with the cyclic GC off, then freeze
+    what they made: the GC otherwise rescans their ~180k objects again and again (~0.25 s of a
+    2.5 s start-up, measured). Imports make no garbage cycles worth collecting."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -474,7 +472,7 @@ def demo(
     run_demo(out or Path("runs") / SearchConfig.load(config).name, config, trackers)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m search.cli`
+def main() -> None:  # pragma: no cover - entry for `python -m evomerge.search.cli.main`
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
     sys.exit(0)

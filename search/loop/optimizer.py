@@ -3,9 +3,7 @@
 Every `ask` draws from numpy's global generator seeded from (run seed, generation), through a
 module-level `randn` (cma's default is a bound method that carries a private copy of the
 generator). So a strategy is a pure function of its construction and the fitness values it is
-told: the driver rebuilds it after a crash by replaying the journal, and it asks exactly what
-the uninterrupted one would have asked. No optimizer state is ever saved, so none is ever
-loaded (a pickled snapshot could run code).
+told, and replaying the journal rebuilds it: no optimizer state is ever saved.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Scheduling: which worker runs which trial, as one loop any clock can drive.
-
-`Scheduler` owns every decision: hand the next trial to an idle worker, cancel what the feed
-stops wanting, retry a trial whose worker died once, fail one past its timeout, split a
-generation's tail into shards so no worker idles at its end. What it cannot decide it asks
-of four mechanics a subclass provides: `launch` a trial on a worker, `cancel` a job, `wait`
-for events (`Done`, `Cancelled`, `Died`, `Ready`), and `replace` a worker. RayExecutor's
-mechanics are Ray actors; the tests' are a virtual clock, so they measure this very loop.
+"""Which worker runs which trial, as one loop any clock can drive (Ray actors, or the tests'
+virtual clock): docs/ARCHITECTURE.md, "A trial's life".
 """
 
 from __future__ import annotations
@@ -61,13 +55,9 @@ class Running:
 
 
 class Split:
-    """A generation's whole candidates as a feed that splits its tail (`fitness.shards`: auto):
-    a candidate handed out while fewer remain than there are workers is scored in shards: with
-    fewer candidates than workers from the start, the workers shared out evenly; else about
-    workers / remaining of them (guided self-scheduling: the pieces shrink as the generation
-    ends, so the workers that free up first share its last candidates instead of idling while
-    the slowest finishes). A count: every candidate in that many; off (or tasks whose metrics
-    cannot be combined from shards): whole. `pieces` says how many each candidate took."""
+    """A generation's whole candidates as a feed that shards its tail (`fitness.shards`: auto;
+    a count: every candidate in that many; off, or metrics `can` not combine: whole).
+    `pieces` says how many each candidate took."""
 
     def __init__(
         self, trials: list[Trial], workers: int, shards: str | int, can: Callable[[], bool]
@@ -118,7 +108,7 @@ class Split:
 
 
 class Scheduler:
-    """Keeps every worker busy with what a feed hands out; see the module's docstring."""
+    """Every decision of the loop; the world only through launch, cancel, wait and replace."""
 
     workers: int  # worker slots (the tail split fills them)
     trial_timeout: float = float("inf")
@@ -199,11 +189,9 @@ class Scheduler:
         self.stream(split, on_part)
 
     def stream(self, feed: Feed, on_result: OnResult) -> None:
-        """Keep every worker busy with what `feed` hands out, until it is done and none of its
-        wanted trials is running. A trial the feed stops wanting (a chunk of a candidate whose
-        race was decided meanwhile) is cancelled and not waited for: its worker rejoins as soon
-        as it is free, while the others start on what comes next (the next generation), and
-        its result is dropped. A trial whose worker dies is run once more elsewhere."""
+        """Until `feed` is done and none of its wanted trials runs. A trial it stops wanting is
+        cancelled and not waited for (its result dropped, its worker idle once free), so the
+        next generation starts meanwhile; one whose worker dies runs once more elsewhere."""
         retry: collections.deque[Trial] = collections.deque()
         attempts: collections.Counter = collections.Counter()
         while True:

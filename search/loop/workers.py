@@ -1,12 +1,6 @@
-"""Workers: resident source weights, in-place candidates, tasks built once; serial and Ray.
-
-A TrialWorker loads the source models once (in their stored dtype, on its GPUs or in host
-memory: merge.resident), preallocates one eval model, builds the Scorer once, and then runs
-trials: materialize the recipe into the eval model, score it, return a typed TrialResult.
-Everything a trial can throw becomes a FAILED result; the executors add what a worker cannot
-report itself (a hang past the timeout, a dead process), replace the worker, and go on. A worker
-whose own start-up raises (out of memory loading the sources) stops the search in one line: a
-replacement would read every source again to fail the same way.
+"""Workers (sources resident, candidates in place, tasks built once) and their executors,
+serial and Ray. Everything a trial can throw is a FAILED result; what a worker cannot report
+(a hang, a dead process) the executors add (docs/ARCHITECTURE.md, "A trial's life").
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The search a config describes, and PS+DFS as the composition of the two kinds.
-
-`Composed` is a data-flow path whose `ps` model is a parameter-space stage: fixed (`FixedStage`,
-a finished search's best recipe, as in Akiba et al.'s PS then DFS) or searched together with the
-path (the stage's genes followed by the path's).
+"""The search a config describes (`space_for`), and PS+DFS as the composition of the two kinds
+(docs/ARCHITECTURE.md, "Search spaces").
 """
 
 from __future__ import annotations

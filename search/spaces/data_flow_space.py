@@ -6,7 +6,6 @@ T = M * r indicators; a slot is kept when its gene is > 0, kept slots stay in sl
 path always starts with the first and ends with the last layer of the embedding model. The
 hidden state moving from layer i to layer j is scaled by 1 + g: with `scales: matrix` one gene
 per (i, j) of the M layers, with `model_pair` one per pair of models, with `none` no gene.
-A path may use one model only (layers dropped, repeated or rescaled) or several.
 """
 
 from __future__ import annotations

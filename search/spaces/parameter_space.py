@@ -1,9 +1,7 @@
 """The parameter space: merge coefficients per layer group, as a genome (Akiba et al. 2024, 3.1).
 
-Genes, in order: for each group (embed, layer ranges, head; per tensor kind when configured),
-the group's own parameters (slerp's t, lambda) and then, for each merged model, its per-model
-parameters (weight, density, ...), as the merge method declares them. A gene's vector value is
-its parameter value under the `clip` transform, or a logit under `sigmoid`.
+Groups in order: embed, layer ranges, head (per tensor kind when configured). A gene's vector
+value is its parameter value under the `clip` transform, or a logit under `sigmoid`.
 """
 
 from __future__ import annotations
@@ -270,9 +268,8 @@ class ParameterSearch(SearchSpace):
 
 
 class ResidentCandidate:
-    """The sources resident in the worker (on its GPUs, or in host memory: `workers.sources`);
-    one eval model, placed over the worker's devices, that every candidate is written into in
-    place."""
+    """Resident sources and one eval model written in place (docs/ARCHITECTURE.md, "Where a
+    worker keeps its weights")."""
 
     def __init__(self, config: SearchConfig, device: str):
         from evomerge.fitness.models import empty_model, load_tokenizer
@@ -303,14 +300,10 @@ class ResidentCandidate:
 
 
 class EngineCandidate:
-    """The vLLM backend's worker side (`fitness.backend: vllm`): the sources resident as for
-    ResidentCandidate, and no eval model of the worker's own: the merge goes a tensor at a time
-    from `merge_stream` (the bits `evomerge merge` writes) into one vLLM engine, in place
-    (fitness/vllm_backend.py). The engine runs tensor parallel over the worker's GPUs
-    (`workers.gpus_per_worker`). On one GPU the merge runs there, from sources on it
-    (`workers.sources: device`) or streamed from host memory (host, and auto: the engine's
-    weights and KV cache share that GPU); over several, the merge runs on the CPU and each
-    rank loads its shard of every merged tensor."""
+    """The vLLM backend's worker side: resident sources, `merge_stream` into one engine in
+    place, no eval model (docs/ARCHITECTURE.md, "The vLLM backend"). On one GPU the merge runs
+    there (sources on it only for `device`: auto leaves the GPU to the engine); over several,
+    on the CPU, each rank loading its shard."""
 
     model: Any = None  # the engine holds the candidate's weights
 
@@ -369,12 +362,9 @@ class EngineCandidate:
         self.engine.write((job.name, tensor) for job, tensor in stream)
 
     def _replace_engine(self) -> None:
-        """The engine died while the last trial ran (that trial FAILED with the cause). A Ray
-        worker ends its process: the executor replaces it (a new process, a new engine, and
-        the sources read again) and retries this trial there, as for any worker that dies;
-        a process whose GPU context a CUDA error poisoned could start no engine again. A
-        worker outside Ray (workers.count: 0, the driver's own process) has nobody to
-        replace it: it starts a new engine in place."""
+        """The engine died in the last trial. A Ray worker exits to be replaced, as any dead
+        worker is (a process whose GPU context a CUDA error poisoned could start no engine
+        again); outside Ray nobody would replace it, so the engine restarts in place."""
         import sys
 
         from evomerge.fitness.vllm_backend import ENGINE_DEAD_EXIT

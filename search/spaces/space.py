@@ -1,9 +1,5 @@
-"""A kind of search: its genome, and everything else that depends on the kind.
-
-The driver, the workers, `--check`, export and report go through `SearchSpace` and never ask
-which kind they run. Two kinds exist: the parameter space (merge coefficients per layer group,
-`search.parameter_space`) and the data-flow space (the path of the hidden state through layers,
-`search.data_flow_space`); PS+DFS is their composition (`search.spaces`).
+"""A kind of search: its genome, and everything else that depends on the kind, behind one
+interface that its users never look past (docs/ARCHITECTURE.md, "Search spaces").
 """
 
 from __future__ import annotations
