@@ -7,6 +7,8 @@ import signal
 
 from rich.console import Console
 
+from evomerge.search.trial import TrialRecord
+
 console = Console(stderr=True)
 
 
@@ -38,14 +40,14 @@ def _search_progress(run):
         speed_estimate_period=1800,
     )
     trials = run.journal().trials  # as journaled: the bar needs no recipe
-    finished = [t for t in trials.values() if t.get("status") in ("COMPLETE", "FAILED")]
-    last: dict = max(finished, key=lambda t: t.get("time", 0), default={})
+    finished = [t for t in trials.values() if t.is_finished()]
+    last = max(finished, key=lambda t: t.time or 0, default=None)
     task = bar.add_task(
         "search",
         total=None,
         gen=max((g for g, _ in trials), default=0),
         best=float("nan"),
-        last=last.get("fitness", float("nan")),
+        last=last.fitness if last is not None and last.fitness is not None else float("nan"),
         parents="",
     )
 
@@ -60,17 +62,15 @@ def _search_progress(run):
         bar.reset(task, completed=done, total=budget)
         bar.update(task, best=best, parents=f" (best parent {top:.4f})" if top is not None else "")
 
-    def result(done: int, record: dict, best: float) -> None:
-        bar.update(
-            task, completed=done, gen=record["generation"], best=best, last=record["fitness"]
-        )
+    def result(done: int, record: TrialRecord, best: float) -> None:
+        bar.update(task, completed=done, gen=record.generation, best=best, last=record.fitness)
 
     return bar, Hooks(
         on_start=start, on_result=result, on_generation=lambda line: bar.console.print(line)
     )
 
 
-def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict | None:
+def run_and_report(run, report_to: list[str] | None = None, after=None) -> TrialRecord | None:
     """Run or resume; Ctrl-C keeps every finished trial and exits 130 with a resumable run.
     `report_to` overrides the trackers (search.trackers.session_trackers); `after(best,
     reporter)` runs once the search is done, while the trackers' runs are still open."""
@@ -119,13 +119,13 @@ def run_and_report(run, report_to: list[str] | None = None, after=None) -> dict 
     return best
 
 
-def _closing_line(run, best: dict | None) -> None:
+def _closing_line(run, best: TrialRecord | None) -> None:
     if best is None:
         console.print("no trial completed")
     else:
         console.print(
-            f"best: trial {best['generation']}:{best['index']}, search fitness "
-            f"{best['fitness']:.4f}{_rescored(best)}: {run.path / 'best' / 'recipe.yaml'}"
+            f"best: trial {best.generation}:{best.index}, search fitness "
+            f"{best.fitness:.4f}{_rescored(best)}: {run.path / 'best' / 'recipe.yaml'}"
         )
 
 
@@ -158,6 +158,6 @@ def warn(run) -> None:
     run.warnings.clear()
 
 
-def _rescored(trial: dict) -> str:
-    again = (trial.get("rescored") or {}).get("fitness")
+def _rescored(trial: TrialRecord) -> str:
+    again = (trial.rescored or {}).get("fitness")
     return "" if again is None else f", {again:.4f} on the rescore items"

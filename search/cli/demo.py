@@ -8,6 +8,7 @@ from rich.console import Console
 
 from evomerge.fitness.tasks import shipped_configs
 from evomerge.search.config import SearchConfig
+from evomerge.search.trial import TrialRecord
 
 console = Console()
 DEMO_CONFIG = shipped_configs() / "demo.yaml"
@@ -32,14 +33,14 @@ def heldout_summary(rows: list[dict]) -> str:
     )
 
 
-def heldout_report(run, best: dict) -> tuple[str, str]:
+def heldout_report(run, best: TrialRecord) -> tuple[str, str]:
     """The held-out table (parents, untuned merges, the evolved best, the joint reference when
     the zoo has one) and its summary line."""
     _, table, summary = heldout_scores(run, best)
     return table, summary
 
 
-def heldout_scores(run, best: dict) -> tuple[list[dict], str, str]:
+def heldout_scores(run, best: TrialRecord) -> tuple[list[dict], str, str]:
     """The held-out rows, their markdown table and the summary line."""
     from evomerge.fitness.tables import markdown_table
     from evomerge.fitness.zoo.skills import DISTRACTOR
@@ -51,7 +52,7 @@ def heldout_scores(run, best: dict) -> tuple[list[dict], str, str]:
     zoo = cfg.zoo_dir()
     joint = zoo / "llama" / "joint" if zoo is not None else None
     references = {"joint reference": joint} if joint is not None and joint.is_dir() else {}
-    searched = {"evomerge best": (Recipe.parse(best["recipe"]), best["fitness"])}
+    searched = {"evomerge best": (Recipe.parse(best.recipe), best.fitness)}
     space = space_for(cfg)
     untuned = {}
     if DISTRACTOR in cfg.experts:

@@ -23,7 +23,7 @@ from evomerge.search.loop.optimizer import Optimizer, RandomSearch
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
 from evomerge.search.spaces.space import SearchSpace
-from evomerge.search.trial import FINISHED, Executor, Status, Trial, TrialResult
+from evomerge.search.trial import Executor, Status, Trial, TrialRecord, TrialResult
 
 
 def trial_seed(run_seed: int, generation: int, index: int) -> int:
@@ -38,13 +38,13 @@ class Progress:
     # evaluations done, budget, best fitness so far, the parents' search-split fitness
     on_start: Callable[[int, int, float, dict[str, float]], None] = lambda *a: None
     # every finished trial's result record, as journaled (a decode failure included)
-    on_result: Callable[[int, dict, float], None] = lambda done, record, best: None
+    on_result: Callable[[int, TrialRecord, float], None] = lambda done, record, best: None
     on_generation: Callable[[str], None] = lambda line: None
     # a generation's trials once all are finished (not for generations replayed from the
     # journal: observers that need those read the journal at on_start)
-    on_generation_end: Callable[[int, list[dict]], None] = lambda g, trials: None
+    on_generation_end: Callable[[int, list[TrialRecord]], None] = lambda g, trials: None
     # the winner when the search ends (after rescoring), also when a finished run is resumed
-    on_finish: Callable[[dict | None], None] = lambda best: None
+    on_finish: Callable[[TrialRecord | None], None] = lambda best: None
 
 
 def new_optimizer(run: RunDir, space: SearchSpace) -> Optimizer | RandomSearch:
@@ -76,7 +76,7 @@ def race_plan(config, opt: Optimizer | RandomSearch) -> racing.Plan:
 
 def run_search(
     run: RunDir, make_executor: Callable[[], Executor], progress: Progress | None = None
-) -> dict | None:
+) -> TrialRecord | None:
     """Run (or resume) the search to its budget. Returns the best trial record, or None."""
     with run.lock():
         run.repair_journal()
@@ -107,23 +107,25 @@ class _Executor:
             self.started.shutdown()
 
 
-def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progress) -> dict | None:
+def _search(
+    run: RunDir, make_executor: Callable[[], Executor], progress: Progress
+) -> TrialRecord | None:
     config = run.config
     space = space_for(config)
     opt = new_optimizer(run, space)
     state = run.trials()
     ranked = run.ranked(state)
     best = ranked[0] if ranked else None
-    done = sum(t["status"] in FINISHED for t in state.values())
+    done = sum(t.is_finished() for t in state.values())
     executor = _Executor(make_executor, run.log)
     costs = racing.Costs()  # what the races measured: where each chunk is cheapest to score
     try:
         parents = _score_parents(run, space, executor)
-        progress.on_start(done, config.cma.budget, best["fitness"] if best else math.nan, parents)
+        progress.on_start(done, config.cma.budget, _fitness(best), parents)
         while opt.generation * opt.popsize < config.cma.budget and not opt.stop():
             g = opt.generation + 1
             xs = opt.ask()
-            replayed = all(state.get((g, i), {}).get("status") in FINISHED for i in range(len(xs)))
+            replayed = all((g, i) in state and state[g, i].is_finished() for i in range(len(xs)))
             asked = []
             for i, x in enumerate(xs):
                 known = state.get((g, i))
@@ -145,46 +147,49 @@ def _search(run: RunDir, make_executor: Callable[[], Executor], progress: Progre
                         status=Status.FAILED.value, fitness=config.penalty, error=f"decode: {e}"
                     )
                     done += 1
-                asked.append(record)
-                state[(g, i)] = record
+                # the line as built (its fields in this order are the journal's bytes)
+                asked.append(TrialRecord.from_json(record))
+                state[(g, i)] = asked[-1]
             if asked:
                 run.append(asked)  # journaled before dispatch: a crash from here on loses nothing
-            for record in asked:
-                if record["status"] == Status.FAILED:  # undecodable: finished without running
-                    progress.on_result(done, record, best["fitness"] if best else math.nan)
+            for r in asked:
+                if r.status is Status.FAILED:  # undecodable: finished without running
+                    progress.on_result(done, r, _fitness(best))
             pending = [
-                Trial(g, i, state[(g, i)]["recipe"])
+                Trial(g, i, state[(g, i)].recipe)
                 for i in range(len(xs))
-                if state[(g, i)]["status"] == Status.ASKED
+                if state[(g, i)].status is Status.ASKED
             ]
 
             def finish(key: tuple[int, int], fields: dict) -> None:
                 nonlocal best, done
                 ok = fields["status"] == Status.COMPLETE
                 fitness = fields["fitness"] if ok else config.penalty
-                record = {
-                    "generation": key[0],
-                    "index": key[1],
-                    **fields,
-                    "fitness": fitness,
-                    "time": time.time(),
-                }
+                record = TrialRecord.from_json(
+                    {
+                        "generation": key[0],
+                        "index": key[1],
+                        **fields,
+                        "fitness": fitness,
+                        "time": time.time(),
+                    }
+                )
                 run.append([record])
-                state[key] = {**state[key], **record}
+                state[key] = state[key].merged(record)
                 done += 1
-                if ok and (best is None or fitness > best["fitness"]):
+                if ok and (best is None or fitness > _fitness(best)):
                     best = state[key]
                     run.write_best(best)
-                progress.on_result(done, record, best["fitness"] if best else math.nan)
+                progress.on_result(done, record, _fitness(best))
 
             if config.fitness.racing.enabled and pending:
-                known = {i: state[(g, i)] for i in range(len(xs)) if "race" in state[(g, i)]}
+                raced = {i: state[g, i] for i in range(len(xs)) if state[g, i].race is not None}
                 racing.run_race(
-                    executor.start(), race_plan(config, opt), pending, known, finish, costs
+                    executor.start(), race_plan(config, opt), pending, raced, finish, costs
                 )
             else:
                 executor.run(pending, lambda trial, result: finish(trial.key, result.as_dict()))
-            opt.tell(xs, [state[(g, i)]["fitness"] for i in range(len(xs))])
+            opt.tell(xs, [_fitness(state[g, i]) for i in range(len(xs))])  # every one finished
             if not replayed:  # a replayed generation was logged by the session that ran it
                 trials = [state[(g, i)] for i in range(len(xs))]
                 line = summary_line(g, trials, best, done, config.cma.budget)
@@ -222,7 +227,16 @@ def _score_parents(run: RunDir, space: SearchSpace, executor: _Executor) -> dict
     return {k: v["fitness"] for k, v in scores.items() if v.get("fitness") is not None}
 
 
-def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) -> dict | None:
+def _fitness(best: TrialRecord | None) -> float:
+    return best.fitness if best is not None and best.fitness is not None else math.nan
+
+
+def _rescore(
+    run: RunDir,
+    state: dict[tuple[int, int], TrialRecord],
+    executor: _Executor,
+    progress: Progress,
+) -> TrialRecord | None:
     """Score the best few candidates again on more search items and return the best of that
     second score (None when rescoring is off): picking the maximum of many noisy scores of the
     same items overrates the winner. Each result is journaled, so a resumed run goes on."""
@@ -230,13 +244,11 @@ def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) 
     if fc.rescore.top == 0 or fc.limit is None:
         return None
     top = sorted(
-        (t for t in state.values() if t["status"] == Status.COMPLETE),
-        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
+        (t for t in state.values() if t.status is Status.COMPLETE),
+        key=lambda t: (-_fitness(t), t.generation, t.index),
     )[: fc.rescore.top]
     pending = [
-        Trial(t["generation"], t["index"], t["recipe"], items="rescore")
-        for t in top
-        if "rescored" not in t
+        Trial(t.generation, t.index, t.recipe, items="rescore") for t in top if t.rescored is None
     ]
 
     def on_result(trial: Trial, result: TrialResult) -> None:
@@ -249,29 +261,29 @@ def _rescore(run: RunDir, state: dict, executor: _Executor, progress: Progress) 
         }
         rescored |= {"metrics": result.metrics} if ok else {"error": result.error}
         # an annotation: the trial's own fields (time, worker) stay those of its search run
-        record = {"generation": trial.generation, "index": trial.index, "rescored": rescored}
+        record = TrialRecord(trial.generation, trial.index, rescored=rescored)
         run.append([record])
-        state[trial.key] = {**state[trial.key], **record}
+        state[trial.key] = state[trial.key].merged(record)
 
     executor.run(pending, on_result)
     ranked = run.ranked(state)
     winner = ranked[0] if ranked else None
-    if pending and winner is not None and "rescored" in winner:
+    if pending and winner is not None and winner.rescored is not None:
         run.write_best(winner)
         line = (
-            f"rescored the top {len(top)} on more search items: winner {winner['generation']}:"
-            f"{winner['index']} (search {winner['fitness']:.4f}, rescored "
-            f"{winner['rescored']['fitness']:.4f})"
+            f"rescored the top {len(top)} on more search items: winner {winner.generation}:"
+            f"{winner.index} (search {_fitness(winner):.4f}, rescored "
+            f"{winner.rescored['fitness']:.4f})"
         )
         run.log(line)
         progress.on_generation(line)
     return winner
 
 
-def _check_same(run: RunDir, g: int, i: int, known: dict, x: np.ndarray) -> None:
+def _check_same(run: RunDir, g: int, i: int, known: TrialRecord, x: np.ndarray) -> None:
     """A journaled trial must be what the replayed optimizer asks (to rounding: another BLAS
     may differ in the last bits); anything else means the journal was edited."""
-    stored = np.asarray(known.get("x", []), dtype=float)
+    stored = np.asarray(known.x if known.x is not None else [], dtype=float)
     if stored.shape != x.shape or not np.allclose(stored, x, rtol=1e-9, atol=1e-9):
         raise EvomergeError(
             f"{run.journal_path}: trial {g}:{i} differs from what the optimizer asks on replay; "
@@ -279,12 +291,14 @@ def _check_same(run: RunDir, g: int, i: int, known: dict, x: np.ndarray) -> None
         )
 
 
-def summary_line(g: int, trials: list[dict], best: dict | None, done: int, budget: int) -> str:
-    ok = [t["fitness"] for t in trials if t["status"] == Status.COMPLETE]
-    failed = sum(t["status"] == Status.FAILED for t in trials)
+def summary_line(
+    g: int, trials: list[TrialRecord], best: TrialRecord | None, done: int, budget: int
+) -> str:
+    ok = [_fitness(t) for t in trials if t.status is Status.COMPLETE]
+    failed = sum(t.status is Status.FAILED for t in trials)
     mean = sum(ok) / len(ok) if ok else math.nan
     gen_best = max(ok) if ok else math.nan
-    overall = best["fitness"] if best else math.nan
+    overall = _fitness(best)
     return (
         f"gen {g:4d}  evals {done}/{budget}  gen best {gen_best:.4f}  gen mean {mean:.4f}  "
         f"failed {failed}  best {overall:.4f}"

@@ -51,7 +51,7 @@ from evomerge.fitness.bounds import chunk_ends, difference_bounds, piece
 from evomerge.fitness.scorer import objective
 from evomerge.fitness.tasks import TaskSpec
 from evomerge.merge.errors import EvomergeError
-from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
+from evomerge.search.trial import ItemScores, Status, Trial, TrialRecord, TrialResult
 
 # per-item scores of these metrics are 0 or 1 (exact bounds count the ones)
 BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em"})
@@ -139,7 +139,7 @@ class Entry:
     workers: set[str] = field(default_factory=set)
     metric: dict[str, str] = field(default_factory=dict)  # task -> its metric's name
     told: float | None = None
-    known: dict | None = None  # its journal record, when an earlier session finished it
+    known: TrialRecord | None = None  # its journal record, when an earlier session finished it
     _arrays: dict = field(default_factory=dict, repr=False)  # (task, upto) -> prefix, binary
 
     def prefix(self, task: str, upto: int) -> list[float]:
@@ -165,7 +165,11 @@ class Race:
     rest (the out candidates, whose told value needs everyone's) once nothing races."""
 
     def __init__(
-        self, plan: Plan, trials: list[Trial], known: dict[int, dict], costs: Costs | None = None
+        self,
+        plan: Plan,
+        trials: list[Trial],
+        known: dict[int, TrialRecord],
+        costs: Costs | None = None,
     ):
         self.plan = plan
         self.costs = costs or Costs()
@@ -344,14 +348,14 @@ class Race:
         their told value waits for `close`, nor for candidates an earlier session journaled)."""
         e.state, e.stop = state, r
         if e.known is not None:
-            race = e.known["race"]
+            race = e.known.race or {}
             if (race["decision"], int(race["round"])) != (state, r):
                 raise EvomergeError(
-                    f"trial {e.known['generation']}:{e.index}: the race replays as "
+                    f"trial {e.known.generation}:{e.index}: the race replays as "
                     f"{state} at round {r}, the journal says {race['decision']} at round "
                     f"{race['round']}; the journal was edited or written by another config"
                 )
-            e.told = float(e.known["fitness"])
+            e.told = float(e.known.fitness)  # type: ignore[arg-type]
             return []
         if state == OUT:
             return []
@@ -360,7 +364,7 @@ class Race:
 
     def _check_replayed(self, r: int) -> None:
         for e in self.racing():
-            if e.known is not None and int(e.known["race"]["round"]) <= r:
+            if e.known is not None and int((e.known.race or {})["round"]) <= r:
                 self._mark(e, "racing", r)  # raises: the journal decided it by now
 
     def close(self) -> list[tuple[int, dict]]:
@@ -453,7 +457,7 @@ class Race:
         """The objective on chunks 0..upto, computed as full evaluation computes it (per task,
         the mean over the items in document order): on every chunk it is full evaluation's."""
         if e.known is not None:
-            return float(e.known["race"]["estimate"])
+            return float((e.known.race or {})["estimate"])
         return objective(self._specs(e), self._metrics(e, upto))
 
     def _metrics(self, e: Entry, upto: int) -> dict[str, float]:
@@ -541,10 +545,10 @@ def _compact(values: list[float]) -> list:
     return [int(v) if v in (0.0, 1.0) else v for v in values]
 
 
-def _known(plan: Plan, index: int, record: dict) -> Entry:
+def _known(plan: Plan, index: int, record: TrialRecord) -> Entry:
     """A candidate finished in an earlier session: it races again on its journaled scores (the
     chunks up to its decision), so every decision of the round replays as it was made."""
-    race = record["race"]
+    race = record.race or {}
     totals = {t: int(n) for t, n in race["totals"].items()}
     e = Entry(index, None, known=record)
     for c in range(int(race["round"]) + 1):
@@ -553,7 +557,7 @@ def _known(plan: Plan, index: int, record: dict) -> Entry:
             ends = chunk_ends(totals[task], plan.fractions, plan.batch)
             scores[task] = [float(v) for v in values[(ends[c - 1] if c else 0) : ends[c]]]
         e.chunks[c] = ItemScores(scores, {t: [] for t in scores}, totals)
-    for key in record.get("metrics", {}):
+    for key in record.metrics:
         task, metric = key.split("/", 1)
         e.metric[task] = metric
     return e
@@ -572,7 +576,7 @@ def run_race(
     executor,
     plan: Plan,
     pending: list[Trial],
-    known: dict[int, dict],
+    known: dict[int, TrialRecord],
     finish: Callable[[tuple[int, int], dict], None],
     costs: Costs | None = None,
 ) -> None:

@@ -19,12 +19,12 @@ from evomerge.merge.recipe import Recipe
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
 from evomerge.search.spaces.space import SearchSpace
-from evomerge.search.trial import Status
+from evomerge.search.trial import Status, TrialRecord
 
 EXPORT_MARKER = "export"
 
 
-def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
+def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[TrialRecord]:
     """The chosen trial (`G:I`), or the top-k COMPLETE trials (`RunDir.ranked`: the winner of the
     final rescoring first). Only the chosen trials' recipes are built."""
     trials = run.journal().trials
@@ -33,7 +33,7 @@ def pick_trials(run: RunDir, trial: str | None, top_k: int) -> list[dict]:
             g, i = (int(p) for p in trial.split(":"))
         except ValueError:
             raise EvomergeError(f"--trial {trial!r}: use GENERATION:INDEX, e.g. 12:3") from None
-        if (g, i) not in trials or trials[g, i]["status"] != Status.COMPLETE:
+        if (g, i) not in trials or trials[g, i].status is not Status.COMPLETE:
             raise EvomergeError(f"--trial {trial}: no COMPLETE trial with that id in {run.path}")
         return [run.full(trials[g, i])]
     done = run.ranked(trials)
@@ -101,7 +101,12 @@ def table_csv(rows: list[dict]) -> str:
 
 
 def model_card(
-    space: SearchSpace, recipe: Recipe, trial: dict, rows: list[dict], run: RunDir, mergekit: bool
+    space: SearchSpace,
+    recipe: Recipe,
+    trial: TrialRecord,
+    rows: list[dict],
+    run: RunDir,
+    mergekit: bool,
 ) -> str:
     sources = "\n".join(f"- `{a}`: {m.pinned(a)}" for a, m in recipe.models.items())
     rebuild = "evomerge merge recipe.yaml OUT"
@@ -113,7 +118,7 @@ tags: [merge, evomerge]
 # Merged with evomerge
 
 Found by an evolutionary search (CMA-ES) in `{run.path}` (trial
-{trial["generation"]}:{trial["index"]}, search fitness {trial["fitness"]:.4f}).
+{trial.generation}:{trial.index}, search fitness {trial.fitness:.4f}).
 
 ## Sources
 {sources}
@@ -141,11 +146,10 @@ def export(
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.reopen(run_dir)
     guard_output(out, [run.path, *run.config.model_paths().values()], EXPORT_MARKER, force)
     chosen = pick_trials(run, trial, top_k)
-    recipe = Recipe.parse(chosen[0]["recipe"])
+    recipe = Recipe.parse(chosen[0].recipe)
     space = space_for(run.config)
     searched = {
-        f"trial {t['generation']}:{t['index']}": (Recipe.parse(t["recipe"]), t["fitness"])
-        for t in chosen
+        f"trial {t.generation}:{t.index}": (Recipe.parse(t.recipe), t.fitness) for t in chosen
     }
     rows = heldout_rows(run, searched)
     mergekit = space.mergekit(recipe)

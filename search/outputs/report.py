@@ -20,9 +20,9 @@ from evomerge.merge.recipe import Recipe
 from evomerge.search.plots import pyplot, save
 from evomerge.search.run.rundir import RunDir, is_run_dir
 from evomerge.search.spaces import space_for
-from evomerge.search.trial import Status
+from evomerge.search.trial import Status, TrialRecord
 
-_FIELDS = ("status", "fitness", "merge_seconds", "eval_seconds", "worker", "error", "time")
+_FIELDS = ("fitness", "merge_seconds", "eval_seconds", "worker", "error", "time")
 _ITEMS = ("items scored", "items full", "decision")
 
 
@@ -33,15 +33,17 @@ def trials_frame(run: RunDir) -> pd.DataFrame:
         return pd.DataFrame([])
     # built a column at a time: pandas infers each column's dtype as from a list of row dicts
     # (every row has every key), at a fifth of the cost on a 10,000-trial journal
-    columns: dict[str, list] = {k: [] for k in ("generation", "index", *_FIELDS, *_ITEMS)}
-    generation, index = columns["generation"], columns["index"]
+    names = ("generation", "index", "status", *_FIELDS, *_ITEMS)
+    columns: dict[str, list] = {k: [] for k in names}
+    generation, index, status = columns["generation"], columns["index"], columns["status"]
     fields = [(columns[k], k) for k in _FIELDS]
     scored, full_, decision = (columns[k] for k in _ITEMS)
     for (g, i), t in trials:
         generation.append(g)
         index.append(i)
+        status.append(None if t.status is None else t.status.value)  # a plain str column
         for column, k in fields:
-            column.append(t.get(k))
+            column.append(t.get(k))  # a field the trial's lines lack is a missing value
         items = _items(t)
         scored.append(items["items scored"])
         full_.append(items["items full"])
@@ -49,12 +51,12 @@ def trials_frame(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _items(t: dict) -> dict:
+def _items(t: TrialRecord) -> dict:
     """A trial's search items: scored (racing: every chunk a worker scored, those lost to a
     stop included) and what full evaluation scores; its racing decision, if it raced."""
-    race = t.get("race")
+    race = t.race
     if race is None:
-        n = t.get("examples") if t.get("status") == Status.COMPLETE else None
+        n = t.examples if t.status is Status.COMPLETE else None
         return {"items scored": n, "items full": n, "decision": None}
     return {"items scored": race["scored"], "items full": race["of"], "decision": race["decision"]}
 
@@ -83,7 +85,7 @@ def summarize(run: RunDir, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     done = df[df.status == Status.COMPLETE]
     per_gen = done.groupby("generation")["fitness"].agg(["max", "mean", "min", "count"])
     per_gen["best so far"] = per_gen["max"].cummax()
-    times = [r["time"] for r in run.journal(update=False).records if "time" in r]
+    times = [r.time for r in run.journal(update=False).records if r.time is not None]
     wall = (max(times) - min(times)) if len(times) > 1 else 0.0
     merge = float(df["merge_seconds"].fillna(0).sum())
     evaluate = float(df["eval_seconds"].fillna(0).sum())
@@ -133,9 +135,9 @@ def best_and_parents(run: RunDir) -> pd.DataFrame:
         best = ranked[0]
         rows.append(
             {
-                "model": f"evomerge best (trial {best['generation']}:{best['index']})",
-                "search fitness": best["fitness"],
-                "rescored fitness": (best.get("rescored") or {}).get("fitness"),
+                "model": f"evomerge best (trial {best.generation}:{best.index})",
+                "search fitness": best.fitness,
+                "rescored fitness": (best.rescored or {}).get("fitness"),
             }
         )
     for label, p in sorted(
@@ -158,14 +160,14 @@ def rescored_frame(run: RunDir) -> pd.DataFrame:
     """Trials scored again on more search items at the end, best rescore first."""
     rows = [
         {
-            "trial": f"{t['generation']}:{t['index']}",
-            "search fitness": t["fitness"],
-            "rescored fitness": t["rescored"].get("fitness"),
-            "rescore examples": t["rescored"].get("examples"),
-            "error": t["rescored"].get("error"),
+            "trial": f"{t.generation}:{t.index}",
+            "search fitness": t.fitness,
+            "rescored fitness": t.rescored.get("fitness"),
+            "rescore examples": t.rescored.get("examples"),
+            "error": t.rescored.get("error"),
         }
         for t in run.journal(update=False).trials.values()
-        if isinstance(t.get("rescored"), dict)
+        if isinstance(t.rescored, dict)
     ]
     if not rows:
         return pd.DataFrame()

@@ -33,11 +33,12 @@ import gc
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from evomerge.search.trial import Status
+from evomerge.search.trial import Status, TrialRecord
 
 PINNED = "pinned"  # a recipe's "models" when they are run.yaml's pinned references
 MAX_TEMPLATES = 16  # recipe structures per journal; more are journaled whole
@@ -60,10 +61,35 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def parse_record(line: bytes) -> tuple[dict | None, str | None]:
-    """(record, None) for a valid journal line, else (None, why)."""
+# the start of a line as the driver writes ASKED ones (and undecodable FAILED ones): `x` next
+_X_AT = re.compile(rb'\{"generation":\d+,"index":\d+,"status":"[A-Z]+","x":\[')
+_IN_X = b"0123456789.-+eE,"  # what a list of finite JSON numbers is made of, brackets aside
+
+
+def _lazy_x(line: bytes) -> dict | None:
+    """The line's object with `x` left as its JSON text (bytes), or None where the line is not
+    in the driver's form: 120 floats parsed per ASKED line were 70 % of reading a journal, and
+    status and report never read them. Only a flat list of finite numbers is cut out (the
+    first `]` ends it); the rest of the line is parsed as JSON, so a line cut short is not
+    JSON here either. Damage inside `x` itself that keeps to those characters is found when
+    `x` is read."""
+    m = _X_AT.match(line)
+    if m is None:
+        return None
+    start = m.end() - 1
+    end = line.find(b"]", start) + 1
+    if end == 0 or line[start + 1 : end - 1].translate(None, _IN_X):
+        return None
+    record = json.loads(line[:start] + b"0" + line[end:])
+    record["x"] = line[start:end]  # the key keeps its place: the placeholder's
+    return record
+
+
+def parse_record(line: bytes, lazy_x: bool = False) -> tuple[dict | None, str | None]:
+    """(record, None) for a valid journal line, else (None, why). `lazy_x`: `x` may be left as
+    its JSON text (bytes; `TrialRecord.x` parses it)."""
     try:
-        record = json.loads(line)
+        record = (_lazy_x(line) if lazy_x else None) or json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None, "not JSON"
     if not isinstance(record, dict):
@@ -77,8 +103,9 @@ def parse_record(line: bytes) -> tuple[dict | None, str | None]:
     return record, None
 
 
-def line(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+def line(record: dict | TrialRecord) -> bytes:
+    data = record.to_json() if isinstance(record, TrialRecord) else record
+    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
 
 # -- templates ------------------------------------------------------------------------------
@@ -197,7 +224,7 @@ class Packed:
         pinned: dict[str, str] | None,
         recipe: dict | None = None,
         template: Template | None = None,
-        x: list | None = None,
+        x: list | bytes | None = None,  # the trial's genome, or its JSON text
         given: Mapping[int, object] | None = None,
     ):
         self.pinned, self.recipe, self.template, self.x = pinned, recipe, template, x
@@ -205,7 +232,8 @@ class Packed:
 
     def build(self) -> dict:
         if self.template is not None:
-            recipe = self.template.build(self.template.numbers(self.x or [], self.given))
+            x: list = json.loads(self.x) if isinstance(self.x, bytes) else (self.x or [])
+            recipe = self.template.build(self.template.numbers(x, self.given))
         else:
             recipe = _fill(self.recipe, iter(()))  # type: ignore[assignment]
         if recipe.get("models") == PINNED:
@@ -213,12 +241,21 @@ class Packed:
         return recipe
 
 
-def full(record: dict) -> dict:
-    """A journal record as the driver wrote it: its recipe rebuilt (a new top-level dict)."""
-    out = dict(record)
-    if isinstance(out.get("recipe"), Packed):
-        out["recipe"] = out["recipe"].build()
-    return out
+def full(record: TrialRecord) -> TrialRecord:
+    """A journal record as the driver wrote it: its recipe rebuilt (a new record where it was
+    compact)."""
+    if isinstance(record.recipe, Packed):
+        return record.with_recipe(record.recipe.build())
+    return record
+
+
+def _length(x: object) -> int | None:
+    """The length of a list, or of a list given as its JSON text (bytes of numbers)."""
+    if isinstance(x, list):
+        return len(x)
+    if type(x) is bytes:
+        return x.count(b",") + 1 if x.strip(b"[] ") else 0
+    return None
 
 
 # -- the reader -----------------------------------------------------------------------------
@@ -246,29 +283,29 @@ class Journal:
         self._head = b""  # the file's first bytes, and those just before _offset
         self._end = b""
         self._lines = 0  # line number of the last line consumed
-        self._records: list[dict] = []
+        self._records: list[TrialRecord] = []
         self._bad: list[Bad] = []
-        self._trials: dict[tuple[int, int], dict] = {}
+        self._trials: dict[tuple[int, int], TrialRecord] = {}
         self.templates: dict[int, Template] = {}
         self._by_key: dict[str, Template] = {}
         self._tail = b""  # the unterminated last line, if any
-        self._tail_record: dict | None = None
+        self._tail_record: TrialRecord | None = None
         self._tail_bad: Bad | None = None
 
     # -- views ------------------------------------------------------------------------------
     @property
-    def records(self) -> list[dict]:
+    def records(self) -> list[TrialRecord]:
         extra = [self._tail_record] if self._tail_record is not None else []
         return self._records + extra
 
     @property
-    def trials(self) -> Mapping[tuple[int, int], dict]:
+    def trials(self) -> Mapping[tuple[int, int], TrialRecord]:
         """(generation, index) -> the trial's latest state, fields merged over its records."""
         if self._tail_record is None:
             return MappingProxyType(self._trials)
         r = self._tail_record
-        key = (r["generation"], r["index"])
-        return MappingProxyType({**self._trials, key: {**self._trials.get(key, {}), **r}})
+        old = self._trials.get(r.key)
+        return MappingProxyType({**self._trials, r.key: r if old is None else old.merged(r)})
 
     @property
     def bad(self) -> list[Bad]:
@@ -338,19 +375,21 @@ class Journal:
             self._bad.append((n, str(why), raw))
             return
         self._records.append(record)
-        key = (record["generation"], record["index"])
-        self._trials[key] = {**self._trials.get(key, {}), **record}
+        key = (record.generation, record.index)
+        old = self._trials.get(key)
+        self._trials[key] = record if old is None else old.merged(record)
 
-    def _parse(self, raw: bytes, define: bool) -> tuple[dict | None, str | None]:
-        record, why = parse_record(raw)
-        if record is None or "recipe" not in record:
-            return record, why
-        packed, why = self._unpack(record, define)
-        if why is not None:
+    def _parse(self, raw: bytes, define: bool) -> tuple[TrialRecord | None, str | None]:
+        record, why = parse_record(raw, lazy_x=True)
+        if record is None:
             return None, why
-        if packed is not None:
-            record["recipe"] = packed
-        return record, None
+        if "recipe" in record:
+            packed, why = self._unpack(record, define)
+            if why is not None:
+                return None, why
+            if packed is not None:
+                record["recipe"] = packed
+        return TrialRecord.from_json(record), None
 
     def _unpack(self, record: dict, define: bool) -> tuple[Packed | None, str | None]:
         """The record's recipe as a Packed where it is journaled compactly (None: as it is)."""
@@ -364,7 +403,8 @@ class Journal:
                 return None, "its recipe names the pinned models, but run.yaml pins none"
             return Packed(self.pinned, recipe=r), None
         n, x = r.get("template"), record.get("x")
-        if type(n) is not int or not isinstance(x, list):
+        length = _length(x)
+        if type(n) is not int or length is None:
             return None, "a compact recipe without a template number or the trial's x"
         if "recipe" in r:  # this trial's recipe, and the template of those after it
             recipe, from_x = r["recipe"], r.get("from_x")
@@ -376,7 +416,7 @@ class Journal:
                 return None, "its recipe names the pinned models, but run.yaml pins none"
             defined = Template(n, recipe, from_x)
             if len(from_x) != len(defined.consts) or not all(
-                j is None or (type(j) is int and 0 <= j < len(x)) for j in from_x
+                j is None or (type(j) is int and 0 <= j < length) for j in from_x
             ):
                 return None, f"recipe template {n}: its slots do not fit the recipe and its x"
             if define:
@@ -387,7 +427,7 @@ class Journal:
         given = r.get("set", {})
         if template is None:
             return None, f"recipe template {n} is not defined on an earlier line"
-        if template.reach >= len(x) or not isinstance(given, dict):
+        if template.reach >= length or not isinstance(given, dict):
             return None, f"a recipe of template {n} without the trial's x or its numbers"
         slots: dict[int, object] = {}
         for k, v in given.items():
@@ -397,7 +437,7 @@ class Journal:
         return Packed(self.pinned, template=template, x=x, given=slots), None
 
     # -- writing ----------------------------------------------------------------------------
-    def pack(self, records: list[dict]) -> bytes:
+    def pack(self, records: Sequence[dict | TrialRecord]) -> bytes:
         """The lines that journal `records` (full recipes) compactly. Call on a journal that is
         up to date: its templates are the ones the file defines."""
         out: list[bytes] = []

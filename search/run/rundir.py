@@ -21,7 +21,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from evomerge.merge.io.files import read_yaml, write_atomic
 from evomerge.merge.recipe import ModelRef, Recipe
 from evomerge.search.config import SearchConfig, changed_fields
 from evomerge.search.run.journal import Journal, full, line, no_gc, parse_record
-from evomerge.search.trial import Status
+from evomerge.search.trial import Status, TrialRecord
 
 __all__ = ["FORMATS", "JOURNAL", "LOCK", "RUN_FORMAT", "RunDir", "is_run_dir", "parse_record"]
 
@@ -110,7 +110,8 @@ class RunDir:
         if isinstance(data, dict) and isinstance(data.get("space"), dict):
             # a run started before counter masks drew its masks with torch's generator
             data["space"].setdefault("masks", "torch")
-        racing = data.get("fitness", {}).get("racing") if isinstance(data, dict) else None
+        fitness = data.get("fitness") if isinstance(data, dict) else None
+        racing = fitness.get("racing") if isinstance(fitness, dict) else None
         if isinstance(racing, dict):  # and before whole-batch chunks raced unrounded ones
             racing.setdefault("whole_batches", False)
         stored = SearchConfig.parse(data, f"{meta_path} (config)")
@@ -230,7 +231,7 @@ class RunDir:
         write_atomic(self.journal_path, b"".join(raw + b"\n" for raw in kept))
         journal.update()  # a new file: read again from its start
 
-    def append(self, records: list[dict]) -> None:
+    def append(self, records: Sequence[dict | TrialRecord]) -> None:
         """Append records (recipes compact where the run's format allows) and make them
         durable before returning."""
         data = self.journal().pack(records) if self.compact else b"".join(line(r) for r in records)
@@ -239,32 +240,34 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def records(self) -> list[dict]:
-        """Every valid record, in order, recipes rebuilt (new dicts at the top level)."""
+    def records(self) -> list[TrialRecord]:
+        """Every valid record (line), in order, recipes rebuilt."""
         with no_gc():
             return [full(r) for r in self.journal().records]
 
-    def trials(self) -> dict[tuple[int, int], dict]:
+    def trials(self) -> dict[tuple[int, int], TrialRecord]:
         """(generation, index) -> the trial's latest state, fields merged over its records,
         recipes rebuilt."""
         with no_gc():
             return {k: full(t) for k, t in self.journal().trials.items()}
 
-    def full(self, trial: dict) -> dict:
+    def full(self, trial: TrialRecord) -> TrialRecord:
         """A record or trial of `journal()` with its recipe rebuilt."""
         return full(trial)
 
-    def ranked(self, trials: Mapping[tuple[int, int], dict] | None = None) -> list[dict]:
+    def ranked(
+        self, trials: Mapping[tuple[int, int], TrialRecord] | None = None
+    ) -> list[TrialRecord]:
         """COMPLETE trials, best first: those scored again at the end (`rescored`) by that
         score, then the rest by search fitness; ties by trial order. Of `trials()` unless
         given (`journal().trials`: ranked without building a recipe)."""
         state = self.trials() if trials is None else trials
-        done = [t for t in state.values() if t["status"] == Status.COMPLETE]
+        done = [t for t in state.values() if t.status is Status.COMPLETE]
 
-        def key(t: dict) -> tuple:
-            rescored = (t.get("rescored") or {}).get("fitness")
-            first = (0, -rescored) if rescored is not None else (1, -t["fitness"])
-            return (*first, t["generation"], t["index"])
+        def key(t: TrialRecord) -> tuple:
+            rescored = (t.rescored or {}).get("fitness")
+            first = (0, -rescored) if rescored is not None else (1, -(t.fitness or 0.0))
+            return (*first, t.generation, t.index)
 
         return sorted(done, key=key)
 
@@ -277,9 +280,9 @@ class RunDir:
         write_atomic(self.path / PARENTS, json.dumps(scores, indent=2) + "\n")
 
     # -- best and log -------------------------------------------------------------------------
-    def write_best(self, trial: dict) -> None:
+    def write_best(self, trial: TrialRecord) -> None:
         best = self.path / "best"
-        Recipe.parse(trial["recipe"]).save(best / "recipe.yaml")
+        Recipe.parse(trial.recipe).save(best / "recipe.yaml")
         keys = ("generation", "index", "fitness", "metrics", "rescored", "x")
         summary = {k: trial[k] for k in keys if k in trial}
         write_atomic(best / "trial.json", json.dumps(summary, indent=2) + "\n")

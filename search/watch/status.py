@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.run.rundir import LOCK, RunDir, is_run_dir
-from evomerge.search.trial import FINISHED, Status
+from evomerge.search.trial import Status, TrialRecord
 
 
 @dataclass
@@ -86,23 +86,23 @@ def run_status(path: Path | RunDir, now: float | None = None) -> RunStatus:
     cfg = run.config
     s = RunStatus(path, "new", budget=cfg.cma.budget, parents=parents)
     s.best_parent = max(parents.values(), default=None)
-    finished = [t for t in trials.values() if t.get("status") in FINISHED]
+    finished = [t for t in trials.values() if t.is_finished()]
     s.done = len(finished)
-    s.failures = sum(t["status"] == Status.FAILED for t in finished)
+    s.failures = sum(t.status is Status.FAILED for t in finished)
     ranked = run.ranked(trials)
     if ranked:
-        s.best = ranked[0]["fitness"]
-        s.rescored = (ranked[0].get("rescored") or {}).get("fitness")
-    done_gens = sorted({t["generation"] for t in finished})
+        s.best = ranked[0].fitness
+        s.rescored = (ranked[0].rescored or {}).get("fitness")
+    done_gens = sorted({t.generation for t in finished})
     if done_gens:
         s.last_generation = done_gens[-1]
         ok = [
-            t["fitness"]
+            t.fitness
             for t in finished
-            if t["generation"] == s.last_generation and t["status"] == Status.COMPLETE
+            if t.generation == s.last_generation and t.status is Status.COMPLETE
         ]
-        s.last_mean = sum(ok) / len(ok) if ok else math.nan
-    times = sorted(r["time"] for r in records if isinstance(r.get("time"), int | float))
+        s.last_mean = sum(ok) / len(ok) if ok else math.nan  # type: ignore[arg-type]
+    times = sorted(r.time for r in records if isinstance(r.time, int | float))
     limit = _gap_limit(run)
     # time spent searching: the journal's gaps, except those long enough to be downtime
     # between a crash and a resume
@@ -110,11 +110,13 @@ def run_status(path: Path | RunDir, now: float | None = None) -> RunStatus:
     last = times[-1] if times else None
     rescore = cfg.fitness.rescore
     top = sorted(
-        (t for t in finished if t["status"] == Status.COMPLETE),
-        key=lambda t: (-t["fitness"], t["generation"], t["index"]),
+        (t for t in finished if t.status is Status.COMPLETE),
+        key=lambda t: (-(t.fitness or 0.0), t.generation, t.index),
     )[: rescore.top]
     rescoring = rescore.top > 0 and cfg.fitness.limit is not None
-    complete = s.done >= cfg.cma.budget and (not rescoring or all("rescored" in t for t in top))
+    complete = s.done >= cfg.cma.budget and (
+        not rescoring or all(t.rescored is not None for t in top)
+    )
     s.state, s.detail = _state(run, complete, last, now, limit)
     if s.state == "running" and last is not None:
         if now - last < limit:
@@ -155,9 +157,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _eta(finished: list[dict], done: int, budget: int, limit: float) -> float | None:
+def _eta(finished: list[TrialRecord], done: int, budget: int, limit: float) -> float | None:
     """Seconds to the budget, at the rate of the recent finished trials (this session's)."""
-    times = sorted(t["time"] for t in finished if isinstance(t.get("time"), int | float))
+    times = sorted(t.time for t in finished if isinstance(t.time, int | float))
     if done >= budget:
         return 0.0
     recent = times[-24:]

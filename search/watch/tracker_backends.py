@@ -18,6 +18,7 @@ from typing import Protocol
 import yaml
 
 from evomerge.search.run.rundir import RunDir
+from evomerge.search.trial import TrialRecord
 
 
 class Tracker(Protocol):
@@ -36,7 +37,7 @@ class Tracker(Protocol):
 
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
 
-    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None: ...
+    def best(self, step: int, trial: TrialRecord, files: dict[str, Path]) -> None: ...
 
     def table(self, name: str, rows: list[dict], markdown: str) -> None: ...
 
@@ -86,7 +87,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # before the ledger says it is logged
 
-    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+    def best(self, step: int, trial: TrialRecord, files: dict[str, Path]) -> None:
         recipe = files["recipe.yaml"].read_text()
         self.writer.add_text("best/recipe", "```\n" + recipe + "```", step)
         self.writer.flush()
@@ -159,10 +160,10 @@ class MLflowTracker:
         metrics = [self.Metric(k, v, now, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+    def best(self, step: int, trial: TrialRecord, files: dict[str, Path]) -> None:
         for path in files.values():
             self.client.log_artifact(self.run_id, str(path), "best")
-        self.client.set_tag(self.run_id, "best_trial", f"{trial['generation']}:{trial['index']}")
+        self.client.set_tag(self.run_id, "best_trial", f"{trial.generation}:{trial.index}")
 
     def table(self, name: str, rows: list[dict], markdown: str) -> None:
         self.client.log_text(self.run_id, markdown + "\n", f"{name}.md")
@@ -215,12 +216,12 @@ class WandbTracker:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log({**values, "evaluations": step})
 
-    def best(self, step: int, trial: dict, files: dict[str, Path]) -> None:
+    def best(self, step: int, trial: TrialRecord, files: dict[str, Path]) -> None:
         artifact = self.wandb.Artifact(f"{self.run.id}-best-recipe", type="recipe")
         for name, path in files.items():
             artifact.add_file(str(path), name=name)
         self.run.log_artifact(artifact)
-        self.run.summary["best_trial"] = f"{trial['generation']}:{trial['index']}"
+        self.run.summary["best_trial"] = f"{trial.generation}:{trial.index}"
 
     def table(self, name: str, rows: list[dict], markdown: str) -> None:
         columns = list(dict.fromkeys(k for r in rows for k in r))

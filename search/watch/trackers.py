@@ -51,7 +51,7 @@ from evomerge.merge.io.files import write_atomic
 from evomerge.search.config import TRACKERS
 from evomerge.search.loop.driver import Progress
 from evomerge.search.run.rundir import RunDir
-from evomerge.search.trial import FINISHED, Status
+from evomerge.search.trial import Status, TrialRecord
 from evomerge.search.watch.tracker_backends import BACKENDS
 
 LEDGER = "trackers.jsonl"
@@ -68,25 +68,25 @@ def finite(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def trial_metrics(record: dict) -> dict[str, float]:
+def trial_metrics(record: TrialRecord) -> dict[str, float]:
     """One finished trial's scalars (the journal record's fields, renamed for the trackers)."""
     out = {
-        "trial/fitness": finite(record.get("fitness")),
-        "trial/failed": float(record.get("status") == Status.FAILED),
-        "trial/merge_seconds": finite(record.get("merge_seconds")),
-        "trial/eval_seconds": finite(record.get("eval_seconds")),
-        "trial/generation": float(record["generation"]),
+        "trial/fitness": finite(record.fitness),
+        "trial/failed": float(record.status is Status.FAILED),
+        "trial/merge_seconds": finite(record.merge_seconds),
+        "trial/eval_seconds": finite(record.eval_seconds),
+        "trial/generation": float(record.generation),
     }
-    for key, value in (record.get("metrics") or {}).items():
+    for key, value in (record.metrics or {}).items():
         out[f"metrics/{key}"] = finite(value)
     return {k: v for k, v in out.items() if v is not None}
 
 
-def generation_metrics(trials: list[dict], best_so_far: float | None) -> dict[str, float]:
-    ok = [t["fitness"] for t in trials if t.get("status") == Status.COMPLETE]
+def generation_metrics(trials: list[TrialRecord], best_so_far: float | None) -> dict[str, float]:
+    ok = [t.fitness for t in trials if t.status is Status.COMPLETE and t.fitness is not None]
     out: dict[str, float | None] = {
-        "generation/failed": float(sum(t.get("status") == Status.FAILED for t in trials)),
-        "generation/index": float(trials[0]["generation"]),
+        "generation/failed": float(sum(t.status is Status.FAILED for t in trials)),
+        "generation/index": float(trials[0].generation),
         "search/best": best_so_far,
     }
     if ok:
@@ -171,23 +171,23 @@ class Reporter:
     def _journal(self) -> list[tuple]:
         """The journal's finished trials, numbered in order, each followed by its generation
         when that is whole (every trial asked in it finished), as tracker events."""
-        state: dict[tuple[int, int], dict] = {}
+        state: dict[tuple[int, int], TrialRecord] = {}
         order = []
         for r in self.run.journal().records:  # as journaled: no recipe is built
-            key = (r["generation"], r["index"])
-            if "status" not in r:
+            key = r.key
+            if r.status is None:
                 continue  # a rescoring annotation, not a state change
-            state[key] = {**state.get(key, {}), **r}
-            if r["status"] in FINISHED and key not in self.steps:
+            state[key] = state[key].merged(r) if key in state else r
+            if r.is_finished() and key not in self.steps:
                 self.steps[key] = len(self.steps) + 1
                 order.append(key)
-        by_gen: dict[int, list[dict]] = {}
+        by_gen: dict[int, list[TrialRecord]] = {}
         for key, t in state.items():
             by_gen.setdefault(key[0], []).append(t)
         last_of = {
-            max(self.steps[(g, t["index"])] for t in ts): (g, ts)
+            max(self.steps[(g, t.index)] for t in ts): (g, ts)
             for g, ts in by_gen.items()
-            if all(t["status"] in FINISHED for t in ts)
+            if all(t.is_finished() for t in ts)
         }
         events: list[tuple] = []
         for key in order:
@@ -195,22 +195,23 @@ class Reporter:
             events.append(("trial", key, step, state[key]))
             if step in last_of:
                 g, ts = last_of[step]
-                events.append(("generation", g, step, sorted(ts, key=lambda t: t["index"])))
+                events.append(("generation", g, step, sorted(ts, key=lambda t: t.index)))
         return events
 
-    def result(self, record: dict) -> None:
-        key = (record["generation"], record["index"])
+    # records are values (never changed once built): the tracker thread may hold them as given
+    def result(self, record: TrialRecord) -> None:
+        key = record.key
         if key not in self.steps:
             self.steps[key] = len(self.steps) + 1
-        self.queue.put(("trial", key, self.steps[key], dict(record)))
+        self.queue.put(("trial", key, self.steps[key], record))
 
-    def generation(self, g: int, trials: list[dict]) -> None:
-        step = max(self.steps.get((g, t["index"]), 0) for t in trials)
-        self.queue.put(("generation", g, step, [dict(t) for t in trials]))
+    def generation(self, g: int, trials: list[TrialRecord]) -> None:
+        step = max(self.steps.get((g, t.index), 0) for t in trials)
+        self.queue.put(("generation", g, step, list(trials)))
 
-    def finish(self, best: dict | None) -> None:
+    def finish(self, best: TrialRecord | None) -> None:
         if best is not None:
-            self.queue.put(("best", len(self.steps), dict(best)))
+            self.queue.put(("best", len(self.steps), best))
 
     def table(self, name: str, rows: list[dict], markdown: str) -> None:
         """A table the driver does not know (the held-out scores of `demo` and `export`)."""
@@ -240,8 +241,8 @@ class Reporter:
                     self._call("parents", None, "scalars", 0, values)
             elif kind == "trial":
                 _, key, step, record = event
-                if record.get("status") == Status.COMPLETE:
-                    f = record["fitness"]
+                if record.status is Status.COMPLETE:
+                    f = record.fitness
                     best_so_far = f if best_so_far is None else max(best_so_far, f)
                 values = trial_metrics(record)
                 self._call("trials", f"{key[0]}:{key[1]}", "scalars", step, values, step=step)
@@ -337,15 +338,15 @@ class Reporter:
             self._seen[key] = set(items) if isinstance(items, list) else set()
         return self._seen[key]
 
-    def _best(self, step: int, best: dict) -> None:
-        key = f"{best['generation']}:{best['index']}"
+    def _best(self, step: int, best: TrialRecord) -> None:
+        key = f"{best.generation}:{best.index}"
         files = {
             p.name: p
             for p in (self.run.path / "best" / "recipe.yaml", self.run.path / "best" / "trial.json")
             if p.is_file()
         }
-        values = {"best/fitness": finite(best.get("fitness"))}
-        values["best/rescored_fitness"] = finite((best.get("rescored") or {}).get("fitness"))
+        values = {"best/fitness": finite(best.fitness)}
+        values["best/rescored_fitness"] = finite((best.rescored or {}).get("fitness"))
         values = {k: v for k, v in values.items() if v is not None}
 
         notes = []
