@@ -21,7 +21,7 @@ from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import RacingConfig, SearchConfig
 from evomerge.search.loop.driver import Progress, run_search
 from evomerge.search.loop.racing import NOT_RACEABLE
-from evomerge.search.loop.schedule import Cancelled, Done, Scheduler
+from evomerge.search.loop.schedule import Cancelled, Died, Done, Scheduler
 from evomerge.search.loop.workers import combine_trial
 from evomerge.search.outputs.report import summarize, trials_frame
 from evomerge.search.run.rundir import RunDir
@@ -142,9 +142,9 @@ class Clocked(Scheduler):
     the search's generations alone: `busy` and `used` (busy on results that were used), `span`,
     the merges, the candidates, and the item-batches scored (a partial batch a whole one)."""
 
-    def __init__(self, config, workers: int, merge=5.0, spread=0.0, seed=0):
+    def __init__(self, config, workers: int, merge=5.0, spread=0.0, seed=0, die_at=None):
         super().__init__(combine=lambda parts: combine_trial(config, parts))
-        self.seed = seed
+        self.seed, self.die_at, self.replaced = seed, die_at, 0  # die_at: a launch count
         self.scripted = Scripted(config, workers)
         self.workers, self.shards = workers, config.fitness.shards
         self.merge, self.spread, self.batch = merge, spread, config.fitness.batch_size
@@ -191,7 +191,7 @@ class Clocked(Scheduler):
             run[0] = min(run[0], run[1] + (ran // batch + 1) * batch)
         run[3] = True
 
-    def wait(self):
+    def _next(self):
         job = min(self.jobs, key=lambda j: self.jobs[j][0])
         end, started, result, cancelled, timed = self.jobs.pop(job)
         self.clock = end
@@ -203,7 +203,17 @@ class Clocked(Scheduler):
             self.used += result.merge_seconds + result.eval_seconds
 
     def replace(self, worker, why: str) -> None:
-        raise AssertionError(f"a virtual worker never dies ({why})")
+        assert why == "killed", why  # only `die_at` kills a virtual worker
+        self.replaced += 1
+        self.idle.append(self.workers + self.replaced)  # a new worker, holding nothing
+
+    def wait(self):
+        if self.die_at is not None and self.launched >= self.die_at and self.jobs:
+            self.die_at = None
+            job = max(self.jobs)  # the last launched: its worker is killed mid-trial
+            self.jobs.pop(job)
+            return [Died(job, "killed")]
+        return self._next()
 
     def run(self, trials, on_result) -> None:
         timed = bool(trials) and trials[0].generation > 0 and trials[0].items == "search"
@@ -254,7 +264,7 @@ def _search(path, cfg, workers=1, arrival_seed=0, stop_after=None):
             raise Stop
 
     best = run_search(
-        run, lambda: Scripted(cfg, workers, arrival_seed), Progress(on_result=on_result)
+        run, lambda: Scripted(run.config, workers, arrival_seed), Progress(on_result=on_result)
     )
     return best, RunDir.reopen(path).trials()
 
@@ -543,6 +553,52 @@ def test_racing_keeps_a_candidate_on_the_worker_that_holds_it(tiny_zoo, tmp_path
     data["cma"] |= {"popsize": 18, "budget": 18 * 4}
     data["fitness"]["batch_size"] = 8
     _, reference = _search(tmp_path / "serial", SearchConfig.parse(data))
+    raced = RunDir.reopen(tmp_path / "race").trials()
+    assert {k: t["fitness"] for k, t in raced.items()} == {
+        k: t["fitness"] for k, t in reference.items()
+    }
+
+
+def test_a_run_from_before_whole_batches_resumes_its_own_chunks(tiny_zoo, tmp_path):
+    """A run directory whose config predates `racing.whole_batches` raced unrounded chunks: it
+    reopens with them (also under a config that leaves the field unset) and resumes to the
+    journal an uninterrupted run of unrounded chunks writes; new runs round to whole batches."""
+    import yaml
+
+    cfg = _config(tiny_zoo, CERTAIN)
+    data = cfg.dump()
+    data["fitness"]["batch_size"] = 8  # 12-item chunks: rounding would move them
+    data["fitness"]["racing"]["whole_batches"] = False
+    unrounded = SearchConfig.parse(data)
+    _, reference = _search(tmp_path / "ref", unrounded)
+    data["fitness"]["racing"].pop("whole_batches")
+    new = SearchConfig.parse(data)
+    assert new.fitness.racing.whole_batches  # the default for new runs
+    with pytest.raises(Stop):  # an evomerge from before the field: unrounded chunks
+        _search(tmp_path / "old", unrounded, stop_after=20)
+    meta = yaml.safe_load((tmp_path / "old" / "run.yaml").read_text())
+    del meta["config"]["fitness"]["racing"]["whole_batches"]  # as written before the field
+    (tmp_path / "old" / "run.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    assert not RunDir.reopen(tmp_path / "old", new).config.fitness.racing.whole_batches
+    _, resumed = _search(tmp_path / "old", new)
+    assert {k: (t["fitness"], t["race"]["round"]) for k, t in resumed.items()} == {
+        k: (t["fitness"], t["race"]["round"]) for k, t in reference.items()
+    }
+
+
+@pytest.mark.parametrize("die_at", [3, 8, 40])
+def test_a_worker_that_dies_mid_race_leaves_no_candidate_unscored(tiny_zoo, tmp_path, die_at):
+    """Dear merges (workers leave a candidate to the worker holding it) and a worker killed
+    mid-race: its trial runs again elsewhere, the race forgets what it held, and every
+    candidate is still decided, as a serial race decides it."""
+    data = _config(tiny_zoo, {"chunks": 10, "first_chunk": 0.1}).dump()
+    data["cma"] |= {"popsize": 8, "budget": 8 * 3}
+    data["fitness"]["batch_size"] = 8
+    cfg = SearchConfig.parse(data)
+    executor = Clocked(cfg, 4, merge=30.0, die_at=die_at)
+    run_search(RunDir.create(tmp_path / "race", cfg), lambda: executor)
+    assert executor.replaced == 1
+    _, reference = _search(tmp_path / "serial", cfg)
     raced = RunDir.reopen(tmp_path / "race").trials()
     assert {k: t["fitness"] for k, t in raced.items()} == {
         k: t["fitness"] for k, t in reference.items()

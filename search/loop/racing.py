@@ -227,9 +227,9 @@ class Race:
                 stay = (e, unit)
             if unit[0] > limit:
                 continue
-            if e.index != held and e.index in others and self._merge_dear():
-                continue  # its holder scores it sooner than a merge here would
             key = (unit[0], e.index != held, e.index in others, e.index)
+            if e.index != held and e.index in others and self._merge_dear():
+                continue  # its holder (busy, or asked too) scores it sooner than a merge here
             if best is None or key < best[0]:
                 best = (key, e, unit)
         if stay is not None and (best is None or best[1] is not stay[0]) and self._stays(*stay):
@@ -277,6 +277,10 @@ class Race:
     def _piece_items(self, e: Entry, unit: tuple[int, int]) -> int:
         c, j = unit
         return self._piece_size(c, j, e.pieces.get(c) or self.split()) if self.totals else 0
+
+    def forget(self, worker: int) -> None:
+        """`worker` is gone (died, timed out): it holds nothing any more."""
+        self.last.pop(worker, None)
 
     def _next_piece(self, e: Entry) -> tuple[int, int] | None:
         """(chunk, piece) of `e` not handed out yet, the lowest first."""
@@ -593,6 +597,9 @@ def run_race(
             finish((g, index), fields)
 
     stream(executor, race, on_chunk)
+    if not race.done():  # never expected: a piece every worker left to a holder that is gone
+        race.last.clear()
+        stream(executor, race, on_chunk)
     if not race.done():
         raise RuntimeError(f"generation {g}: the race ended with candidates still racing")
     for index, fields in race.close():
