@@ -1,42 +1,8 @@
-"""Racing: score a generation's candidates a chunk of items at a time, and stop each one as soon
-as its rank among the generation's best is decided.
-
-CMA-ES with active updates off (the default under racing) reads only the order of a
-generation's `mu` best candidates: the rest carry zero recombination weight. So a candidate
-needs scoring only until its place is decided:
-
-- every candidate of a generation is scored on the same items in the same seeded random order
-  (each chunk takes the same share of every task), so any prefix is a uniform sample without
-  replacement of the items, and two candidates are compared item by item (paired differences);
-- after round r (every racing candidate has scored chunks 0..r), for each racing candidate i
-  and each other candidate j, bounds [L, U] on F_i - F_j (full evaluation's objectives) from
-  their common prefix: per task, `fitness.bounds.difference_bounds` (exact hypergeometric for
-  0/1 metrics, Bernstein-Serfling otherwise, always intersected with the hard bound), at
-  (1 - confidence) / tasks each (Bonferroni over the tasks), weighted as the objective weighs
-  the tasks. `eps` = tolerance x full evaluation's own standard error of that difference;
-- i is OUT when at least `mu` candidates j have U < eps (it is not better than them, to eps):
-  it ranks below the `mu` best and its weight is zero whatever its exact score;
-- i is SETTLED when against every candidate j that is not out, U < eps or L > -eps: its place
-  among the best is decided (to eps);
-- decisions are made per round, from the scores alone, never from arrival times: a search makes
-  the same decisions on any number of workers, and a resumed one those of an uninterrupted one.
-
-What CMA-ES is told (the journal's `fitness`): a candidate scored on every item, its score; a
-settled one, its estimate (the mean on the items it was scored on); an out one, its estimate
-clamped strictly below the `mu`-th best of the others, so it stays outside the weighted ranks.
-At confidence 1 and tolerance 0 only the hard bound acts: every out candidate really is below
-`mu` others and every settled one really is where it is told, so CMA-ES receives the ranks full
-evaluation gives and asks exactly the same next generation (`tests/test_racing.py`).
-
-Workers: when they outnumber the racing candidates, each chunk is split into contiguous pieces
-(about workers / racing of them; `fitness.shards`) that different workers score at once, so the round that
-decides occupies every worker; chunks are handed out lowest round first, and rounds beyond the
-undecided one only where a round's pieces cannot occupy every worker. A piece of a candidate
-stopped meanwhile is wasted: the executor cancels it (the worker stops at its next batch) and
-does not wait for it, so the next generation starts on the free workers; the journal counts it
-as scored whole (`race.scored`), and its seconds are not the candidate's. How a chunk is split
-changes only which worker scores which item, not the decisions (up to the last bits of a batch's
-arithmetic, as with sharding).
+"""Racing: score a generation's candidates a chunk of items at a time, and stop each one once
+its rank among the `mu` best (the ranks CMA-ES weighs) is decided: OUT when `mu` others are
+better to eps, SETTLED when its order against everyone still in the ranks is, FULL at its last
+chunk. Decisions come from the scores alone, per round, never from arrival order; where a chunk
+is scored (pieces, affinity, lookahead) never changes one. docs/ARCHITECTURE.md, Racing.
 """
 
 from __future__ import annotations
