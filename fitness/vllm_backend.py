@@ -130,7 +130,7 @@ class Engine:
         device: str = "cpu",
         tensor_parallel: int = 1,
         max_num_seqs: int = 64,
-        max_model_len: int | None = None,
+        longest: int | None = None,
         seed: int = 0,
     ):
         require_vllm()
@@ -146,9 +146,9 @@ class Engine:
         self.dtype = dtype
         self.tensor_parallel = tensor_parallel
         self.dead: str | None = None  # why the engine no longer answers (None: it does)
-        self._args = (dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed)
+        self._args = (dtype, device, tensor_parallel, max_num_seqs, longest, seed)
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=False).to_dict()
-        length = max_model_len or engine_length(config)
+        length = engine_length(config, longest)  # longest: the tasks' longest request
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op that logs a warning (it
         # expects to own the process's threads). In-process, the worker owns them: the merge
         # pins its threads to one intra-op thread each (merge.parallel), so keep the original.
@@ -224,9 +224,9 @@ class Engine:
         """A new engine in this process in place of a dead one (a worker outside Ray, which
         nobody replaces); raises, in one line, where it cannot start."""
         self.close()
-        dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed = self._args
+        dtype, device, tensor_parallel, max_num_seqs, longest, seed = self._args
         Engine.__init__(
-            self, self.path, dtype, device, tensor_parallel, max_num_seqs, max_model_len, seed
+            self, self.path, dtype, device, tensor_parallel, max_num_seqs, longest, seed
         )
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -96,3 +96,21 @@ def search_config(zoo, **overrides):
         else:
             data[section] = value
     return SearchConfig.parse(data)
+
+
+class Stop(Exception):
+    """Stands in for a kill at a chosen moment."""
+
+
+def stopping_after(results: int | None):
+    """A Progress that raises Stop once the search has finished `results` trials (None: never)."""
+    from evomerge.search.loop.driver import Progress
+
+    seen = [0]
+
+    def on_result(done, record, best):
+        seen[0] += 1
+        if results is not None and seen[0] >= results:
+            raise Stop
+
+    return Progress(on_result=on_result)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.recipe import Recipe
-from evomerge.search.loop.driver import Progress, run_search, trial_seed
+from evomerge.search.loop.driver import run_search, trial_seed
 from evomerge.search.loop.workers import SerialExecutor
 from evomerge.search.outputs.export import pick_trials
 from evomerge.search.outputs.report import summarize, trials_frame, watch_report, write_report
@@ -30,24 +30,13 @@ from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces import space_for
 from evomerge.search.trial import Status, TrialRecord
 from evomerge.search.watch.status import run_status
-from tests.conftest import search_config
-
-
-class Stop(Exception):
-    """Stands in for a kill at a chosen moment."""
+from tests.conftest import Stop, search_config, stopping_after
 
 
 def _run(path, cfg, stop_after=None):
     run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
-    seen = [0]
-
-    def on_result(done, record, best):
-        seen[0] += 1
-        if stop_after is not None and seen[0] >= stop_after:
-            raise Stop
-
     with contextlib.suppress(Stop):
-        run_search(run, lambda: SerialExecutor(cfg), Progress(on_result=on_result))
+        run_search(run, lambda: SerialExecutor(cfg), stopping_after(stop_after))
     return run
 
 
@@ -301,26 +290,20 @@ def test_a_run_started_before_resumes_reports_and_exports_unchanged(runs, tiny_z
     assert data.startswith(before) and b'"template"' not in data and b'"pinned"' not in data
     assert yaml.safe_load((path / "run.yaml").read_text())["format"] == "evomerge-run/1"
     old, ref = RunDir.reopen(path), RunDir.reopen(runs / "ref")
-    outcome = {
-        k: (
-            t["status"],
-            t["fitness"],
-            t["x"],
-            _text(t["recipe"]),
-            t.get("rescored", {}).get("fitness"),
-        )
-        for k, t in sorted(old.trials().items())
-    }
-    assert outcome == {
-        k: (
-            t["status"],
-            t["fitness"],
-            t["x"],
-            _text(t["recipe"]),
-            t.get("rescored", {}).get("fitness"),
-        )
-        for k, t in sorted(ref.trials().items())
-    }
+
+    def outcome(run):
+        return {
+            k: (
+                t["status"],
+                t["fitness"],
+                t["x"],
+                _text(t["recipe"]),
+                t.get("rescored", {}).get("fitness"),
+            )
+            for k, t in sorted(run.trials().items())
+        }
+
+    assert outcome(old) == outcome(ref)
     assert (path / "best" / "recipe.yaml").read_text() == (
         runs / "ref" / "best" / "recipe.yaml"
     ).read_text()

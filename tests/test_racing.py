@@ -19,14 +19,14 @@ from evomerge.fitness.bounds import chunk_ends, chunk_fractions, difference_boun
 from evomerge.fitness.scorer import objective
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import RacingConfig, SearchConfig
-from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.driver import run_search
 from evomerge.search.loop.racing import NOT_RACEABLE
 from evomerge.search.loop.schedule import Cancelled, Died, Done, Scheduler
 from evomerge.search.loop.workers import combine_trial
 from evomerge.search.outputs.report import summarize, trials_frame
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.trial import ItemScores, Status, Trial, TrialResult
-from tests.conftest import search_config
+from tests.conftest import Stop, search_config, stopping_after
 
 ITEMS = 60
 # one 0/1 metric (exact, hypergeometric bounds) and one graded metric (Bernstein-Serfling)
@@ -235,10 +235,6 @@ class Clocked(Scheduler):
         self.span += (self.clock - start) * timed
 
 
-class Stop(Exception):
-    pass
-
-
 def _config(zoo, racing: dict | None, popsize: int = 8, budget: int = 48, active=None):
     fitness = {
         "tasks": [{"name": t, "metric": m} for t, m in METRIC.items()],
@@ -256,15 +252,8 @@ def _config(zoo, racing: dict | None, popsize: int = 8, budget: int = 48, active
 
 def _search(path, cfg, workers=1, arrival_seed=0, stop_after=None):
     run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
-    seen = [0]
-
-    def on_result(done, record, best):
-        seen[0] += 1
-        if stop_after is not None and seen[0] >= stop_after:
-            raise Stop
-
     best = run_search(
-        run, lambda: Scripted(run.config, workers, arrival_seed), Progress(on_result=on_result)
+        run, lambda: Scripted(run.config, workers, arrival_seed), stopping_after(stop_after)
     )
     return best, RunDir.reopen(path).trials()
 

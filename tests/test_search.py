@@ -17,28 +17,17 @@ from hypothesis import strategies as st
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.merge.recipe import Recipe
-from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.driver import run_search
 from evomerge.search.loop.optimizer import Optimizer
 from evomerge.search.loop.workers import SerialExecutor
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.spaces.parameter_space import ParameterSearch
-from tests.conftest import search_config
-
-
-class Stop(Exception):
-    """Stands in for a kill at a chosen moment."""
+from tests.conftest import Stop, search_config, stopping_after
 
 
 def _run(path, cfg, faults=None, stop_after_results=None):
     run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
-    seen = [0]
-
-    def on_result(done, record, best):
-        seen[0] += 1
-        if stop_after_results is not None and seen[0] >= stop_after_results:
-            raise Stop
-
-    return run_search(run, lambda: SerialExecutor(cfg, faults), Progress(on_result=on_result))
+    return run_search(run, lambda: SerialExecutor(cfg, faults), stopping_after(stop_after_results))
 
 
 def _outcome(path):

@@ -18,15 +18,11 @@ import yaml
 
 from evomerge.merge.errors import EvomergeError
 from evomerge.search.config import SearchConfig
-from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.driver import run_search
 from evomerge.search.loop.workers import SerialExecutor
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.watch.trackers import LEDGER, OLD_LEDGER, Reporter, read_ledger, write_ledger
-from tests.conftest import search_config
-
-
-class Stop(Exception):
-    """Stands in for a kill at a chosen moment."""
+from tests.conftest import Stop, search_config, stopping_after
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +45,8 @@ def _search(path, cfg, stop_after=None, names=None, backends=None):
     run = RunDir.reopen(path, cfg) if (path / "run.yaml").exists() else RunDir.create(path, cfg)
     warnings: list[str] = []
     reporter = Reporter(run, names or cfg.report_to, warn=warnings.append, backends=backends)
-    seen = [0]
-
-    def on_result(done, record, best):
-        seen[0] += 1
-        if stop_after is not None and seen[0] >= stop_after:
-            raise Stop
-
     try:
-        run_search(run, lambda: SerialExecutor(cfg), reporter.hooks(Progress(on_result=on_result)))
+        run_search(run, lambda: SerialExecutor(cfg), reporter.hooks(stopping_after(stop_after)))
     finally:
         reporter.close("FINISHED")
     return run, warnings

@@ -17,31 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search.loop.driver import Progress, run_search
+from evomerge.search.loop.driver import run_search
 from evomerge.search.loop.workers import SerialExecutor
 from evomerge.search.outputs.report import watch_report, write_report
 from evomerge.search.run.rundir import RunDir
 from evomerge.search.watch.status import run_status
-from tests.conftest import search_config
+from tests.conftest import Stop, search_config, stopping_after
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-class Stop(Exception):
-    """Stands in for a kill at a chosen moment."""
-
-
 def _search(path, cfg, stop_after=None):
     run = RunDir.create(path, cfg)
-    seen = [0]
-
-    def on_result(done, record, best):
-        seen[0] += 1
-        if stop_after is not None and seen[0] >= stop_after:
-            raise Stop
-
     with contextlib.suppress(Stop):
-        run_search(run, lambda: SerialExecutor(cfg), Progress(on_result=on_result))
+        run_search(run, lambda: SerialExecutor(cfg), stopping_after(stop_after))
     return run
 
 

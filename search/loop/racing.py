@@ -563,9 +563,6 @@ def run_race(
             finish((g, index), fields)
 
     stream(executor, race, on_chunk)
-    if not race.done():  # never expected: a piece every worker left to a holder that is gone
-        race.last.clear()
-        stream(executor, race, on_chunk)
     if not race.done():
         raise RuntimeError(f"generation {g}: the race ended with candidates still racing")
     for index, fields in race.close():

@@ -308,10 +308,8 @@ class EngineCandidate:
     model: Any = None  # the engine holds the candidate's weights
 
     def __init__(self, config: SearchConfig, device: str):
-        from transformers import AutoConfig
-
         from evomerge.fitness.models import load_tokenizer
-        from evomerge.fitness.vllm_backend import Engine, engine_length
+        from evomerge.fitness.vllm_backend import Engine
         from evomerge.merge.io.checkpoint import Checkpoint
         from evomerge.merge.placement import tied_head
         from evomerge.merge.resident import ResidentSources, Where
@@ -334,10 +332,7 @@ class EngineCandidate:
             "cuda" if device == "cuda" else "cpu",
             tensor_parallel=ranks,
             max_num_seqs=config.fitness.batch_size,
-            max_model_len=engine_length(
-                AutoConfig.from_pretrained(paths[config.base], trust_remote_code=False).to_dict(),
-                sum(config.scorer().longest_request(self.tokenizer, config.scored_items())),
-            ),
+            longest=sum(config.scorer().longest_request(self.tokenizer, config.scored_items())),
             seed=config.cma.seed,
         )
 
